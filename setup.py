@@ -1,0 +1,48 @@
+"""Packaging for smarthost: a store-and-forward SMTP relay for minimal servers."""
+
+import re
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+HERE = Path(__file__).parent
+VERSION = re.search(
+    r'^__version__ = "([^"]+)"', (HERE / "smarthost" / "__init__.py").read_text(), re.M
+).group(1)
+
+setup(
+    name="smarthost",
+    version=VERSION,
+    description="A store-and-forward SMTP relay that never loses an accepted message",
+    long_description=(HERE / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.9",
+    packages=find_packages(include=["smarthost", "smarthost.*"]),
+    install_requires=[
+        "aiosmtpd>=1.4.4",
+        "tenacity>=8.2",
+        "watchdog>=3.0",
+        "python-json-logger>=3.1",
+        'tomli>=1.1; python_version < "3.11"',
+    ],
+    extras_require={
+        "dev": ["pytest>=7", "ruff", "vermin", "trustme"],
+    },
+    entry_points={
+        "console_scripts": [
+            "smarthost = smarthost.cli:main",
+            "smarthost-sendmail = smarthost.cli:sendmail_main",
+        ],
+    },
+    data_files=[
+        ("share/man/man8", ["man/smarthost.8", "man/smarthost-sendmail.8"]),
+        ("share/man/man5", ["man/smarthost.toml.5"]),
+    ],
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Operating System :: POSIX :: Linux",
+        "Topic :: Communications :: Email :: Mail Transport Agents",
+        "Environment :: No Input/Output (Daemon)",
+    ],
+)

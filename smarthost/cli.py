@@ -1,0 +1,101 @@
+"""Command-line entry points (`smarthost`, `smarthost-sendmail`) and their exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import sys
+from collections.abc import Sequence
+
+from . import __version__, log
+from .config import ConfigError, config_warnings, default_config_path, load_config, summary
+
+# sysexits.h
+EX_OK = 0
+EX_USAGE = 64
+EX_UNAVAILABLE = 69
+EX_CANTCREAT = 73
+EX_TEMPFAIL = 75
+EX_CONFIG = 78
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="smarthost",
+        description="A store-and-forward SMTP relay to upstream smarthosts.",
+    )
+    parser.add_argument(
+        "-c",
+        "--config",
+        metavar="FILE",
+        help="config file (default: $SMARTHOST_CONFIG, else /etc/smarthost/smarthost.toml)",
+    )
+    parser.add_argument("--version", action="version", version=f"smarthost {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    commands.add_parser("serve", help="run the relay in the foreground")
+    check = commands.add_parser("check", help="validate the config and print a summary")
+    check.add_argument(
+        "--connect",
+        action="store_true",
+        help="also open a session to every backend (not available yet)",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        return EX_USAGE if exc.code not in (0, None) else EX_OK
+    path = default_config_path(args.config)
+    if args.command == "check":
+        return check(path, args.connect)
+    return serve(path)
+
+
+def check(path: str, connect: bool) -> int:
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        for error in exc.errors:
+            print(error, file=sys.stderr)
+        return 1
+    print(summary(config))
+    for warning in config_warnings(config):
+        print(f"warning: {warning}", file=sys.stderr)
+    if connect:
+        print("check --connect: not available in this version", file=sys.stderr)
+        return EX_UNAVAILABLE
+    return EX_OK
+
+
+def serve(path: str) -> int:
+    from .daemon import serve as run
+    from .spool import SpoolError
+
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        for error in exc.errors:
+            print(f"smarthost: {error}", file=sys.stderr)
+        return EX_CONFIG
+    log.setup(config.log.level, config.log.file, config.log.format)
+    for warning in config_warnings(config):
+        log.logger.warning(warning)
+    try:
+        return run(config)
+    except SpoolError as exc:
+        print(f"smarthost: {exc.strerror or exc}", file=sys.stderr)
+        return EX_TEMPFAIL if exc.errno == errno.EBUSY else EX_CANTCREAT
+    except PermissionError as exc:
+        print(f"smarthost: {exc}", file=sys.stderr)
+        return EX_CANTCREAT
+    except OSError as exc:  # a listen address in use or not available
+        print(f"smarthost: cannot start: {exc}", file=sys.stderr)
+        return EX_TEMPFAIL
+
+
+def sendmail_main(argv: Sequence[str] | None = None) -> int:
+    print("smarthost-sendmail: local submission is not available in this version", file=sys.stderr)
+    return EX_UNAVAILABLE

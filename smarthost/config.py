@@ -1,0 +1,841 @@
+"""Configuration: the TOML file (SPEC §3) parsed into frozen dataclasses.
+
+Every default lives in the dataclass definitions below; every value is parsed and
+validated here, once (one duration parser, one size parser, one type check). A small
+declarative schema per table maps each TOML key to a converter; cross-key rules run
+after conversion. All errors are collected, each prefixed with its key path
+(`backend[1].weight: must be a positive integer`), and raised together as one
+ConfigError, so that `smarthost check` can show every problem in one run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import ipaddress
+import math
+import os
+import re
+import socket
+import stat
+import sys
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python < 3.11 only
+    import tomli as tomllib
+
+DEFAULT_CONFIG_PATH = "/etc/smarthost/smarthost.toml"
+CONFIG_ENV = "SMARTHOST_CONFIG"
+
+DEFAULT_GROUP = "default"
+TLS_MODES = ("starttls", "implicit", "none")
+AUTH_MECHANISMS = ("auto", "plain", "login", "xoauth2")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("json", "text")
+SECRET_KEYS = ("password", "password_file", "password_command")
+_DEFAULT_PORTS = {"starttls": 587, "implicit": 465, "none": 25}
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; `errors` holds one "key.path: message" per problem."""
+
+    def __init__(self, errors: list[str]) -> None:
+        self.errors = list(errors)
+        super().__init__("\n".join(self.errors))
+
+
+# --------------------------------------------------------------------------- dataclasses
+
+
+@dataclass(frozen=True)
+class SmtpConfig:
+    """`[smtp]`: the listener."""
+
+    listen: tuple[tuple[str, int], ...] = (("127.0.0.1", 25),)
+    allow: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = (
+        ipaddress.ip_network("127.0.0.0/8"),
+        ipaddress.ip_network("::1/128"),
+    )
+    max_message_size: int = 25 * 2**20
+    max_recipients: int = 100
+    max_clients: int = 100
+    timeout: float = 300.0
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    auth_users: str | None = None
+
+
+@dataclass(frozen=True)
+class SpoolConfig:
+    """`[spool]`: where accepted mail lives until it is delivered or bounced."""
+
+    dir: str = "/var/spool/smarthost"
+
+
+@dataclass(frozen=True)
+class DeliveryConfig:
+    """`[delivery]`: sending threads and the retry schedule (all times in seconds)."""
+
+    workers: int = 8
+    retry_min: float = 60.0
+    retry_max: float = 3600.0
+    retry_for: float = 5 * 86400.0
+    warn_after: float = 4 * 3600.0  # 0 disables the "delayed" DSN
+    connect_timeout: float = 30.0
+    timeout: float = 300.0
+
+
+@dataclass(frozen=True)
+class DsnConfig:
+    """`[dsn]`: bounces. TOML `from` is `from_address` here (a Python keyword)."""
+
+    # "" means "MAILER-DAEMON@<hostname>"; Config fills it in, since only it knows hostname.
+    from_address: str = ""
+    return_max: int = 2**20
+    postmaster: str | None = None
+
+
+@dataclass(frozen=True)
+class RewriteConfig:
+    """`[rewrite]`: aliases (lowercased local part -> address, sorted), masquerading, force_from."""
+
+    aliases: tuple[tuple[str, str], ...] = ()
+    masquerade: str | None = None
+    force_from: str | None = None
+
+    def alias_map(self) -> dict[str, str]:
+        """The aliases as a dict, keyed by lowercased local part."""
+        return dict(self.aliases)
+
+
+@dataclass(frozen=True)
+class BackendConfig:
+    """One `[[backend]]`: an upstream relay. `name` and `port` default from host and tls."""
+
+    host: str
+    name: str = ""  # "" -> "host:port"
+    port: int = 0  # 0 -> by tls: starttls 587, implicit 465, none 25
+    tls: str = "starttls"
+    tls_verify: bool = True
+    tls_ca: str | None = None
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    password_file: str | None = None
+    password_command: str | None = None
+    auth: str = "auto"
+    weight: int = 1
+    backup: bool = False
+    max_connections: int = 4
+    rate: tuple[int, float] | None = None  # (messages, per seconds)
+    max_fails: int = 1  # 0: never marked down
+    fail_timeout: float = 30.0
+    group: str = DEFAULT_GROUP
+
+    def __post_init__(self) -> None:
+        # Defaults that depend on other fields; object.__setattr__ because we are frozen.
+        if not self.port:
+            object.__setattr__(self, "port", _DEFAULT_PORTS.get(self.tls, 25))
+        if not self.name:
+            object.__setattr__(self, "name", format_hostport(self.host, self.port))
+
+
+@dataclass(frozen=True)
+class RouteConfig:
+    """One `[[route]]`: mail whose sender or recipient domain matches goes to `group`."""
+
+    group: str
+    sender_domain: tuple[str, ...] = ()
+    recipient_domain: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    """`[log]`: level (lowercase), file (None: stderr) and format."""
+
+    level: str = "info"
+    file: str | None = None
+    format: str = "json"
+
+
+def _default_hostname() -> str:
+    # Looked up at call time (not bound at import) so it is only paid when needed.
+    return socket.getfqdn()
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole configuration file."""
+
+    hostname: str = field(default_factory=_default_hostname)
+    user: str | None = None
+    smtp: SmtpConfig = field(default_factory=SmtpConfig)
+    spool: SpoolConfig = field(default_factory=SpoolConfig)
+    delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
+    dsn: DsnConfig = field(default_factory=DsnConfig)
+    rewrite: RewriteConfig = field(default_factory=RewriteConfig)
+    backends: tuple[BackendConfig, ...] = ()
+    routes: tuple[RouteConfig, ...] = ()
+    log: LogConfig = field(default_factory=LogConfig)
+    path: str = "<config>"
+
+    def __post_init__(self) -> None:
+        if not self.dsn.from_address:
+            dsn = replace(self.dsn, from_address=f"MAILER-DAEMON@{self.hostname}")
+            object.__setattr__(self, "dsn", dsn)
+
+
+# --------------------------------------------------------------------------- value parsers
+
+_TYPE_NAMES = (
+    (bool, "boolean"),  # before int: bool is a subclass of int
+    (int, "integer"),
+    (float, "float"),
+    (str, "string"),
+    (list, "array"),
+    (dict, "table"),
+)
+_EXPECTED = {bool: "a boolean", int: "an integer", str: "a string", list: "an array"}
+
+
+def _type_name(value: Any) -> str:
+    for kind, name in _TYPE_NAMES:
+        if isinstance(value, kind):
+            return name
+    return type(value).__name__  # TOML dates and times
+
+
+def _expect(value: Any, kind: type, key: str, what: str | None = None) -> Any:
+    """The one type check: TOML booleans are never integers, floats never integers."""
+    if isinstance(value, kind) and (kind is bool or not isinstance(value, bool)):
+        return value
+    raise ValueError(f"{key}: expected {what or _EXPECTED[kind]}, got {_type_name(value)}")
+
+
+_DURATION_RE = re.compile(r"(-?\d+(?:\.\d+)?)\s*([smhdw]?)")
+_DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_duration(value: Any, key: str = "duration") -> float:
+    """Seconds from integer/float seconds or a string like "30s", "5m", "4h", "5d", "2w"."""
+    what = 'a duration such as "30s" or integer seconds'
+    if isinstance(value, str):
+        match = _DURATION_RE.fullmatch(value.strip())
+        if not match:
+            raise ValueError(f"{key}: invalid duration {value!r} (use e.g. 30s, 5m, 4h, 5d)")
+        seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value)
+    else:
+        raise ValueError(f"{key}: expected {what}, got {_type_name(value)}")
+    if not math.isfinite(seconds):
+        raise ValueError(f"{key}: duration must be finite")
+    if seconds < 0:
+        raise ValueError(f"{key}: duration must not be negative")
+    return seconds
+
+
+_SIZE_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]?)b?", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+
+
+def parse_size(value: Any, key: str = "size") -> int:
+    """Bytes from integer bytes or a string like "512K", "25M", "1G" (binary multiples)."""
+    if isinstance(value, str):
+        match = _SIZE_RE.fullmatch(value.strip())
+        if not match:
+            raise ValueError(f"{key}: invalid size {value!r} (use e.g. 512K, 25M, 1G)")
+        return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
+    size = _expect(value, int, key, 'a size such as "25M" or integer bytes')
+    if size < 0:
+        raise ValueError(f"{key}: size must not be negative")
+    return size
+
+
+_RATE_RE = re.compile(r"(\d+)\s*/\s*([a-z]+)")
+_RATE_UNITS = {
+    "s": 1.0, "sec": 1.0, "second": 1.0,
+    "m": 60.0, "min": 60.0, "minute": 60.0,
+    "h": 3600.0, "hour": 3600.0,
+}  # fmt: skip
+
+
+def parse_rate(value: Any, key: str = "rate") -> tuple[int, float]:
+    """(count, period in seconds) from "10/s", "100/m" or "250/h"."""
+    text = _expect(value, str, key, 'a rate such as "250/h"')
+    match = _RATE_RE.fullmatch(text.strip().lower())
+    if not match or match.group(2) not in _RATE_UNITS or int(match.group(1)) < 1:
+        raise ValueError(f"{key}: invalid rate {value!r} (use e.g. 10/s, 100/m, 250/h)")
+    return int(match.group(1)), _RATE_UNITS[match.group(2)]
+
+
+def parse_hostport(value: Any, default_port: int | None, key: str = "address") -> tuple[str, int]:
+    """(host, port) from "host:port", "host", "[v6]:port" or "[v6]"; port 0 means any free port.
+
+    Unbracketed IPv6 is refused even without a port: "::1:25" would otherwise be
+    silently read as an address with the default port.
+    """
+    text = _expect(value, str, key).strip()
+
+    def invalid(why: str) -> ValueError:
+        return ValueError(f"{key}: invalid address {value!r}: {why} (use e.g. 127.0.0.1:25)")
+
+    if text.startswith("["):
+        host, closed, rest = text[1:].partition("]")
+        if not closed or (rest and not rest.startswith(":")):
+            raise invalid("write IPv6 as [address]:port")
+        if not _is_ip(host, version=6):
+            raise invalid(f"{host!r} is not an IPv6 address")
+        port_text = rest[1:] if rest else None
+    elif text.count(":") > 1:
+        raise invalid("IPv6 addresses must be in brackets, e.g. [::1]:25")
+    else:
+        host, colon, port_text = text.partition(":")
+        port_text = port_text if colon else None
+    if not host or any(c.isspace() or c in "/[]@" for c in host):
+        raise invalid("missing or malformed host")
+    if port_text is None:
+        if default_port is None:
+            raise invalid("a port is required")
+        return host, default_port
+    if not port_text.isdigit() or int(port_text) > 65535:
+        raise invalid("the port must be a number from 0 to 65535")
+    return host, int(port_text)
+
+
+def format_hostport(host: str, port: int) -> str:
+    """Inverse of parse_hostport: brackets IPv6 addresses."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _is_ip(text: str, version: int | None = None) -> bool:
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return version is None or address.version == version
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    return _is_ip(host) and ipaddress.ip_address(host).is_loopback
+
+
+# --------------------------------------------------------------------------- converters
+# A converter takes (value, key path) and returns the parsed value or raises ValueError
+# with a message that already starts with the key path.
+
+Converter = Callable[[Any, str], Any]
+
+
+def _integer(minimum: int = 0, maximum: int | None = None) -> Converter:
+    if maximum is not None:
+        rule = f"must be between {minimum} and {maximum}"
+    else:
+        rule = "must be a positive integer" if minimum == 1 else f"must be at least {minimum}"
+
+    def convert(value: Any, key: str) -> int:
+        number = _expect(value, int, key)
+        if number < minimum or (maximum is not None and number > maximum):
+            raise ValueError(f"{key}: {rule}")
+        return number
+
+    return convert
+
+
+def _boolean(value: Any, key: str) -> bool:
+    return _expect(value, bool, key)
+
+
+def _string(value: Any, key: str) -> str:
+    text = _expect(value, str, key).strip()
+    if not text:
+        raise ValueError(f"{key}: must not be empty")
+    return text
+
+
+def _optional_string(value: Any, key: str) -> str | None:
+    # An empty string means "not set": it is how a TOML file says "off" (log.file = "").
+    return _expect(value, str, key).strip() or None
+
+
+def _choice(*options: str) -> Converter:
+    def convert(value: Any, key: str) -> str:
+        text = _expect(value, str, key).strip().lower()
+        if text not in options:
+            raise ValueError(f"{key}: must be one of {', '.join(options)}; got {value!r}")
+        return text
+
+    return convert
+
+
+def _duration(positive: bool = False) -> Converter:
+    def convert(value: Any, key: str) -> float:
+        seconds = parse_duration(value, key)
+        if positive and seconds == 0:
+            raise ValueError(f"{key}: must be greater than 0")
+        return seconds
+
+    return convert
+
+
+def _size(positive: bool = False) -> Converter:
+    def convert(value: Any, key: str) -> int:
+        size = parse_size(value, key)
+        if positive and size == 0:
+            raise ValueError(f"{key}: must be greater than 0")
+        return size
+
+    return convert
+
+
+def _domain(value: Any, key: str) -> str:
+    text = _string(value, key).lower().rstrip(".")
+    labels = text.split(".")
+    if not all(labels) or any(c.isspace() or c in "@/:[]<>" for c in text):
+        raise ValueError(f"{key}: {value!r} is not a domain name (e.g. example.com)")
+    return text
+
+
+def _hostname(value: Any, key: str) -> str:
+    # Same rules as a domain, but keep the case the administrator wrote for EHLO.
+    _domain(value, key)
+    return _string(value, key)
+
+
+def _address(value: Any, key: str) -> str:
+    text = _string(value, key)
+    local, at, domain = text.rpartition("@")
+    if not at or not local or not domain or any(c.isspace() or c in "<>" for c in text):
+        raise ValueError(f"{key}: {value!r} is not an address like user@example.com")
+    return text
+
+
+def _optional_address(value: Any, key: str) -> str | None:
+    return _address(value, key) if _optional_string(value, key) else None
+
+
+def _optional_domain(value: Any, key: str) -> str | None:
+    return _domain(value, key) if _optional_string(value, key) else None
+
+
+def _optional_rate(value: Any, key: str) -> tuple[int, float] | None:
+    return parse_rate(value, key) if _optional_string(value, key) else None
+
+
+def _list_of(item: Converter, non_empty: bool = False) -> Converter:
+    """An array whose items are converted with `item`, reported as key[i]."""
+
+    def convert(value: Any, key: str) -> tuple[Any, ...]:
+        items = _expect(value, list, key)
+        if non_empty and not items:
+            raise ValueError(f"{key}: must not be empty")
+        out, errors = [], []
+        for i, entry in enumerate(items):
+            try:
+                out.append(item(entry, f"{key}[{i}]"))
+            except ValueError as exc:
+                errors.append(str(exc))
+        if errors:
+            raise ConfigError(errors)
+        return tuple(out)
+
+    return convert
+
+
+def _listen_address(value: Any, key: str) -> tuple[str, int]:
+    return parse_hostport(value, 25, key)
+
+
+def _network(value: Any, key: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    text = _string(value, key)
+    try:
+        return ipaddress.ip_network(text)  # strict: host bits set is a mistake, not a wish
+    except ValueError as exc:
+        hint = ""
+        with contextlib.suppress(ValueError):  # only when the text is a network at all
+            hint = f" (did you mean {ipaddress.ip_network(text, strict=False)}?)"
+        raise ValueError(f"{key}: invalid network {value!r}: {exc}{hint}") from None
+
+
+def _listen(value: Any, key: str) -> tuple[tuple[str, int], ...]:
+    addresses = _list_of(_listen_address, non_empty=True)(value, key)
+    for i, address in enumerate(addresses):
+        if address in addresses[:i]:
+            first = addresses.index(address)
+            raise ValueError(f"{key}[{i}]: duplicate of {key}[{first}]")
+    return addresses
+
+
+def _aliases(value: Any, key: str) -> tuple[tuple[str, str], ...]:
+    table = _expect(value, dict, key, 'a table such as { root = "admin@example.com" }')
+    out: dict[str, str] = {}
+    errors = []
+    for local, target in table.items():
+        path = f"{key}.{local}"
+        try:
+            name = local.strip().lower()
+            if not name or "@" in name or any(c.isspace() for c in name):
+                raise ValueError(f"{path}: the key must be a local part such as root")
+            if name in out:
+                raise ValueError(f"{path}: duplicate alias (local parts ignore case)")
+            out[name] = _address(target, path)
+        except ValueError as exc:
+            errors.append(str(exc))
+    if errors:
+        raise ConfigError(errors)
+    return tuple(sorted(out.items()))
+
+
+# --------------------------------------------------------------------------- schemas
+# One entry per TOML key. The TOML key is the field name, except where _FIELD_NAMES says.
+
+_FIELD_NAMES = {"from": "from_address"}
+
+_TOP = {"hostname": _hostname, "user": _optional_string}
+
+_SMTP = {
+    "listen": _listen,
+    "allow": _list_of(_network),
+    "max_message_size": _size(positive=True),
+    "max_recipients": _integer(1),
+    "max_clients": _integer(1),
+    "timeout": _duration(positive=True),
+    "tls_cert": _optional_string,
+    "tls_key": _optional_string,
+    "auth_users": _optional_string,
+}
+_SPOOL = {"dir": _string}
+_DELIVERY = {
+    "workers": _integer(1, 256),
+    "retry_min": _duration(positive=True),
+    "retry_max": _duration(positive=True),
+    "retry_for": _duration(positive=True),
+    "warn_after": _duration(),
+    "connect_timeout": _duration(positive=True),
+    "timeout": _duration(positive=True),
+}
+_DSN = {"from": _address, "return_max": _size(), "postmaster": _optional_address}
+_REWRITE = {"aliases": _aliases, "masquerade": _optional_domain, "force_from": _optional_address}
+_LOG = {"level": _choice(*LOG_LEVELS), "file": _optional_string, "format": _choice(*LOG_FORMATS)}
+_BACKEND = {
+    "name": _string,
+    "host": _string,
+    "port": _integer(1, 65535),
+    "tls": _choice(*TLS_MODES),
+    "tls_verify": _boolean,
+    "tls_ca": _optional_string,
+    "username": _optional_string,
+    "password": _optional_string,
+    "password_file": _optional_string,
+    "password_command": _optional_string,
+    "auth": _choice(*AUTH_MECHANISMS),
+    "weight": _integer(1),
+    "backup": _boolean,
+    "max_connections": _integer(1),
+    "rate": _optional_rate,
+    "max_fails": _integer(0),
+    "fail_timeout": _duration(positive=True),
+    "group": _string,
+}
+_ROUTE = {
+    "sender_domain": _list_of(_domain),
+    "recipient_domain": _list_of(_domain),
+    "group": _string,
+}
+# Tables: TOML name (also the Config field) -> (schema, dataclass).
+_TABLES = {
+    "smtp": (_SMTP, SmtpConfig),
+    "spool": (_SPOOL, SpoolConfig),
+    "delivery": (_DELIVERY, DeliveryConfig),
+    "dsn": (_DSN, DsnConfig),
+    "rewrite": (_REWRITE, RewriteConfig),
+    "log": (_LOG, LogConfig),
+}
+_ARRAYS = ("backend", "route")
+_TOP_KEYS = (*_TOP, *_TABLES, *_ARRAYS)
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _unknown_key(path: str, key: str, known: Any) -> str:
+    close = difflib.get_close_matches(key, list(known), n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    return f"{_join(path, key)}: unknown key{hint}"
+
+
+def _parse_table(raw: Any, path: str, schema: dict, errors: list[str]) -> dict[str, Any]:
+    """Convert the known keys of one TOML table; report unknown keys and bad values."""
+    if not isinstance(raw, dict):
+        errors.append(f"{path}: expected a table, got {_type_name(raw)}")
+        return {}
+    values = {}
+    for key, value in raw.items():
+        if key not in schema:
+            errors.append(_unknown_key(path, key, schema))
+            continue
+        try:
+            values[_FIELD_NAMES.get(key, key)] = schema[key](value, _join(path, key))
+        except ConfigError as exc:
+            errors.extend(exc.errors)
+        except ValueError as exc:
+            errors.append(str(exc))
+    return values
+
+
+def _parse_array(raw: Any, name: str, errors: list[str]) -> list[tuple[str, Any]] | None:
+    """The entries of a [[name]] array of tables with their key paths; None if malformed."""
+    if raw is None:
+        return []
+    if isinstance(raw, dict):
+        errors.append(f"{name}: write [[{name}]] (an array of tables), not [{name}]")
+        return None
+    if not isinstance(raw, list):
+        errors.append(f"{name}: expected [[{name}]] tables, got {_type_name(raw)}")
+        return None
+    return [(f"{name}[{i}]", entry) for i, entry in enumerate(raw)]
+
+
+# --------------------------------------------------------------------------- cross-key rules
+
+
+def _check_smtp(smtp: SmtpConfig, errors: list[str]) -> None:
+    if bool(smtp.tls_cert) != bool(smtp.tls_key):
+        missing, given = ("tls_key", "tls_cert") if smtp.tls_cert else ("tls_cert", "tls_key")
+        errors.append(f"smtp.{missing}: required when smtp.{given} is set")
+    if smtp.auth_users and not (smtp.tls_cert and smtp.tls_key):
+        errors.append(
+            "smtp.auth_users: requires smtp.tls_cert and smtp.tls_key"
+            " (AUTH is offered only over TLS)"
+        )
+
+
+def _check_delivery(delivery: DeliveryConfig, errors: list[str]) -> None:
+    if delivery.retry_min > delivery.retry_max:
+        errors.append("delivery.retry_min: must not be greater than delivery.retry_max")
+
+
+def _check_backend(path: str, backend: BackendConfig, errors: list[str]) -> None:
+    secrets = [key for key in SECRET_KEYS if getattr(backend, key)]
+    if len(secrets) > 1:
+        errors.append(f"{path}.{secrets[1]}: set only one of {', '.join(SECRET_KEYS)}")
+    if secrets and not backend.username:
+        errors.append(f"{path}.username: required when {secrets[0]} is set")
+    if backend.username and not secrets:
+        errors.append(f"{path}.username: needs one of {', '.join(SECRET_KEYS)}")
+    if backend.auth != "auto" and not backend.username:
+        errors.append(f"{path}.auth: {backend.auth!r} needs a username")
+    if backend.tls == "none" and backend.username and not _is_loopback(backend.host):
+        errors.append(
+            f"{path}.tls: credentials would travel in clear;"
+            " use starttls or implicit, or a loopback host"
+        )
+    if ":" in backend.host and not _is_ip(backend.host, version=6):
+        errors.append(f"{path}.host: give the port as {path}.port, not in the host")
+
+
+def _parse_backends(raw: Any, errors: list[str]) -> list[tuple[str, BackendConfig]]:
+    entries = _parse_array(raw, "backend", errors)
+    if entries == []:
+        errors.append("backend: at least one [[backend]] with a host is required")
+    backends = []
+    for path, entry in entries or ():
+        values = _parse_table(entry, path, _BACKEND, errors)
+        if "host" not in values:
+            if isinstance(entry, dict) and "host" not in entry:
+                errors.append(f"{path}.host: required")
+            continue
+        backend = BackendConfig(**values)
+        _check_backend(path, backend, errors)
+        backends.append((path, backend))
+    seen: dict[str, str] = {}
+    for path, backend in backends:
+        if backend.name in seen:
+            errors.append(
+                f"{path}.name: duplicate name {backend.name!r} (also {seen[backend.name]})"
+            )
+        seen.setdefault(backend.name, path)
+    return backends
+
+
+def _check_groups(backends: list[tuple[str, BackendConfig]], errors: list[str]) -> set[str]:
+    groups: dict[str, list[tuple[str, BackendConfig]]] = {}
+    for path, backend in backends:
+        groups.setdefault(backend.group, []).append((path, backend))
+    if backends and DEFAULT_GROUP not in groups:
+        errors.append(f"backend: no backend in group {DEFAULT_GROUP!r}, which unrouted mail uses")
+    for group, members in groups.items():
+        if all(backend.backup for _, backend in members):
+            errors.append(f"{members[0][0]}.backup: group {group!r} has only backup backends")
+    return set(groups)
+
+
+def _parse_routes(raw: Any, groups: set[str], errors: list[str]) -> list[RouteConfig]:
+    routes = []
+    for path, entry in _parse_array(raw, "route", errors) or ():
+        values = _parse_table(entry, path, _ROUTE, errors)
+        if isinstance(entry, dict) and not (
+            entry.get("sender_domain") or entry.get("recipient_domain")
+        ):
+            errors.append(f"{path}: set sender_domain or recipient_domain (or both)")
+        if "group" not in values:
+            if isinstance(entry, dict) and "group" not in entry:
+                errors.append(f"{path}.group: required")
+            continue
+        # Without any backend at all, "backend:" already says so; don't pile on.
+        if groups and values["group"] not in groups:
+            errors.append(f"{path}.group: no backend in group {values['group']!r}")
+        routes.append(RouteConfig(**values))
+    return routes
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def parse_config(data: dict, path: str = "<config>") -> Config:
+    """Validate an already loaded TOML document; raise ConfigError listing every problem."""
+    errors: list[str] = []
+    if not isinstance(data, dict):
+        raise ConfigError([f"{path}: expected a TOML document (a table)"])
+    for key in data:
+        if key not in _TOP_KEYS:
+            errors.append(_unknown_key("", key, _TOP_KEYS))
+    top = _parse_table({k: v for k, v in data.items() if k in _TOP}, "", _TOP, errors)
+    tables = {}
+    for name, (schema, cls) in _TABLES.items():
+        tables[name] = cls(**_parse_table(data.get(name, {}), name, schema, errors))
+    _check_smtp(tables["smtp"], errors)
+    _check_delivery(tables["delivery"], errors)
+    backends = _parse_backends(data.get("backend"), errors)
+    groups = _check_groups(backends, errors)
+    routes = _parse_routes(data.get("route"), groups, errors)
+    if errors:
+        raise ConfigError(errors)
+    return Config(
+        **top,
+        **tables,
+        backends=tuple(backend for _, backend in backends),
+        routes=tuple(routes),
+        path=str(path),
+    )
+
+
+def load_config(path: str | os.PathLike) -> Config:
+    """Read and validate a TOML config file; any problem raises ConfigError naming the file."""
+    name = os.fspath(path)
+    try:
+        with open(name, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError([f"{name}: cannot read: {exc.strerror or exc}"]) from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{name}: TOML syntax error: {exc}"]) from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{name}: not valid UTF-8 ({exc.reason})"]) from exc
+    return parse_config(data, name)
+
+
+def default_config_path(cli_value: str | None) -> str:
+    """-c/-C FILE, else $SMARTHOST_CONFIG, else /etc/smarthost/smarthost.toml."""
+    return cli_value or os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG_PATH
+
+
+# --------------------------------------------------------------------------- check helpers
+
+
+def _readable_by_others(label: str, path: str | None) -> str | None:
+    if not path:
+        return None
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except (OSError, ValueError):
+        return None  # a missing file is reported where it is used, not here
+    if mode & 0o044:
+        return f"{label} {path} is readable by other users (mode {mode:04o}); chmod 600 it"
+    return None
+
+
+def config_warnings(cfg: Config) -> list[str]:
+    """Secrets readable by other users: the config (if it holds a password), secret files."""
+    candidates = [("smtp.tls_key", cfg.smtp.tls_key), ("smtp.auth_users", cfg.smtp.auth_users)]
+    if any(backend.password for backend in cfg.backends):
+        candidates.insert(0, ("config file", cfg.path))
+    for i, backend in enumerate(cfg.backends):
+        candidates.append((f"backend[{i}].password_file", backend.password_file))
+    warnings = [_readable_by_others(label, path) for label, path in candidates]
+    return [w for w in warnings if w]
+
+
+def _fmt_duration(seconds: float) -> str:
+    for suffix, unit in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= unit and seconds % unit == 0:
+            return f"{int(seconds // unit)}{suffix}"
+    return f"{seconds:g}s"
+
+
+def _fmt_size(size: int) -> str:
+    for suffix, unit in (("G", 2**30), ("M", 2**20), ("K", 2**10)):
+        if size >= unit and size % unit == 0:
+            return f"{size // unit}{suffix}"
+    return str(size)
+
+
+def _describe_backend(backend: BackendConfig) -> str:
+    parts = [
+        backend.name,
+        format_hostport(backend.host, backend.port),
+        f"tls={backend.tls}" + ("" if backend.tls_verify else " (unverified)"),
+        f"group={backend.group}",
+        f"weight={backend.weight}",
+    ]
+    if backend.backup:
+        parts.append("backup")
+    if backend.username:
+        # Name where the secret comes from, never the secret (nor the command, which
+        # may embed one).
+        source = next((key for key in SECRET_KEYS if getattr(backend, key)), "none")
+        where = f" {backend.password_file}" if source == "password_file" else ""
+        parts.append(f"auth={backend.auth} user={backend.username} secret={source}{where}")
+    if backend.rate:
+        count, period = backend.rate
+        parts.append(f"rate={count}/{_fmt_duration(period)}")
+    return "  " + " ".join(parts)
+
+
+def _describe_route(index: int, route: RouteConfig) -> str:
+    match = []
+    if route.sender_domain:
+        match.append("sender " + ",".join(route.sender_domain))
+    if route.recipient_domain:
+        match.append("recipient " + ",".join(route.recipient_domain))
+    return f"  route[{index}]: {' and '.join(match)} -> group {route.group}"
+
+
+def summary(cfg: Config) -> str:
+    """A human summary for `smarthost check`. Never includes a password."""
+    smtp, delivery = cfg.smtp, cfg.delivery
+    lines = [
+        f"config:    {cfg.path}",
+        f"hostname:  {cfg.hostname}" + (f" (runs as {cfg.user})" if cfg.user else ""),
+        "listen:    " + ", ".join(format_hostport(h, p) for h, p in smtp.listen),
+        "allow:     " + (", ".join(str(n) for n in smtp.allow) or "nobody without AUTH"),
+        f"tls:       {'cert ' + smtp.tls_cert if smtp.tls_cert else 'off'}",
+        f"auth:      {'users from ' + smtp.auth_users if smtp.auth_users else 'off'}",
+        f"limits:    message {_fmt_size(smtp.max_message_size)},"
+        f" {smtp.max_recipients} recipients, {smtp.max_clients} clients",
+        f"spool:     {cfg.spool.dir}",
+        f"delivery:  {delivery.workers} workers, retry {_fmt_duration(delivery.retry_min)}"
+        f"..{_fmt_duration(delivery.retry_max)} for {_fmt_duration(delivery.retry_for)}",
+        f"dsn:       from {cfg.dsn.from_address}",
+        f"log:       {cfg.log.level} {cfg.log.format} to {cfg.log.file or 'stderr'}",
+        f"backends:  {len(cfg.backends)}",
+        *(_describe_backend(backend) for backend in cfg.backends),
+        f"routes:    {len(cfg.routes)} (unmatched mail: group {DEFAULT_GROUP})",
+        *(_describe_route(i, route) for i, route in enumerate(cfg.routes)),
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,137 @@
+"""JSON-lines logging: the one list of event names and the one way to emit them.
+
+Every outcome in the relay is one log record whose message is the event name and
+whose extra fields (queue_id, sender, backend, reply, ...) become JSON keys, so a
+message's whole life can be followed with `jq 'select(.queue_id == "...")'`.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+from typing import Any
+
+from pythonjsonlogger.json import JsonFormatter
+
+LOGGER_NAME = "smarthost"
+
+# SPEC §8. Events are names, not prose: tools match on them.
+EVENTS = frozenset(
+    {
+        "started",
+        "stopping",
+        "stopped",
+        "received",
+        "delivered",
+        "deferred",
+        "failed",
+        "expired",
+        "dsn_queued",
+        "double_bounce",
+        "backend_down",
+        "backend_up",
+        "rejected",
+        "config_reloaded",
+        "spool_error",
+        "recovered",
+        "quarantined",
+    }
+)
+
+# Keys that would leak secrets must never reach a log line, even by mistake.
+_FORBIDDEN_KEYS = frozenset({"password", "secret", "auth_data", "login_data", "token"})
+
+logger = logging.getLogger(LOGGER_NAME)
+
+
+def event(name: str, level: int = logging.INFO, **fields: Any) -> None:
+    """Log the event `name` with `fields` as JSON keys (None values are dropped)."""
+    if name not in EVENTS:
+        raise ValueError(f"unknown log event {name!r}")
+    if not logger.isEnabledFor(level):
+        return
+    extra = {k: v for k, v in fields.items() if v is not None and k not in _FORBIDDEN_KEYS}
+    logger.log(level, name, extra=extra)
+
+
+class TextFormatter(logging.Formatter):
+    """`time level event key=value ...` for people who read logs without jq."""
+
+    _STANDARD = frozenset(vars(logging.makeLogRecord({})))
+
+    def format(self, record: logging.LogRecord) -> str:
+        when = self.formatTime(record, "%Y-%m-%dT%H:%M:%S")
+        fields = " ".join(
+            f"{k}={v}"
+            for k, v in vars(record).items()
+            if k not in self._STANDARD and k not in ("message", "asctime")
+        )
+        text = f"{when}Z {record.levelname.lower()} {record.getMessage()}"
+        if record.exc_info:
+            text += "\n" + self.formatException(record.exc_info)
+        return f"{text} {fields}".rstrip()
+
+
+def _json_formatter() -> logging.Formatter:
+    formatter = JsonFormatter(
+        "%(message)s %(levelname)s",
+        rename_fields={"message": "event", "levelname": "level"},
+        timestamp="time",
+        json_ensure_ascii=False,
+    )
+    return formatter
+
+
+class _LowercaseLevel(logging.Filter):
+    """JSON `level` values are lower case, like the config's `log.level`."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.levelname = record.levelname.lower()
+        return True
+
+
+class ReopenableFileHandler(logging.StreamHandler):
+    """Appends to a file and reopens it on demand (SIGHUP after logrotate)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._reopen_lock = threading.Lock()
+        super().__init__(self._open())
+
+    def _open(self):
+        return open(self.path, "a", encoding="utf-8", buffering=1)
+
+    def reopen(self) -> None:
+        with self._reopen_lock:
+            old, self.stream = self.stream, self._open()
+            old.close()
+
+
+_handler: logging.Handler | None = None
+
+
+def setup(level: str = "info", file: str | None = None, fmt: str = "json") -> None:
+    """Send the relay's events to stderr or `file` as JSON lines (or text)."""
+    global _handler
+    handler: logging.Handler = (
+        ReopenableFileHandler(file) if file else logging.StreamHandler(sys.stderr)
+    )
+    if fmt == "json":
+        handler.setFormatter(_json_formatter())
+        handler.addFilter(_LowercaseLevel())
+    else:
+        handler.setFormatter(TextFormatter())
+    if _handler is not None:
+        logger.removeHandler(_handler)
+        _handler.close()
+    _handler = handler
+    logger.addHandler(handler)
+    logger.setLevel(level.upper())
+    logger.propagate = False
+
+
+def reopen() -> None:
+    """Reopen the log file, if logging goes to one."""
+    if isinstance(_handler, ReopenableFileHandler):
+        _handler.reopen()

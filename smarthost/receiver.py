@@ -1,0 +1,363 @@
+"""The SMTP listener: policy checks, then DATA → durable spool commit → 250 or 4xx.
+
+aiosmtpd runs the protocol; this module adds policy in its handler hooks and a small
+`SMTP` subclass for what hooks cannot do (enhanced status codes on every reply, the
+client limit). Hooks never do blocking work on the event loop: the spool commit runs
+in a thread pool so that other sessions go on while one message is fsynced.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import re
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from email.utils import formatdate
+from typing import Any
+
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import SMTP, Session
+from aiosmtpd.smtp import Envelope as SMTPEnvelope
+
+from . import __version__, log
+from .config import Config
+from .spool import Envelope, Recipient, Spool, SpoolError, new_id
+
+IDENT = f"ESMTP smarthost {__version__}"
+
+# RFC 2034: with ENHANCEDSTATUSCODES advertised, replies carry a status code. aiosmtpd's
+# own replies do not, so the subclass adds the usual one for the basic code.
+_DEFAULT_ENHANCED = {
+    "221": "2.0.0",
+    "250": "2.0.0",
+    "251": "2.1.5",
+    "252": "2.5.0",
+    "421": "4.3.0",
+    "450": "4.2.0",
+    "451": "4.3.0",
+    "452": "4.3.1",
+    "454": "4.7.0",
+    "500": "5.5.2",
+    "501": "5.5.4",
+    "502": "5.5.1",
+    "503": "5.5.1",
+    "504": "5.5.4",
+    "530": "5.7.0",
+    "534": "5.7.9",
+    "535": "5.7.8",
+    "538": "5.7.11",
+    "550": "5.0.0",
+    "552": "5.3.4",
+    "553": "5.1.3",
+    "554": "5.5.0",
+    "555": "5.5.4",
+}
+_HAS_ENHANCED = re.compile(r"^\d{3}[ -]\d\.\d{1,3}\.\d{1,3}(\s|$)")
+
+
+def with_enhanced_code(reply: str) -> str:
+    """Insert the enhanced status code a reply lacks (`552 Too much` → `552 5.3.4 Too much`)."""
+    code = reply[:3]
+    enhanced = _DEFAULT_ENHANCED.get(code)
+    if enhanced is None or _HAS_ENHANCED.match(reply):
+        return reply
+    sep, text = reply[3:4] or " ", reply[4:]
+    return f"{code}{sep}{enhanced} {text}".rstrip()
+
+
+class ClientSlots:
+    """Counts client sessions across every listener, for `smtp.max_clients`."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.count = 0
+        self._lock = threading.Lock()
+
+    def acquire(self) -> bool:
+        with self._lock:
+            if self.count >= self.limit:
+                return False
+            self.count += 1
+            return True
+
+    def release(self) -> None:
+        with self._lock:
+            self.count -= 1
+
+
+class RelaySMTP(SMTP):
+    """aiosmtpd's SMTP with enhanced status codes everywhere and a client limit."""
+
+    def __init__(self, handler: Any, *, slots: ClientSlots, **kwargs: Any) -> None:
+        super().__init__(handler, **kwargs)
+        self._slots = slots
+        self._holds_slot = False
+        self._plain_replies = False  # EHLO/HELO/HELP answers carry no status code
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self._original_transport is None and not self._holds_slot:
+            if not self._slots.acquire():
+                peer = transport.get_extra_info("peername")
+                reply = f"421 4.7.0 {self.hostname} Error: too many connections, try later"
+                log.event("rejected", client=_client_ip(peer), reply=reply, status="4.7.0")
+                transport.write(reply.encode() + b"\r\n")
+                transport.close()
+                return
+            self._holds_slot = True
+        super().connection_made(transport)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if not self._holds_slot:
+            return  # refused in connection_made: aiosmtpd never set this session up
+        self._holds_slot = False
+        self._slots.release()
+        super().connection_lost(error)
+
+    async def push(self, status: Any) -> None:
+        if isinstance(status, str) and not self._plain_replies:
+            status = with_enhanced_code(status)
+            if status[:1] in ("4", "5"):
+                self._log_rejected(status)
+        await super().push(status)
+
+    def _log_rejected(self, reply: str) -> None:
+        peer = self.session.peer if self.session else None
+        sender = self.envelope.mail_from if self.envelope else None
+        log.event(
+            "rejected", client=_client_ip(peer), sender=sender, reply=reply, status=reply[4:9]
+        )
+
+    async def _without_status_codes(self, coro: Any) -> None:
+        self._plain_replies = True
+        try:
+            await coro
+        finally:
+            self._plain_replies = False
+
+    async def smtp_EHLO(self, hostname: str) -> None:
+        await self._without_status_codes(super().smtp_EHLO(hostname))
+
+    async def smtp_HELO(self, hostname: str) -> None:
+        await self._without_status_codes(super().smtp_HELO(hostname))
+
+    async def smtp_HELP(self, arg: str) -> None:
+        await self._without_status_codes(super().smtp_HELP(arg))
+
+
+def _client_ip(peer: Any) -> str | None:
+    if isinstance(peer, tuple) and peer:
+        return str(peer[0])
+    return None
+
+
+class Listener(Controller):
+    """One aiosmtpd Controller per `smtp.listen` address; port 0 binds any free port."""
+
+    def __init__(self, handler: Any, host: str, port: int, slots: ClientSlots, **kwargs: Any):
+        super().__init__(handler, hostname=host, port=port, **kwargs)
+        self._slots = slots
+
+    def factory(self) -> SMTP:
+        return RelaySMTP(self.handler, slots=self._slots, **self.SMTP_kwargs)
+
+    def _trigger_server(self) -> None:
+        if self.port == 0 and self.server is not None:
+            self.port = self.server.sockets[0].getsockname()[1]
+        super()._trigger_server()
+
+    @property
+    def address(self) -> str:
+        host = f"[{self.hostname}]" if ":" in self.hostname else self.hostname
+        return f"{host}:{self.port}"
+
+
+class Receiver:
+    """aiosmtpd handler: relay permission, limits, headers, and the spool commit."""
+
+    def __init__(
+        self,
+        config: Config,
+        spool: Spool,
+        on_commit: Callable[[Envelope], None],
+        writers: ThreadPoolExecutor,
+    ) -> None:
+        self.config = config
+        self.spool = spool
+        self.on_commit = on_commit
+        self.writers = writers
+
+    # -- hooks -------------------------------------------------------------
+
+    async def handle_EHLO(
+        self, server: SMTP, session: Session, envelope: SMTPEnvelope, hostname: str, responses: list
+    ) -> list:
+        session.host_name = hostname
+        extra = ["250-PIPELINING", "250-ENHANCEDSTATUSCODES"]
+        return responses[:-1] + extra + responses[-1:]
+
+    async def handle_MAIL(
+        self, server: SMTP, session: Session, envelope: SMTPEnvelope, address: str, options: list
+    ) -> str:
+        envelope.mail_from = "" if address == "<>" else address
+        envelope.mail_options.extend(options)
+        return "250 2.1.0 Ok"
+
+    async def handle_RCPT(
+        self, server: SMTP, session: Session, envelope: SMTPEnvelope, address: str, options: list
+    ) -> str:
+        if not self.may_relay(session):
+            return f"554 5.7.1 <{address}>: Relay access denied"
+        if len(envelope.rcpt_tos) >= self.config.smtp.max_recipients:
+            return "452 4.5.3 Error: too many recipients"
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(options)
+        return "250 2.1.5 Ok"
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: SMTPEnvelope) -> str:
+        env, content = self.build(session, envelope)
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(self.writers, self.spool.commit, env, content)
+        except SpoolError as exc:
+            log.event("spool_error", level=logging.ERROR, queue_id=env.id, error=str(exc))
+            if exc.no_space:
+                return "452 4.3.1 Error: insufficient system storage, try again later"
+            return "451 4.3.0 Error: local error in processing, try again later"
+        log.event(
+            "received",
+            queue_id=env.id,
+            client=env.client,
+            helo=env.helo,
+            sender=env.sender,
+            recipients=[r.address for r in env.recipients],
+            size=env.size,
+            message_id=env.message_id,
+        )
+        self.on_commit(env)
+        return f"250 2.0.0 Ok: queued as {env.id}"
+
+    # -- policy --------------------------------------------------------------
+
+    def may_relay(self, session: Session) -> bool:
+        """Only clients in `smtp.allow`, or authenticated ones, relay. No exceptions."""
+        if session.authenticated:
+            return True
+        ip = _client_ip(session.peer)
+        if ip is None:
+            return False
+        try:
+            address = ipaddress.ip_address(ip.split("%", 1)[0])
+        except ValueError:
+            return False
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+            address = address.ipv4_mapped
+        return any(address in net for net in self.config.smtp.allow)
+
+    # -- the message ---------------------------------------------------------
+
+    def build(self, session: Session, envelope: SMTPEnvelope) -> tuple[Envelope, list[bytes]]:
+        """The spool envelope and the content chunks, with the headers we add."""
+        queue_id = new_id()
+        original: bytes = envelope.original_content or b""
+        has_date, message_id = scan_headers(original)
+        hostname = self.config.hostname
+        added = [received_header(session, envelope, queue_id, hostname)]
+        if message_id is None:
+            message_id = f"<{queue_id}@{hostname}>"
+            added.append(f"Message-ID: {message_id}\r\n".encode())
+        if not has_date:
+            added.append(f"Date: {formatdate(localtime=True)}\r\n".encode())
+        prefix = b"".join(added)
+        options = [o.upper() for o in envelope.mail_options]
+        body = next((o.split("=", 1)[1] for o in options if o.startswith("BODY=")), None)
+        env = Envelope(
+            id=queue_id,
+            sender=envelope.mail_from or "",
+            recipients=[Recipient(address=a) for a in envelope.rcpt_tos],
+            arrival=time.time(),
+            size=len(prefix) + len(original),
+            client=_client_ip(session.peer),
+            helo=session.host_name or None,
+            message_id=message_id,
+            source="smtp",
+            smtputf8=bool(envelope.smtp_utf8),
+            body=body,
+        )
+        return env, [prefix, original]
+
+
+_HEADER_NAME = re.compile(rb"^([!-9;-~]+)[ \t]*:", re.M)
+
+
+def scan_headers(content: bytes) -> tuple[bool, str | None]:
+    """(has a Date header, the Message-ID value or None), from the header block only."""
+    end = _header_block_end(content)
+    has_date, message_id = False, None
+    for match in _HEADER_NAME.finditer(content, 0, end):
+        name = match.group(1).lower()
+        if name == b"date":
+            has_date = True
+        elif name == b"message-id" and message_id is None:
+            line_end = content.find(b"\n", match.end(), end)
+            value = content[match.end() : line_end if line_end >= 0 else end].strip()
+            message_id = value.decode("utf-8", "replace") or None
+    return has_date, message_id
+
+
+def _header_block_end(content: bytes) -> int:
+    ends = [i for i in (content.find(b"\r\n\r\n"), content.find(b"\n\n")) if i >= 0]
+    return min(ends) if ends else len(content)
+
+
+def received_header(
+    session: Session, envelope: SMTPEnvelope, queue_id: str, hostname: str
+) -> bytes:
+    """`Received:` as Postfix writes it; `for` only with a single recipient (privacy)."""
+    protocol = "ESMTP" if session.extended_smtp else "SMTP"
+    if session.ssl:
+        protocol += "S"
+    if session.authenticated:
+        protocol += "A"
+    helo = session.host_name or "unknown"
+    ip = _client_ip(session.peer) or "unknown"
+    lines = [
+        f"Received: from {helo} ([{ip}])",
+        f"\tby {hostname} (smarthost) with {protocol} id {queue_id}",
+    ]
+    if len(envelope.rcpt_tos) == 1:
+        lines.append(f"\tfor <{envelope.rcpt_tos[0]}>")
+    lines[-1] += f"; {formatdate(localtime=True)}"
+    return ("\r\n".join(lines) + "\r\n").encode("utf-8", "surrogateescape")
+
+
+def start_listeners(
+    config: Config, handler: Receiver, slots: ClientSlots | None = None
+) -> list[Listener]:
+    """Bind every `smtp.listen` address; a bind error stops everything already started."""
+    slots = slots or ClientSlots(config.smtp.max_clients)
+    listeners: list[Listener] = []
+    try:
+        for host, port in config.smtp.listen:
+            listener = Listener(
+                handler,
+                host,
+                port,
+                slots,
+                server_hostname=config.hostname,
+                ident=IDENT,
+                data_size_limit=config.smtp.max_message_size,
+                enable_SMTPUTF8=True,
+                decode_data=False,
+                timeout=config.smtp.timeout,
+            )
+            listener.start()
+            listeners.append(listener)
+    except BaseException:
+        for listener in listeners:
+            listener.stop()
+        raise
+    return listeners

@@ -1,0 +1,33 @@
+"""Retry policy: when a deferred message is tried again, as a pure function.
+
+tenacity's wait strategies are used outside tenacity's loop: the delay for attempt N
+is computed once and stamped on disk as the message's next-attempt time, so the
+schedule survives restarts. The jitter keeps a whole queue deferred by one outage
+from coming due in the same second.
+"""
+
+from __future__ import annotations
+
+from tenacity import RetryCallState, wait_exponential, wait_random
+
+
+def backoff(attempts: int, retry_min: float, retry_max: float) -> float:
+    """Seconds to wait after the `attempts`-th failed attempt (1-based)."""
+    wait = wait_exponential(multiplier=retry_min, max=retry_max) + wait_random(0, retry_min / 2)
+    state = RetryCallState(retry_object=None, fn=None, args=(), kwargs={})
+    state.attempt_number = max(1, attempts)
+    return min(float(wait(state)), retry_max)
+
+
+def next_attempt(
+    now: float, arrival: float, attempts: int, retry_min: float, retry_max: float, retry_for: float
+) -> float | None:
+    """The next attempt time, or None when the message has been tried for `retry_for`.
+
+    The last attempt is made right at expiry rather than skipped, so a message gets
+    its full `retry_for` before it is given up.
+    """
+    expiry = arrival + retry_for
+    if now >= expiry:
+        return None
+    return min(now + backoff(attempts, retry_min, retry_max), expiry)

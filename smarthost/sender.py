@@ -1,0 +1,295 @@
+"""One delivery attempt over smtplib, and the one place SMTP replies are classified.
+
+An attempt walks the message's candidate backends. A backend failure (no
+connection, TLS, greeting, EHLO, AUTH, 421, a dropped or timed-out session) moves on
+to the next backend at once; anything else is the message's outcome, sorted per
+recipient into delivered, deferred and failed (SPEC §5).
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+import smtplib
+import ssl
+import time
+from dataclasses import dataclass, field
+
+from .config import BackendConfig, Config
+from .spool import DEFERRED, DELIVERED, FAILED_RCPT, Envelope, Recipient, Spool
+from .upstream import Backend, Session, Upstreams, close_session
+
+
+class Outcome(enum.Enum):
+    OK = "ok"
+    BACKEND_FAILURE = "backend failure"  # try the next backend
+    DEFER_MESSAGE = "defer message"
+    DEFER_RECIPIENT = "defer recipient"
+    FAIL_MESSAGE = "fail message"
+    FAIL_RECIPIENT = "fail recipient"
+
+
+# Stages of a session, in order; the first four belong to the backend, not the message.
+BACKEND_STAGES = frozenset({"connect", "ehlo", "starttls", "auth"})
+
+
+def classify(stage: str, code: int) -> Outcome:
+    """What an upstream reply `code` at `stage` means for the message (SPEC §5)."""
+    if 200 <= code < 400:
+        return Outcome.OK
+    if code == 421 or stage in BACKEND_STAGES:
+        return Outcome.BACKEND_FAILURE
+    temporary = 400 <= code < 500
+    if stage == "rcpt":
+        return Outcome.DEFER_RECIPIENT if temporary else Outcome.FAIL_RECIPIENT
+    if stage in ("mail", "data"):
+        return Outcome.DEFER_MESSAGE if temporary else Outcome.FAIL_MESSAGE
+    # RSET or anything unexpected: not the message's fault.
+    return Outcome.BACKEND_FAILURE
+
+
+_ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})\b")
+
+
+def enhanced_status(code: int, text: str) -> str:
+    """The reply's enhanced status code, or the generic one for its class."""
+    match = _ENHANCED.match(text)
+    if match:
+        return match.group(0)
+    return f"{str(code)[:1]}.0.0" if 200 <= code < 600 else "4.0.0"
+
+
+def format_reply(code: int, message: bytes | str) -> str:
+    text = message.decode("utf-8", "replace") if isinstance(message, bytes) else message
+    return f"{code} {' '.join(text.split())}".strip()
+
+
+class BackendFailure(Exception):
+    """This backend cannot take mail now; the next one should be tried."""
+
+    def __init__(self, reply: str, status: str = "4.4.1") -> None:
+        super().__init__(reply)
+        self.reply = reply
+        self.status = status
+
+
+@dataclass
+class Attempt:
+    """What one attempt did: per-recipient changes are made on the envelope itself."""
+
+    backend: str | None = None  # the backend that gave the outcome
+    delivered: list[Recipient] = field(default_factory=list)
+    deferred: list[Recipient] = field(default_factory=list)
+    failed: list[Recipient] = field(default_factory=list)
+    backend_errors: list[tuple[str, str]] = field(default_factory=list)  # (backend, reply)
+
+    @property
+    def only_backends_failed(self) -> bool:
+        """Deferred only because no backend could be reached: fast recovery applies."""
+        return self.backend is None and bool(self.backend_errors)
+
+
+class Sender:
+    """Delivers one envelope through the upstreams, updating its recipients' state."""
+
+    def __init__(self, config: Config, spool: Spool, upstreams: Upstreams) -> None:
+        self.config = config
+        self.spool = spool
+        self.upstreams = upstreams
+
+    def attempt(self, env: Envelope) -> Attempt:
+        result = Attempt()
+        content = self.spool.read_message(env.id)
+        for backend in self.upstreams.candidates(env):
+            try:
+                self._deliver_via(backend, env, content, result)
+                result.backend = backend.name
+                return result
+            except BackendFailure as exc:
+                result.backend_errors.append((backend.name, exc.reply))
+        reply = (
+            result.backend_errors[-1][1] if result.backend_errors else "no backend for this message"
+        )
+        for rcpt in env.unfinished():
+            _settle(rcpt, DEFERRED, reply, "4.4.1", None, result)
+        return result
+
+    def _deliver_via(
+        self, backend: Backend, env: Envelope, content: bytes, result: Attempt
+    ) -> None:
+        for _ in range(3):
+            session = None
+            try:
+                with backend.session(self.connect) as session:
+                    self._transaction(session, backend, env, content, result)
+                return
+            except smtplib.SMTPServerDisconnected as exc:
+                # An idle session the server has since closed is no fault of the backend.
+                if session is None or not session.reused or session.used_now:
+                    raise BackendFailure(_describe(exc)) from exc
+            except (OSError, smtplib.SMTPException) as exc:
+                raise BackendFailure(_describe(exc)) from exc
+        raise BackendFailure("connection lost on every reused session")
+
+    def _transaction(
+        self, session: Session, backend: Backend, env: Envelope, content: bytes, result: Attempt
+    ) -> None:
+        smtp = session.smtp
+        session.used_now = False
+        if not session.clean:
+            _expect_ok("rset", *smtp.rset())
+        session.clean = False
+        code, msg = smtp.mail(env.sender, self._mail_options(smtp, env, content))
+        session.used_now = True
+        outcome = classify("mail", code)
+        if outcome is Outcome.BACKEND_FAILURE:
+            raise BackendFailure(format_reply(code, msg))
+        if outcome is not Outcome.OK:
+            self._settle_all(env, outcome, code, msg, backend, result)
+            return
+        accepted = []
+        for rcpt in env.unfinished():
+            code, msg = smtp.rcpt(rcpt.address)
+            outcome = classify("rcpt", code)
+            if outcome is Outcome.BACKEND_FAILURE:
+                raise BackendFailure(format_reply(code, msg))
+            if outcome is Outcome.OK:
+                accepted.append(rcpt)
+            else:
+                self._settle_one(rcpt, outcome, code, msg, backend, result)
+        if not accepted:
+            return
+        try:
+            code, msg = smtp.data(content)
+        except smtplib.SMTPDataError as exc:  # the DATA command itself was refused
+            code, msg = exc.smtp_code, exc.smtp_error
+        outcome = classify("data", code)
+        if outcome is Outcome.BACKEND_FAILURE:
+            raise BackendFailure(format_reply(code, msg))
+        session.clean = True
+        for rcpt in accepted:
+            self._settle_one(rcpt, outcome, code, msg, backend, result)
+
+    def _mail_options(self, smtp: smtplib.SMTP, env: Envelope, content: bytes) -> list[str]:
+        options = []
+        if smtp.has_extn("size"):
+            options.append(f"SIZE={len(content)}")
+        if env.body and smtp.has_extn("8bitmime"):
+            options.append(f"BODY={env.body}")
+        if env.smtputf8:
+            options.append("SMTPUTF8")
+        return options
+
+    def _settle_all(self, env, outcome, code, msg, backend, result) -> None:
+        per_rcpt = (
+            Outcome.DEFER_RECIPIENT if outcome is Outcome.DEFER_MESSAGE else Outcome.FAIL_RECIPIENT
+        )
+        for rcpt in env.unfinished():
+            self._settle_one(rcpt, per_rcpt, code, msg, backend, result)
+
+    def _settle_one(self, rcpt, outcome, code, msg, backend, result) -> None:
+        reply = format_reply(code, msg)
+        state = {
+            Outcome.OK: DELIVERED,
+            Outcome.DEFER_RECIPIENT: DEFERRED,
+            Outcome.DEFER_MESSAGE: DEFERRED,
+            Outcome.FAIL_RECIPIENT: FAILED_RCPT,
+            Outcome.FAIL_MESSAGE: FAILED_RCPT,
+        }[outcome]
+        _settle(rcpt, state, reply, enhanced_status(code, reply[4:]), backend.name, result)
+
+    # -- opening a session --------------------------------------------------
+
+    def connect(self, backend: BackendConfig) -> smtplib.SMTP:
+        """Connect, greet, encrypt and authenticate as the backend's config asks."""
+        delivery = self.config.delivery
+        context = tls_context(backend)
+        try:
+            if backend.tls == "implicit":
+                smtp: smtplib.SMTP = smtplib.SMTP_SSL(
+                    backend.host,
+                    backend.port,
+                    local_hostname=self.config.hostname,
+                    timeout=delivery.connect_timeout,
+                    context=context,
+                )
+            else:
+                smtp = smtplib.SMTP(
+                    backend.host,
+                    backend.port,
+                    local_hostname=self.config.hostname,
+                    timeout=delivery.connect_timeout,
+                )
+        except smtplib.SMTPConnectError as exc:
+            raise BackendFailure(format_reply(exc.smtp_code, exc.smtp_error)) from exc
+        try:
+            if smtp.sock is not None:
+                smtp.sock.settimeout(delivery.timeout)
+            _expect_ok("ehlo", *smtp.ehlo())
+            if backend.tls == "starttls":
+                if not smtp.has_extn("starttls"):
+                    raise BackendFailure(
+                        f"{backend.name} does not offer STARTTLS, which is required"
+                    )
+                _expect_ok("starttls", *smtp.starttls(context=context))
+                _expect_ok("ehlo", *smtp.ehlo())
+            if backend.username:
+                self._login(smtp, backend)
+        except BaseException:
+            close_session(smtp)
+            raise
+        return smtp
+
+    def _login(self, smtp: smtplib.SMTP, backend: BackendConfig) -> None:
+        password = read_secret(backend)
+        try:
+            smtp.login(backend.username or "", password)
+        except smtplib.SMTPAuthenticationError as exc:
+            # Only the server's reply: never the credentials.
+            raise BackendFailure(format_reply(exc.smtp_code, exc.smtp_error), "4.7.8") from None
+        except smtplib.SMTPNotSupportedError:
+            raise BackendFailure(f"{backend.name} offers no AUTH mechanism we can use") from None
+
+
+def read_secret(backend: BackendConfig) -> str:
+    """The backend's password, read fresh at each login (files may be rotated)."""
+    if backend.password_file:
+        with open(backend.password_file, encoding="utf-8") as f:
+            return f.readline().rstrip("\r\n")
+    return backend.password or ""
+
+
+def tls_context(backend: BackendConfig) -> ssl.SSLContext:
+    """A client context that verifies certificates and host names unless told not to."""
+    context = ssl.create_default_context(cafile=backend.tls_ca or None)
+    if backend.tls_ca:
+        context.load_default_certs()
+    if not backend.tls_verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def _expect_ok(stage: str, code: int, msg: bytes) -> None:
+    if classify(stage, code) is not Outcome.OK:
+        raise BackendFailure(format_reply(code, msg))
+
+
+def _settle(
+    rcpt: Recipient, state: str, reply: str, status: str, backend: str | None, result: Attempt
+) -> None:
+    rcpt.state, rcpt.reply, rcpt.status, rcpt.backend = state, reply, status, backend
+    rcpt.updated = time.time()
+    {DELIVERED: result.delivered, DEFERRED: result.deferred, FAILED_RCPT: result.failed}[
+        state
+    ].append(rcpt)
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, smtplib.SMTPResponseException):
+        return format_reply(exc.smtp_code, exc.smtp_error)
+    if isinstance(exc, smtplib.SMTPServerDisconnected):
+        return f"connection lost: {exc}" if str(exc) else "connection lost"
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    return f"{type(exc).__name__}: {exc}"

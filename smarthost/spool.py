@@ -1,0 +1,412 @@
+"""The on-disk spool: the single source of truth for every accepted message.
+
+Layout (every directory 0700, every file 0600, owned by the service user)::
+
+    tmp/      files being written; never visible elsewhere until complete
+    msg/      ID         message content, written once, never changed
+    queue/    ID         envelope of a message waiting; its mtime is the next attempt
+    active/   ID         envelope claimed by a delivery worker
+    hold/     ID         envelope parked by the administrator
+    failed/   ID         gave up and nobody could be told: kept for a human
+    corrupt/  ID.*       unreadable files, moved aside, never deleted
+
+A message is committed by writing both files into tmp/, fsyncing them, renaming the
+content into msg/ and then the envelope into queue/ (the envelope is the commit
+point), and fsyncing both directories. Every later state change is one rename of the
+envelope between state directories, so a message is never in two states at once.
+Like Postfix's deferred queue, the envelope's mtime holds its next-attempt time, so a
+scan of queue/ learns every due time from stat() alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import os
+import secrets
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from . import log
+
+# Envelope states, each a directory. Recipient states are separate (below).
+QUEUE = "queue"
+ACTIVE = "active"
+HOLD = "hold"
+FAILED = "failed"
+ENVELOPE_STATES = (QUEUE, ACTIVE, HOLD, FAILED)
+TMP, MSG, CORRUPT = "tmp", "msg", "corrupt"
+DIRECTORIES = (TMP, MSG, *ENVELOPE_STATES, CORRUPT)
+
+# Recipient states.
+PENDING = "pending"  # not tried yet
+DEFERRED = "deferred"  # tried, temporary failure: will be retried
+DELIVERED = "delivered"  # an upstream accepted it
+FAILED_RCPT = "failed"  # permanent failure or expiry
+UNFINISHED = frozenset({PENDING, DEFERRED})
+
+ENVELOPE_VERSION = 1
+_LOCK_NAME = ".lock"
+
+
+class SpoolError(OSError):
+    """A spool operation failed; `errno` tells whether the disk is full."""
+
+    @property
+    def no_space(self) -> bool:
+        return self.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+class CorruptEnvelope(ValueError):
+    """An envelope file could not be parsed: it belongs in corrupt/."""
+
+
+@dataclass
+class Recipient:
+    """One envelope recipient and where its delivery stands."""
+
+    address: str
+    state: str = PENDING
+    reply: str | None = None  # last upstream reply for this recipient
+    status: str | None = None  # enhanced status code of that reply
+    backend: str | None = None
+    notify: str | None = None  # RFC 3461 NOTIFY, as given
+    orcpt: str | None = None  # RFC 3461 ORCPT, as given
+    updated: float | None = None
+
+    @property
+    def unfinished(self) -> bool:
+        return self.state in UNFINISHED
+
+
+@dataclass
+class Envelope:
+    """Everything about a message except its content; rewritten on each change."""
+
+    id: str
+    sender: str
+    recipients: list[Recipient]
+    arrival: float
+    size: int = 0
+    client: str | None = None
+    helo: str | None = None
+    message_id: str | None = None
+    source: str = "smtp"
+    smtputf8: bool = False  # the client asked for SMTPUTF8
+    body: str | None = None  # MAIL BODY= (7BIT or 8BITMIME)
+    attempts: int = 0
+    next_attempt: float = 0.0
+    last_error: str | None = None
+    ret: str | None = None  # RFC 3461 RET
+    envid: str | None = None  # RFC 3461 ENVID
+    warned: bool = False  # a "delayed" DSN went out
+    history: list[dict[str, Any]] = field(default_factory=list)
+    version: int = ENVELOPE_VERSION
+
+    def unfinished(self) -> list[Recipient]:
+        return [r for r in self.recipients if r.unfinished]
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(asdict(self), separators=(",", ":"), ensure_ascii=False).encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Envelope:
+        try:
+            raw = json.loads(data)
+            recipients = [Recipient(**r) for r in raw.pop("recipients")]
+            env = cls(recipients=recipients, **raw)
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            raise CorruptEnvelope(str(exc)) from exc
+        if not env.recipients or not isinstance(env.id, str):
+            raise CorruptEnvelope("envelope has no recipients")
+        return env
+
+
+# Crockford's base32 sorts in time order as text, and avoids look-alike letters.
+_ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+
+
+def _base32(number: int, width: int) -> str:
+    chars = []
+    for _ in range(width):
+        number, digit = divmod(number, 32)
+        chars.append(_ALPHABET[digit])
+    return "".join(reversed(chars))
+
+
+def new_id() -> str:
+    """A unique queue ID that sorts by arrival: 11 chars of µs time, 5 random."""
+    return _base32(time.time_ns() // 1000, 11) + _base32(secrets.randbits(25), 5)
+
+
+def is_queue_id(name: str) -> bool:
+    return len(name) == 16 and all(c in _ALPHABET for c in name)
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Spool:
+    """State directories under one root, and the only code that writes them."""
+
+    def __init__(self, root: str) -> None:
+        self.root = os.path.abspath(root)
+        self._lock_fd: int | None = None
+
+    # -- paths -------------------------------------------------------------
+
+    def dir(self, state: str) -> str:
+        return os.path.join(self.root, state)
+
+    def path(self, state: str, queue_id: str) -> str:
+        return os.path.join(self.root, state, queue_id)
+
+    def message_path(self, queue_id: str) -> str:
+        return self.path(MSG, queue_id)
+
+    # -- set-up --------------------------------------------------------------
+
+    def create(self) -> None:
+        """Make the state directories, private to the service user."""
+        os.makedirs(self.root, mode=0o700, exist_ok=True)
+        for name in DIRECTORIES:
+            os.makedirs(self.dir(name), mode=0o700, exist_ok=True)
+        for name in (".", *DIRECTORIES):
+            os.chmod(os.path.join(self.root, name), 0o700)
+
+    def lock(self) -> None:
+        """Take the spool for this process; a second relay on it would double-send."""
+        import fcntl
+
+        fd = os.open(os.path.join(self.root, _LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise SpoolError(errno.EBUSY, f"spool {self.root} is in use by pid {holder}") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._lock_fd = fd
+
+    def unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    # -- atomic writes -------------------------------------------------------
+
+    def _write_tmp(self, queue_id: str, kind: str, chunks: list[bytes], mtime: float | None) -> str:
+        """Write a complete, fsynced file in tmp/ and return its path."""
+        path = os.path.join(self.dir(TMP), f"{queue_id}.{os.getpid()}.{kind}")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "wb", closefd=False) as out:
+                for chunk in chunks:
+                    out.write(chunk)
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            _unlink_quietly(path)
+            raise
+        os.close(fd)
+        if mtime is not None:
+            os.utime(path, (mtime, mtime))
+        return path
+
+    def commit(self, env: Envelope, content: list[bytes]) -> None:
+        """Make a new message durable in queue/; only then may it be acknowledged."""
+        written: list[str] = []
+        try:
+            msg_tmp = self._write_tmp(env.id, "msg", content, None)
+            written.append(msg_tmp)
+            env_tmp = self._write_tmp(env.id, "env", [env.to_bytes()], env.next_attempt or None)
+            written.append(env_tmp)
+            os.rename(msg_tmp, self.message_path(env.id))
+            written[0] = self.message_path(env.id)
+            os.rename(env_tmp, self.path(QUEUE, env.id))
+            written.pop()
+            _fsync_dir(self.dir(MSG))
+            _fsync_dir(self.dir(QUEUE))
+        except OSError as exc:
+            for path in written:
+                _unlink_quietly(path)
+            raise SpoolError(exc.errno, f"cannot commit {env.id}: {exc.strerror or exc}") from exc
+
+    def rewrite(self, env: Envelope, state: str) -> None:
+        """Replace the envelope in `state` with `env`, atomically and durably."""
+        tmp = self._write_tmp(env.id, "env", [env.to_bytes()], env.next_attempt or None)
+        try:
+            os.rename(tmp, self.path(state, env.id))
+        except OSError:
+            _unlink_quietly(tmp)
+            raise
+        _fsync_dir(self.dir(state))
+
+    def move(self, queue_id: str, src: str, dst: str, *, durable: bool = True) -> bool:
+        """Rename an envelope from one state to another; False if it was not in `src`."""
+        try:
+            os.rename(self.path(src, queue_id), self.path(dst, queue_id))
+        except FileNotFoundError:
+            return False
+        if durable:
+            _fsync_dir(self.dir(dst))
+            _fsync_dir(self.dir(src))
+        return True
+
+    # -- reading -------------------------------------------------------------
+
+    def read_envelope(self, state: str, queue_id: str) -> Envelope:
+        with open(self.path(state, queue_id), "rb") as f:
+            return Envelope.from_bytes(f.read())
+
+    def read_message(self, queue_id: str) -> bytes:
+        with open(self.message_path(queue_id), "rb") as f:
+            return f.read()
+
+    def scan(self, state: str = QUEUE) -> Iterator[tuple[str, float]]:
+        """Yield (queue_id, due time) for each envelope in `state`, from stat() only."""
+        try:
+            entries = os.scandir(self.dir(state))
+        except FileNotFoundError:
+            return
+        with entries:
+            for entry in entries:
+                if not is_queue_id(entry.name):
+                    continue
+                try:
+                    yield entry.name, entry.stat(follow_symlinks=False).st_mtime
+                except FileNotFoundError:
+                    continue  # claimed or moved while we looked
+
+    def locate(self, queue_id: str) -> str | None:
+        """The state directory that holds `queue_id`'s envelope, if any."""
+        for state in ENVELOPE_STATES:
+            if os.path.exists(self.path(state, queue_id)):
+                return state
+        return None
+
+    # -- delivery lifecycle --------------------------------------------------
+
+    def claim(self, queue_id: str) -> Envelope | None:
+        """Move a waiting message to active/ for one worker; None if it is gone."""
+        if not self.move(queue_id, QUEUE, ACTIVE, durable=False):
+            return None
+        try:
+            return self.read_envelope(ACTIVE, queue_id)
+        except CorruptEnvelope as exc:
+            self.quarantine(queue_id, ACTIVE, str(exc))
+        except FileNotFoundError:
+            pass
+        return None
+
+    def requeue(self, env: Envelope) -> None:
+        """Store the updated envelope and put it back to wait for `env.next_attempt`."""
+        # Rewrite in place first, then one rename: never two copies in two states.
+        self.rewrite(env, ACTIVE)
+        self.move(env.id, ACTIVE, QUEUE)
+
+    def finish(self, env: Envelope) -> None:
+        """Every recipient delivered: remove the message (envelope first, the commit point)."""
+        os.unlink(self.path(ACTIVE, env.id))
+        _unlink_quietly(self.message_path(env.id))
+
+    def park_failed(self, env: Envelope) -> None:
+        """Keep a message nobody can be told about in failed/, for a human."""
+        self.rewrite(env, ACTIVE)
+        self.move(env.id, ACTIVE, FAILED)
+
+    # -- recovery and quarantine ---------------------------------------------
+
+    def quarantine(self, queue_id: str, state: str, reason: str) -> None:
+        """Move an unreadable envelope and its content to corrupt/; never delete."""
+        moved = []
+        sources = [(self.message_path(queue_id), "message")]
+        if state != MSG:
+            sources.insert(0, (self.path(state, queue_id), "envelope"))
+        for src, suffix in sources:
+            if os.path.lexists(src):
+                dst = self._free_corrupt_name(f"{queue_id}.{suffix}")
+                os.rename(src, dst)
+                moved.append(os.path.basename(dst))
+        log.event(
+            "quarantined",
+            level=logging.WARNING,
+            queue_id=queue_id,
+            state=state,
+            reason=reason,
+            files=moved,
+        )
+
+    def _free_corrupt_name(self, name: str) -> str:
+        candidate = os.path.join(self.dir(CORRUPT), name)
+        n = 1
+        while os.path.lexists(candidate):
+            candidate = os.path.join(self.dir(CORRUPT), f"{name}.{n}")
+            n += 1
+        return candidate
+
+    def recover(self) -> dict[str, int]:
+        """At start: clear dead writes, hand claimed mail back, quarantine orphans."""
+        counts = {"tmp_removed": 0, "requeued": 0, "orphans": 0}
+        counts["tmp_removed"] = self._clear_dead_tmp()
+        for queue_id, _ in list(self.scan(ACTIVE)):
+            if self.move(queue_id, ACTIVE, QUEUE, durable=False):
+                counts["requeued"] += 1
+        counts["orphans"] = self._quarantine_orphans()
+        _fsync_dir(self.dir(QUEUE))
+        _fsync_dir(self.dir(ACTIVE))
+        return counts
+
+    def _clear_dead_tmp(self) -> int:
+        """Remove tmp files of processes that died: they were never acknowledged."""
+        removed = 0
+        with os.scandir(self.dir(TMP)) as entries:
+            for entry in entries:
+                parts = entry.name.split(".")
+                pid = int(parts[1]) if len(parts) == 3 and parts[1].isdigit() else None
+                if pid is not None and pid != os.getpid() and _pid_alive(pid):
+                    continue
+                _unlink_quietly(entry.path)
+                removed += 1
+        return removed
+
+    def _quarantine_orphans(self) -> int:
+        """An envelope without content, or content without an envelope, goes aside."""
+        envelopes = {
+            queue_id: state for state in ENVELOPE_STATES for queue_id, _ in self.scan(state)
+        }
+        orphans = 0
+        for queue_id, state in envelopes.items():
+            if not os.path.exists(self.message_path(queue_id)):
+                self.quarantine(queue_id, state, "envelope without message content")
+                orphans += 1
+        for queue_id, _ in list(self.scan(MSG)):
+            if queue_id not in envelopes:
+                self.quarantine(queue_id, MSG, "message content without an envelope")
+                orphans += 1
+        return orphans
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _unlink_quietly(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)

@@ -1,0 +1,47 @@
+"""Filesystem hints: watchdog tells the scheduler that something arrived in queue/.
+
+Events only wake the scheduler; they are never the truth. inotify drops events when
+its queue overflows and watchdog does not say so (watchdog issue #654), and a rename
+into a watched directory may arrive as "created". So the scheduler also rescans the
+spool on a timer, and every event is answered by looking at the file itself.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.observers import Observer
+
+from .spool import QUEUE, Spool, is_queue_id
+
+
+class _QueueEvents(FileSystemEventHandler):
+    def __init__(self, on_queue_file: Callable[[str], None]) -> None:
+        self.on_queue_file = on_queue_file
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        if event.is_directory or event.event_type not in ("created", "moved", "modified", "closed"):
+            return
+        path = getattr(event, "dest_path", "") or event.src_path
+        name = os.path.basename(os.fsdecode(path))
+        if is_queue_id(name):
+            self.on_queue_file(name)
+
+
+class Watcher:
+    """Watches queue/ and calls `on_queue_file(queue_id)` for each file that appears."""
+
+    def __init__(self, spool: Spool, on_queue_file: Callable[[str], None]) -> None:
+        self.spool = spool
+        self._observer = Observer()
+        self._observer.daemon = True
+        self._observer.schedule(_QueueEvents(on_queue_file), spool.dir(QUEUE), recursive=False)
+
+    def start(self) -> None:
+        self._observer.start()
+
+    def stop(self) -> None:
+        self._observer.stop()
+        self._observer.join(timeout=5)
