@@ -75,9 +75,7 @@ def main() -> int:
     try:
         wait_for(lambda: port_open(SINK), "the sink to listen")
         print("2. relay: smarthost -c examples/demo.toml serve")
-        relay = subprocess.Popen(
-            [SMARTHOST, "-c", "examples/demo.toml", "serve"], stderr=relay_log
-        )
+        relay = subprocess.Popen([SMARTHOST, "-c", "examples/demo.toml", "serve"], stderr=relay_log)
         wait_for(lambda: '"started"' in read(relay_log.name), "the relay to start")
         message_id = make_msgid(domain="demo.smarthost.test")
         msg = EmailMessage()

@@ -335,7 +335,9 @@ def _integer(minimum: int = 0, maximum: int | None = None) -> Converter:
     if maximum is not None:
         rule = f"must be between {minimum} and {maximum}"
     else:
-        rule = "must be a positive integer" if minimum == 1 else f"must be at least {minimum}"
+        rule = {0: "must not be negative", 1: "must be a positive integer"}.get(
+            minimum, f"must be at least {minimum}"
+        )
 
     def convert(value: Any, key: str) -> int:
         number = _expect(value, int, key)
@@ -786,9 +788,9 @@ def _fmt_size(size: int) -> str:
 
 
 def _describe_backend(backend: BackendConfig) -> str:
+    address = format_hostport(backend.host, backend.port)
     parts = [
-        backend.name,
-        format_hostport(backend.host, backend.port),
+        backend.name if backend.name == address else f"{backend.name} {address}",
         f"tls={backend.tls}" + ("" if backend.tls_verify else " (unverified)"),
         f"group={backend.group}",
         f"weight={backend.weight}",
@@ -803,7 +805,8 @@ def _describe_backend(backend: BackendConfig) -> str:
         parts.append(f"auth={backend.auth} user={backend.username} secret={source}{where}")
     if backend.rate:
         count, period = backend.rate
-        parts.append(f"rate={count}/{_fmt_duration(period)}")
+        unit = {1.0: "s", 60.0: "m", 3600.0: "h"}.get(period) or _fmt_duration(period)
+        parts.append(f"rate={count}/{unit}")
     return "  " + " ".join(parts)
 
 
@@ -818,20 +821,25 @@ def _describe_route(index: int, route: RouteConfig) -> str:
 
 def summary(cfg: Config) -> str:
     """A human summary for `smarthost check`. Never includes a password."""
-    smtp, delivery = cfg.smtp, cfg.delivery
+    smtp, delivery, dsn, rewrite = cfg.smtp, cfg.delivery, cfg.dsn, cfg.rewrite
+    warn = _fmt_duration(delivery.warn_after) if delivery.warn_after else "never"
     lines = [
         f"config:    {cfg.path}",
         f"hostname:  {cfg.hostname}" + (f" (runs as {cfg.user})" if cfg.user else ""),
         "listen:    " + ", ".join(format_hostport(h, p) for h, p in smtp.listen),
         "allow:     " + (", ".join(str(n) for n in smtp.allow) or "nobody without AUTH"),
-        f"tls:       {'cert ' + smtp.tls_cert if smtp.tls_cert else 'off'}",
+        "starttls:  " + (f"cert {smtp.tls_cert} key {smtp.tls_key}" if smtp.tls_cert else "off"),
         f"auth:      {'users from ' + smtp.auth_users if smtp.auth_users else 'off'}",
         f"limits:    message {_fmt_size(smtp.max_message_size)},"
         f" {smtp.max_recipients} recipients, {smtp.max_clients} clients",
         f"spool:     {cfg.spool.dir}",
         f"delivery:  {delivery.workers} workers, retry {_fmt_duration(delivery.retry_min)}"
-        f"..{_fmt_duration(delivery.retry_max)} for {_fmt_duration(delivery.retry_for)}",
-        f"dsn:       from {cfg.dsn.from_address}",
+        f"..{_fmt_duration(delivery.retry_max)} for {_fmt_duration(delivery.retry_for)},"
+        f" delay warning after {warn}",
+        f"dsn:       from {dsn.from_address}, full original up to {_fmt_size(dsn.return_max)},"
+        f" double bounces to {dsn.postmaster or 'the log only'}",
+        f"rewrite:   {len(rewrite.aliases)} aliases, masquerade {rewrite.masquerade or 'off'},"
+        f" force_from {rewrite.force_from or 'off'}",
         f"log:       {cfg.log.level} {cfg.log.format} to {cfg.log.file or 'stderr'}",
         f"backends:  {len(cfg.backends)}",
         *(_describe_backend(backend) for backend in cfg.backends),

@@ -36,6 +36,7 @@ EVENTS = frozenset(
         "spool_error",
         "recovered",
         "quarantined",
+        "library",
     }
 )
 
@@ -91,6 +92,18 @@ class _LowercaseLevel(logging.Filter):
         return True
 
 
+class _LibraryRecords(logging.Filter):
+    """Warnings from libraries (aiosmtpd, watchdog) become `library` events, so the
+    log stays one JSON object per line with an event name tools can match."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith(LOGGER_NAME):
+            record.detail = record.getMessage()
+            record.source = record.name
+            record.msg, record.args = "library", ()
+        return True
+
+
 class ReopenableFileHandler(logging.StreamHandler):
     """Appends to a file and reopens it on demand (SIGHUP after logrotate)."""
 
@@ -117,18 +130,24 @@ def setup(level: str = "info", file: str | None = None, fmt: str = "json") -> No
     handler: logging.Handler = (
         ReopenableFileHandler(file) if file else logging.StreamHandler(sys.stderr)
     )
+    handler.addFilter(_LibraryRecords())
     if fmt == "json":
         handler.setFormatter(_json_formatter())
         handler.addFilter(_LowercaseLevel())
     else:
         handler.setFormatter(TextFormatter())
+    root = logging.getLogger()
     if _handler is not None:
-        logger.removeHandler(_handler)
+        root.removeHandler(_handler)
         _handler.close()
     _handler = handler
-    logger.addHandler(handler)
+    # The root logger carries library warnings; our own events pass through it too.
+    root.addHandler(handler)
+    root.setLevel(logging.WARNING)
     logger.setLevel(level.upper())
-    logger.propagate = False
+    # aiosmtpd logs every session at INFO and watchdog warns about its own shutdown.
+    logging.getLogger("mail.log").setLevel(logging.WARNING)
+    logging.getLogger("watchdog").setLevel(logging.ERROR)
 
 
 def reopen() -> None:

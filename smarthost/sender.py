@@ -12,6 +12,7 @@ import enum
 import re
 import smtplib
 import ssl
+import subprocess
 import time
 from dataclasses import dataclass, field
 
@@ -252,11 +253,31 @@ class Sender:
 
 
 def read_secret(backend: BackendConfig) -> str:
-    """The backend's password, read fresh at each login (files may be rotated)."""
+    """The backend's secret, read fresh at each login (files rotate, tokens expire)."""
+    if backend.password_command:
+        return _run_password_command(backend)
     if backend.password_file:
         with open(backend.password_file, encoding="utf-8") as f:
             return f.readline().rstrip("\r\n")
     return backend.password or ""
+
+
+def _run_password_command(backend: BackendConfig) -> str:
+    try:
+        done = subprocess.run(
+            backend.password_command or "",
+            shell=True,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        raise BackendFailure(f"{backend.name}: password_command timed out") from None
+    if done.returncode != 0:
+        # Its output may be half a secret: report the status only.
+        raise BackendFailure(f"{backend.name}: password_command exited {done.returncode}")
+    return done.stdout.splitlines()[0] if done.stdout else ""
 
 
 def tls_context(backend: BackendConfig) -> ssl.SSLContext:

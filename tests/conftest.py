@@ -1,0 +1,373 @@
+"""Shared fixtures: a real aiosmtpd upstream, configs on disk, the relay in-process and
+as a real process. Everything talks over real loopback sockets."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import smtplib
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiosmtpd.controller import Controller
+
+from smarthost import log
+from smarthost.config import Config, load_config
+from smarthost.daemon import Relay
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
+    """Poll `predicate` until it is truthy or `timeout` passes (then fail the test)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.01)
+
+
+# -- the upstream ---------------------------------------------------------------------
+
+
+@dataclass
+class Received:
+    mail_from: str
+    rcpt_tos: list[str]
+    content: bytes
+    at: float
+    mail_options: list[str] = field(default_factory=list)
+
+
+class SinkHandler:
+    """Records what arrives; replies can be scripted per recipient or for DATA."""
+
+    def __init__(self) -> None:
+        self.messages: list[Received] = []
+        self.rcpt_replies: dict[str, str] = {}
+        self.mail_reply: str | None = None
+        self.data_reply: str | None = None
+        self.cond = threading.Condition()
+
+    async def handle_MAIL(self, server, session, envelope, address, options):
+        if self.mail_reply:
+            return self.mail_reply
+        envelope.mail_from = address
+        envelope.mail_options.extend(options)
+        return "250 2.1.0 OK"
+
+    async def handle_RCPT(self, server, session, envelope, address, options):
+        reply = self.rcpt_replies.get(address)
+        if reply:
+            return reply
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 OK"
+
+    async def handle_DATA(self, server, session, envelope):
+        if self.data_reply:
+            return self.data_reply
+        with self.cond:
+            self.messages.append(
+                Received(
+                    envelope.mail_from,
+                    list(envelope.rcpt_tos),
+                    envelope.original_content,
+                    time.monotonic(),
+                    list(envelope.mail_options),
+                )
+            )
+            self.cond.notify_all()
+        return "250 2.0.0 OK: stored"
+
+
+class Sink:
+    """A real aiosmtpd server on loopback standing in for the smarthost upstream."""
+
+    def __init__(self, port: int = 0) -> None:
+        self.handler = SinkHandler()
+        self.port = port
+        self.controller: Controller | None = None
+
+    def start(self) -> Sink:
+        controller = Controller(self.handler, hostname="127.0.0.1", port=self.port)
+        if self.port == 0:
+            # aiosmtpd connects to its own port once started; learn it first.
+            original = controller._trigger_server
+
+            def trigger() -> None:
+                controller.port = controller.server.sockets[0].getsockname()[1]
+                original()
+
+            controller._trigger_server = trigger  # type: ignore[method-assign]
+        controller.start()
+        self.port = controller.port
+        self.controller = controller
+        return self
+
+    def stop(self) -> None:
+        if self.controller is not None:
+            self.controller.stop()
+            self.controller = None
+
+    @property
+    def messages(self) -> list[Received]:
+        return self.handler.messages
+
+    def wait_for(self, count: int, timeout: float = 10.0) -> list[Received]:
+        with self.handler.cond:
+            ok = self.handler.cond.wait_for(lambda: len(self.messages) >= count, timeout)
+        if not ok:
+            pytest.fail(f"sink got {len(self.messages)} messages, expected {count}")
+        return list(self.messages)
+
+
+@pytest.fixture
+def sink() -> Iterator[Sink]:
+    s = Sink().start()
+    yield s
+    s.stop()
+
+
+# -- configuration --------------------------------------------------------------------
+
+
+def write_config(
+    tmp_path: Path, sink_port: int, extra: str = "", *, listen: str = "127.0.0.1:0"
+) -> Path:
+    """A relay config: listen on a free port, spool under tmp_path, forward to the sink."""
+    path = tmp_path / "smarthost.toml"
+    spool = tmp_path / "spool"
+    path.write_text(
+        f"""
+hostname = "relay.test"
+[smtp]
+listen = ["{listen}"]
+[spool]
+dir = "{spool}"
+[delivery]
+workers = 4
+retry_min = "1s"
+retry_max = "2s"
+connect_timeout = "3s"
+timeout = "5s"
+[log]
+level = "debug"
+{extra}
+[[backend]]
+name = "sink"
+host = "127.0.0.1"
+port = {sink_port}
+tls = "none"
+"""
+    )
+    return path
+
+
+@pytest.fixture
+def config(tmp_path: Path, sink: Sink) -> Config:
+    return load_config(write_config(tmp_path, sink.port))
+
+
+# -- the relay in-process -------------------------------------------------------------
+
+
+class LogCapture:
+    """Collects the relay's events (the same records the JSON formatter sees)."""
+
+    def __init__(self) -> None:
+        self.records: list[dict] = []
+        self._lock = threading.Lock()
+
+    def add(self, record: Any) -> None:
+        with self._lock:
+            self.records.append({"event": record.getMessage(), **record.__dict__})
+
+    def events(self, name: str, **match: Any) -> list[dict]:
+        with self._lock:
+            return [
+                r
+                for r in self.records
+                if r["event"] == name and all(r.get(k) == v for k, v in match.items())
+            ]
+
+
+@pytest.fixture
+def events() -> Iterator[LogCapture]:
+    import logging
+
+    capture = LogCapture()
+
+    class Handler(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            capture.add(record)
+
+    handler = Handler()
+    log.logger.addHandler(handler)
+    old_level = log.logger.level
+    log.logger.setLevel(logging.DEBUG)
+    yield capture
+    log.logger.removeHandler(handler)
+    log.logger.setLevel(old_level)
+
+
+class RunningRelay:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.relay = Relay(config)
+        self.relay.start()
+        self.host, self.port = "127.0.0.1", self.relay.listeners[0].port
+
+    def client(self) -> smtplib.SMTP:
+        return smtplib.SMTP(self.host, self.port, timeout=10)
+
+    def send(self, sender: str, recipients: list[str], content: bytes | str) -> str:
+        """Send one message; return the queue ID from the 250 reply."""
+        with self.client() as client:
+            client.ehlo("client.test")
+            client.mail(sender)
+            for rcpt in recipients:
+                code, msg = client.rcpt(rcpt)
+                assert code == 250, (code, msg)
+            code, msg = client.data(content)
+            assert code == 250, (code, msg)
+            return msg.decode().rsplit(" ", 1)[-1]
+
+    def stop(self) -> None:
+        self.relay.stop()
+
+
+@pytest.fixture
+def relay_factory() -> Iterator[Callable[[Config], RunningRelay]]:
+    started: list[RunningRelay] = []
+
+    def start(config: Config) -> RunningRelay:
+        running = RunningRelay(config)
+        started.append(running)
+        return running
+
+    yield start
+    for running in started:
+        if running.relay.listeners and running.relay.listeners[0].server is not None:
+            running.stop()
+
+
+@pytest.fixture
+def relay(config: Config, relay_factory) -> RunningRelay:
+    return relay_factory(config)
+
+
+# -- the relay as a real process ------------------------------------------------------
+
+
+class RelayProcess:
+    """`python -m smarthost -c CONFIG serve` with its JSON log in a file."""
+
+    def __init__(self, config_path: Path, log_path: Path) -> None:
+        self.config_path = config_path
+        self.log_path = log_path
+        self.proc: subprocess.Popen | None = None
+        self.port: int | None = None
+
+    def start(self, timeout: float = 20.0) -> RelayProcess:
+        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        with open(self.log_path, "ab") as log_file:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "smarthost", "-c", str(self.config_path), "serve"],
+                stderr=log_file,
+                cwd=ROOT,
+            )
+        started = wait_until(
+            lambda: self._started_since(offset), timeout, "the relay process to start"
+        )
+        self.port = int(started["listen"][0].rsplit(":", 1)[1])
+        return self
+
+    def _started_since(self, offset: int) -> dict | None:
+        if self.proc is not None and self.proc.poll() is not None:
+            pytest.fail(f"relay exited with {self.proc.returncode}:\n{self.log_path.read_text()}")
+        for record in self.records(offset):
+            if record.get("event") == "started":
+                return record
+        return None
+
+    def records(self, offset: int = 0) -> list[dict]:
+        if not self.log_path.exists():
+            return []
+        with open(self.log_path, "rb") as f:
+            f.seek(offset)
+            lines = f.read().decode("utf-8", "replace").splitlines()
+        out = []
+        for line in lines:
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                out.append({"event": "<not json>", "line": line})
+        return out
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait()
+
+
+@pytest.fixture
+def relay_process(tmp_path: Path) -> Iterator[Callable[[Path], RelayProcess]]:
+    procs: list[RelayProcess] = []
+
+    def make(config_path: Path) -> RelayProcess:
+        proc = RelayProcess(config_path, tmp_path / "relay.log")
+        procs.append(proc)
+        return proc
+
+    yield make
+    for proc in procs:
+        if proc.proc is not None and proc.proc.poll() is None:
+            proc.kill()
+
+
+# -- hygiene --------------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_threads() -> Iterator[None]:
+    """Every test leaves the thread count as it found it (watchdog's own habit)."""
+    before = set(threading.enumerate())
+    yield
+    leaked = lambda: [t for t in threading.enumerate() if t not in before and t.is_alive()]  # noqa: E731
+    deadline = time.monotonic() + 10
+    while leaked() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not leaked(), f"threads leaked: {leaked()}"
+
+
+def spool_files(root: Path) -> dict[str, list[str]]:
+    """Names in each spool directory, for assertions."""
+    return {
+        d.name: sorted(p.name for p in d.iterdir()) for d in sorted(root.iterdir()) if d.is_dir()
+    }
+
+
+def env_value(name: str, default: str) -> str:
+    return os.environ.get(name, default)

@@ -1,0 +1,130 @@
+"""End to end on loopback: a real smtplib client → the relay in-process → a real upstream."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from conftest import Sink, spool_files, wait_until, write_config
+
+from smarthost.config import load_config
+from smarthost.spool import DEFERRED, DELIVERED, FAILED_RCPT, QUEUE
+
+BODY = (
+    b"From: a@client.test\r\nTo: b@dest.test\r\nSubject: bytes\r\n"
+    b"Message-ID: <fixed@client.test>\r\nDate: Wed, 25 Nov 2026 10:00:00 +0000\r\n\r\n"
+    b"line one\r\n.leading dot\r\n\xc3\xa9 eight-bit\r\ntrailing spaces   \r\n"
+)
+
+
+def spool_empty(relay) -> bool:
+    files = spool_files(Path(relay.relay.spool.root))
+    return not any(files[d] for d in ("msg", "queue", "active", "tmp"))
+
+
+def test_message_goes_through_with_body_bytes_intact(relay, sink, events):
+    queue_id = relay.send("a@client.test", ["b@dest.test"], BODY)
+    (msg,) = sink.wait_for(1)
+    assert msg.mail_from == "a@client.test"
+    assert msg.rcpt_tos == ["b@dest.test"]
+    # Exactly one Received header is prepended; every byte of the original follows.
+    head, tail = msg.content.split(BODY)
+    assert tail == b""
+    assert head.startswith(b"Received: from client.test ([127.0.0.1])")
+    assert head.count(b"\r\n") == 3 and queue_id.encode() in head
+    wait_until(lambda: events.events("delivered", queue_id=queue_id), what="delivered event")
+    received = events.events("received", queue_id=queue_id)[0]
+    assert received["sender"] == "a@client.test"
+    assert received["message_id"] == "<fixed@client.test>"
+    delivered = events.events("delivered", queue_id=queue_id)[0]
+    assert delivered["backend"] == "sink" and delivered["recipients"] == ["b@dest.test"]
+    wait_until(lambda: spool_empty(relay), what="the spool to empty")
+
+
+def test_many_messages_many_sessions(relay, sink):
+    ids = {relay.send("a@client.test", [f"r{i}@dest.test"], BODY) for i in range(20)}
+    assert len(ids) == 20
+    got = sink.wait_for(20)
+    assert sorted(m.rcpt_tos[0] for m in got) == sorted(f"r{i}@dest.test" for i in range(20))
+    wait_until(lambda: spool_empty(relay), what="the spool to empty")
+
+
+def test_per_recipient_state_only_unfinished_are_retried(relay, sink, events):
+    sink.handler.rcpt_replies["later@dest.test"] = "451 4.2.0 try later"
+    sink.handler.rcpt_replies["gone@dest.test"] = "550 5.1.1 no such user"
+    queue_id = relay.send(
+        "a@client.test", ["ok@dest.test", "later@dest.test", "gone@dest.test"], BODY
+    )
+    (first,) = sink.wait_for(1)
+    assert first.rcpt_tos == ["ok@dest.test"]
+    deferred = wait_until(lambda: events.events("deferred", queue_id=queue_id), what="deferral")
+    assert deferred[0]["recipients"] == ["later@dest.test"]
+    assert deferred[0]["status"] == "4.2.0"
+    failed = events.events("failed", queue_id=queue_id)
+    assert [f["recipient"] for f in failed] == ["gone@dest.test"]
+    assert failed[0]["reply"] == "550 5.1.1 no such user"
+    env = relay.relay.spool.read_envelope(QUEUE, queue_id)
+    states = {r.address: r.state for r in env.recipients}
+    assert states == {
+        "ok@dest.test": DELIVERED,
+        "later@dest.test": DEFERRED,
+        "gone@dest.test": FAILED_RCPT,
+    }
+    # The retry (retry_min = 1s) carries only the deferred recipient.
+    del sink.handler.rcpt_replies["later@dest.test"]
+    second = sink.wait_for(2)[1]
+    assert second.rcpt_tos == ["later@dest.test"]
+    # Without DSNs yet, a message with a failed recipient is kept for a human.
+    wait_until(
+        lambda: relay.relay.spool.locate(queue_id) == "failed", what="the message in failed/"
+    )
+
+
+def test_data_5xx_fails_every_recipient_and_keeps_the_message(relay, sink, events):
+    sink.handler.data_reply = "554 5.6.0 content rejected"
+    queue_id = relay.send("a@client.test", ["x@dest.test", "y@dest.test"], BODY)
+    wait_until(lambda: len(events.events("failed", queue_id=queue_id)) == 2, what="failures")
+    wait_until(lambda: relay.relay.spool.locate(queue_id) == "failed", what="failed/")
+    assert sink.messages == []
+
+
+def test_mail_4xx_defers_the_message(relay, sink, events):
+    sink.handler.mail_reply = "452 4.3.1 mailbox full for now"
+    queue_id = relay.send("a@client.test", ["x@dest.test"], BODY)
+    deferred = wait_until(lambda: events.events("deferred", queue_id=queue_id), what="deferral")
+    assert deferred[0]["reply"] == "452 4.3.1 mailbox full for now"
+    assert deferred[0]["next_attempt"].endswith("Z")
+    sink.handler.mail_reply = None
+    assert sink.wait_for(1)[0].rcpt_tos == ["x@dest.test"]
+
+
+def test_backend_down_then_back(tmp_path, relay_factory, events):
+    sink = Sink().start()
+    port = sink.port
+    sink.stop()
+    relay = relay_factory(load_config(write_config(tmp_path, port)))
+    queue_id = relay.send("a@client.test", ["x@dest.test"], BODY)
+    deferred = wait_until(lambda: events.events("deferred", queue_id=queue_id), what="deferral")
+    assert "sink" in deferred[0]["backend_errors"][0]
+    back = Sink(port).start()
+    try:
+        assert back.wait_for(1, timeout=15)[0].rcpt_tos == ["x@dest.test"]
+    finally:
+        back.stop()
+
+
+def test_failover_to_the_next_backend(tmp_path, sink, relay_factory, events):
+    dead = Sink().start()
+    dead_port = dead.port
+    dead.stop()
+    path = write_config(tmp_path, dead_port)
+    path.write_text(
+        path.read_text()
+        + f'\n[[backend]]\nname = "second"\nhost = "127.0.0.1"\nport = {sink.port}\ntls = "none"\n'
+    )
+    relay = relay_factory(load_config(path))
+    queue_id = relay.send("a@client.test", ["x@dest.test"], BODY)
+    sink.wait_for(1)
+    delivered = wait_until(lambda: events.events("delivered", queue_id=queue_id), what="delivery")
+    assert delivered[0]["backend"] == "second"
+    assert delivered[0]["attempt"] == 1
+    assert not events.events("deferred", queue_id=queue_id)
