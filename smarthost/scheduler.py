@@ -19,7 +19,7 @@ import time
 from . import log, retry
 from .config import Config
 from .sender import Attempt, Sender
-from .spool import FAILED_RCPT, QUEUE, Envelope, Spool
+from .spool import ACTIVE, FAILED_RCPT, QUEUE, Envelope, Spool
 
 RESCAN_INTERVAL = 10.0
 HISTORY_KEPT = 20
@@ -137,17 +137,36 @@ class Scheduler:
                 return
             try:
                 self._process(queue_id)
-            except Exception as exc:  # a bug must not kill the worker; the mail stays spooled
-                log.logger.exception("worker error", extra={"queue_id": queue_id})
+            except Exception as exc:  # a bug or a disk fault must not kill the worker
                 log.event("spool_error", level=logging.ERROR, queue_id=queue_id, error=repr(exc))
+                self._rescue(queue_id)
             finally:
                 with self._cond:
                     self._idle += 1
                     self._cond.notify()
 
+    def _rescue(self, queue_id: str) -> None:
+        """Put a message whose attempt broke back in the queue, to be tried again later.
+
+        Its envelope may predate the attempt, so a recipient delivered just now may be
+        sent twice: at-least-once, never lost.
+        """
+        due = time.time() + self.config.delivery.retry_min
+        try:
+            # Stamp the due time first: once in queue/ it must not look due at once.
+            os.utime(self.spool.path(ACTIVE, queue_id), (due, due))
+            if self.spool.move(queue_id, ACTIVE, QUEUE):
+                self.notify(queue_id, due)
+        except FileNotFoundError:
+            pass  # it never got claimed, or was already settled
+        except OSError as exc:
+            log.event("spool_error", level=logging.ERROR, queue_id=queue_id, error=repr(exc))
+
     # -- one message -----------------------------------------------------------
 
     def _process(self, queue_id: str) -> None:
+        if self._stopping.is_set():
+            return  # stays queued for the next start
         try:
             due = os.stat(self.spool.path(QUEUE, queue_id)).st_mtime
         except FileNotFoundError:

@@ -226,21 +226,38 @@ class Spool:
     def commit(self, env: Envelope, content: list[bytes]) -> None:
         """Make a new message durable in queue/; only then may it be acknowledged."""
         written: list[str] = []
+        queued = False
         try:
-            msg_tmp = self._write_tmp(env.id, "msg", content, None)
-            written.append(msg_tmp)
-            env_tmp = self._write_tmp(env.id, "env", [env.to_bytes()], env.next_attempt or None)
-            written.append(env_tmp)
-            os.rename(msg_tmp, self.message_path(env.id))
+            written.append(self._write_tmp(env.id, "msg", content, None))
+            written.append(
+                self._write_tmp(env.id, "env", [env.to_bytes()], env.next_attempt or None)
+            )
+            os.rename(written[0], self.message_path(env.id))
             written[0] = self.message_path(env.id)
-            os.rename(env_tmp, self.path(QUEUE, env.id))
-            written.pop()
+            os.rename(written[1], self.path(QUEUE, env.id))
+            queued = True
             _fsync_dir(self.dir(MSG))
             _fsync_dir(self.dir(QUEUE))
         except OSError as exc:
-            for path in written:
-                _unlink_quietly(path)
+            if not queued or self._uncommit(env.id):
+                for path in written:
+                    _unlink_quietly(path)
             raise SpoolError(exc.errno, f"cannot commit {env.id}: {exc.strerror or exc}") from exc
+
+    def _uncommit(self, queue_id: str) -> bool:
+        """Take back a queued envelope whose commit could not be made durable.
+
+        False if a worker already claimed it: it is being delivered, so its content
+        must stay; the client, told 4xx, may send it again (at-least-once).
+        """
+        try:
+            os.rename(
+                self.path(QUEUE, queue_id),
+                os.path.join(self.dir(TMP), f"{queue_id}.{os.getpid()}.env"),
+            )
+        except OSError:
+            return False
+        return True
 
     def rewrite(self, env: Envelope, state: str) -> None:
         """Replace the envelope in `state` with `env`, atomically and durably."""
