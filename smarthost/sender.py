@@ -139,6 +139,11 @@ class Sender:
         session.used_now = False
         if not session.clean:
             _expect_ok("rset", *smtp.rset())
+        if env.smtputf8 and not smtp.has_extn("smtputf8") and not _is_ascii(env):
+            # RFC 6531 §3.2: without SMTPUTF8 upstream, UTF-8 addresses cannot be relayed.
+            reply = b"5.6.7 the upstream does not support SMTPUTF8 for these addresses"
+            self._settle_all(env, Outcome.FAIL_MESSAGE, 553, reply, backend, result)
+            return
         session.clean = False
         code, msg = smtp.mail(env.sender, self._mail_options(smtp, env, content))
         session.used_now = True
@@ -177,7 +182,7 @@ class Sender:
             options.append(f"SIZE={len(content)}")
         if env.body and smtp.has_extn("8bitmime"):
             options.append(f"BODY={env.body}")
-        if env.smtputf8:
+        if env.smtputf8 and smtp.has_extn("smtputf8"):
             options.append("SMTPUTF8")
         return options
 
@@ -301,9 +306,16 @@ def _settle(
 ) -> None:
     rcpt.state, rcpt.reply, rcpt.status, rcpt.backend = state, reply, status, backend
     rcpt.updated = time.time()
+    # A recipient deferred by one backend may be delivered by the next in one attempt.
+    for settled in (result.delivered, result.deferred, result.failed):
+        settled[:] = [r for r in settled if r is not rcpt]
     {DELIVERED: result.delivered, DEFERRED: result.deferred, FAILED_RCPT: result.failed}[
         state
     ].append(rcpt)
+
+
+def _is_ascii(env: Envelope) -> bool:
+    return env.sender.isascii() and all(r.address.isascii() for r in env.recipients)
 
 
 def _describe(exc: BaseException) -> str:

@@ -128,3 +128,15 @@ def test_failover_to_the_next_backend(tmp_path, sink, relay_factory, events):
     assert delivered[0]["backend"] == "second"
     assert delivered[0]["attempt"] == 1
     assert not events.events("deferred", queue_id=queue_id)
+
+
+def test_smtputf8_addresses_pass_through(relay, sink):
+    content = "Subject: utf8\r\n\r\nhéllo\r\n".encode()
+    with relay.client() as client:
+        client.ehlo("client.test")
+        client.sendmail("expéditeur@client.test", ["用户@dest.test"], content, ["SMTPUTF8"])
+    (msg,) = sink.wait_for(1)
+    assert msg.mail_from == "expéditeur@client.test"
+    assert msg.rcpt_tos == ["用户@dest.test"]
+    assert "SMTPUTF8" in msg.mail_options
+    assert msg.content.endswith(content)
