@@ -37,6 +37,7 @@ EVENTS = frozenset(
         "recovered",
         "quarantined",
         "library",
+        "internal_error",
     }
 )
 

@@ -138,6 +138,16 @@ class RelaySMTP(SMTP):
         finally:
             self._plain_replies = False
 
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        """aiosmtpd's parser, stricter: `<a@b` and `a@` are malformed (553), not accepted
+        or a crash."""
+        if arg and arg.lstrip().startswith("<") and ">" not in arg:
+            return None, None
+        try:
+            return super()._getaddr(arg)
+        except (IndexError, ValueError):
+            return None, None
+
     async def smtp_EHLO(self, hostname: str) -> None:
         await self._without_status_codes(super().smtp_EHLO(hostname))
 
@@ -202,7 +212,8 @@ class Receiver:
     async def handle_MAIL(
         self, server: SMTP, session: Session, envelope: SMTPEnvelope, address: str, options: list
     ) -> str:
-        envelope.mail_from = "" if address == "<>" else address
+        # The null sender stays "<>" here: aiosmtpd takes an empty mail_from for "no MAIL".
+        envelope.mail_from = address
         envelope.mail_options.extend(options)
         return "250 2.1.0 Ok"
 
@@ -240,6 +251,11 @@ class Receiver:
         self.on_commit(env)
         return f"250 2.0.0 Ok: queued as {env.id}"
 
+    async def handle_exception(self, error: Exception) -> str:
+        """A bug in a hook: log it, and tell the client to retry without internals."""
+        log.event("internal_error", level=logging.ERROR, error=repr(error))
+        return "451 4.3.0 Error: internal error, try again later"
+
     # -- policy --------------------------------------------------------------
 
     def may_relay(self, session: Session) -> bool:
@@ -276,13 +292,13 @@ class Receiver:
         body = next((o.split("=", 1)[1] for o in options if o.startswith("BODY=")), None)
         env = Envelope(
             id=queue_id,
-            sender=envelope.mail_from or "",
+            sender="" if envelope.mail_from == "<>" else envelope.mail_from,
             recipients=[Recipient(address=a) for a in envelope.rcpt_tos],
             arrival=time.time(),
             size=len(prefix) + len(original),
             client=_client_ip(session.peer),
             helo=session.host_name or None,
-            message_id=message_id,
+            message_id=message_id or None,
             source="smtp",
             smtputf8=bool(envelope.smtp_utf8),
             body=body,
@@ -290,25 +306,29 @@ class Receiver:
         return env, [prefix, original]
 
 
-_HEADER_NAME = re.compile(rb"^([!-9;-~]+)[ \t]*:", re.M)
+# A header field and its folded continuation lines.
+_HEADER_FIELD = re.compile(rb"^([!-9;-~]+)[ \t]*:(.*(?:\r?\n[ \t].*)*)", re.M)
 
 
 def scan_headers(content: bytes) -> tuple[bool, str | None]:
-    """(has a Date header, the Message-ID value or None), from the header block only."""
+    """(has a Date field, the Message-ID field's value or "" if empty, or None if absent),
+    from the header section only."""
     end = _header_block_end(content)
     has_date, message_id = False, None
-    for match in _HEADER_NAME.finditer(content, 0, end):
+    for match in _HEADER_FIELD.finditer(content, 0, end):
         name = match.group(1).lower()
         if name == b"date":
             has_date = True
         elif name == b"message-id" and message_id is None:
-            line_end = content.find(b"\n", match.end(), end)
-            value = content[match.end() : line_end if line_end >= 0 else end].strip()
-            message_id = value.decode("utf-8", "replace") or None
+            value = b" ".join(match.group(2).split())
+            message_id = value.decode("utf-8", "replace")
     return has_date, message_id
 
 
 def _header_block_end(content: bytes) -> int:
+    """Where the header section ends: at the first empty line (at 0 if it is empty)."""
+    if content.startswith((b"\r\n", b"\n")):
+        return 0
     ends = [i for i in (content.find(b"\r\n\r\n"), content.find(b"\n\n")) if i >= 0]
     return min(ends) if ends else len(content)
 

@@ -119,7 +119,7 @@ class Envelope:
             raw = json.loads(data)
             recipients = [Recipient(**r) for r in raw.pop("recipients")]
             env = cls(recipients=recipients, **raw)
-        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as exc:
             raise CorruptEnvelope(str(exc)) from exc
         if not env.recipients or not isinstance(env.id, str):
             raise CorruptEnvelope("envelope has no recipients")
@@ -213,14 +213,14 @@ class Spool:
             with os.fdopen(fd, "wb", closefd=False) as out:
                 for chunk in chunks:
                     out.write(chunk)
+            if mtime is not None:
+                os.utime(fd, (mtime, mtime))
             os.fsync(fd)
         except BaseException:
             os.close(fd)
             _unlink_quietly(path)
             raise
         os.close(fd)
-        if mtime is not None:
-            os.utime(path, (mtime, mtime))
         return path
 
     def commit(self, env: Envelope, content: list[bytes]) -> None:

@@ -1,0 +1,443 @@
+"""The spool on its own: IDs, the atomic commit, state moves, recovery and the lock."""
+
+from __future__ import annotations
+
+import errno
+import io
+import os
+import stat
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from conftest import spool_files, wait_until
+
+import smarthost.spool
+from smarthost.spool import (
+    ACTIVE,
+    CORRUPT,
+    DEFERRED,
+    DIRECTORIES,
+    FAILED,
+    MSG,
+    PENDING,
+    QUEUE,
+    TMP,
+    Envelope,
+    Recipient,
+    Spool,
+    SpoolError,
+    is_queue_id,
+    new_id,
+)
+
+CONTENT = [b"Subject: hi\r\nMessage-ID: <x@y>\r\n", b"\r\nbody \xc3\xa9\r\n.dot\r\n"]
+
+
+@pytest.fixture
+def spool(tmp_path: Path) -> Spool:
+    s = Spool(str(tmp_path / "spool"))
+    s.create()
+    return s
+
+
+def make_envelope(**changes) -> Envelope:
+    fields = {
+        "id": new_id(),
+        "sender": "a@client.test",
+        "recipients": [
+            Recipient("b@dest.test"),
+            Recipient("c@dest.test", state=DEFERRED, reply="451 4.3.0 later", status="4.3.0"),
+        ],
+        "arrival": time.time(),
+        "size": sum(map(len, CONTENT)),
+        "client": "127.0.0.1",
+        "message_id": "<x@y>",
+    }
+    fields.update(changes)
+    return Envelope(**fields)
+
+
+def committed(spool: Spool, **changes) -> Envelope:
+    env = make_envelope(**changes)
+    spool.commit(env, CONTENT)
+    return env
+
+
+def files(spool: Spool) -> dict[str, list[str]]:
+    return spool_files(Path(spool.root))
+
+
+def visible(spool: Spool) -> dict[str, list[str]]:
+    """Every spool directory that holds something (so empty ones compare as absent)."""
+    return {name: names for name, names in files(spool).items() if names}
+
+
+def mode(path: str | Path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+# -- queue IDs ------------------------------------------------------------------------
+
+
+def test_new_id_is_unique_and_well_formed():
+    ids = [new_id() for _ in range(10000)]
+    assert len(set(ids)) == len(ids)
+    assert all(len(i) == 16 and is_queue_id(i) for i in ids)
+
+
+def test_new_ids_sort_in_creation_order():
+    """IDs made a millisecond or more apart sort as text in the order they were made."""
+    ids = []
+    for _ in range(5):
+        ids.append(new_id())
+        start = time.time_ns()
+        wait_until(lambda start=start: time.time_ns() - start >= 1_000_000, what="a millisecond")
+    assert sorted(ids) == ids
+    assert len(set(ids)) == len(ids)
+
+
+@pytest.mark.parametrize(
+    "junk",
+    [
+        "",
+        "short",
+        "0123456789ABCDEFG",  # 17 characters
+        "0123456789ABCDE",  # 15 characters
+        "0123456789abcdef",  # lower case
+        "0123456789ABCDEI",  # I is not in Crockford's alphabet
+        "0123456789ABCDEU",  # nor is U
+        "0123456789ABCD.E",
+        ".lock",
+        "0123456789ABCDEF.12345.msg",
+    ],
+)
+def test_is_queue_id_rejects_junk(junk):
+    assert not is_queue_id(junk)
+
+
+# -- commit ---------------------------------------------------------------------------
+
+
+def test_commit_writes_content_and_envelope(spool):
+    env = committed(spool)
+    assert Path(spool.message_path(env.id)).read_bytes() == b"".join(CONTENT)
+    stored = Envelope.from_bytes(Path(spool.path(QUEUE, env.id)).read_bytes())
+    assert stored == env
+    assert [(r.address, r.state) for r in stored.recipients] == [
+        ("b@dest.test", PENDING),
+        ("c@dest.test", DEFERRED),
+    ]
+    assert stored.recipients[1].reply == "451 4.3.0 later"
+    assert visible(spool) == {MSG: [env.id], QUEUE: [env.id]}
+
+
+def test_commit_files_and_directories_are_private(spool):
+    old_umask = os.umask(0)  # a permissive umask must not widen anything
+    try:
+        env = committed(spool)
+    finally:
+        os.umask(old_umask)
+    assert mode(spool.message_path(env.id)) == 0o600
+    assert mode(spool.path(QUEUE, env.id)) == 0o600
+    assert mode(spool.root) == 0o700
+    for name in DIRECTORIES:
+        assert mode(spool.dir(name)) == 0o700, name
+
+
+def test_commit_sets_next_attempt_as_mtime(spool):
+    due = time.time() + 600
+    env = committed(spool, next_attempt=due)
+    assert dict(spool.scan()) == pytest.approx({env.id: due}, abs=1e-3)
+
+
+def failing_fsync(monkeypatch, err: int, *, call: int = 1, only_dirs: bool = False) -> list[int]:
+    """Make the `call`-th fsync (counting only directories if `only_dirs`) fail with `err`."""
+    real_fsync = os.fsync
+    calls: list[int] = []
+
+    def fsync(fd: int) -> None:
+        if only_dirs and not stat.S_ISDIR(os.fstat(fd).st_mode):
+            return real_fsync(fd)
+        calls.append(fd)
+        if len(calls) == call:
+            raise OSError(err, os.strerror(err))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(smarthost.spool.os, "fsync", fsync)
+    return calls
+
+
+def failing_write(monkeypatch, err: int) -> None:
+    """Writes into spool files get half their bytes on disk, then fail with `err`."""
+
+    class HalfWriter(io.FileIO):
+        def write(self, data) -> int:
+            super().write(bytes(data)[: len(data) // 2])
+            raise OSError(err, os.strerror(err))
+
+    def fdopen(fd: int, mode: str = "r", *args, closefd: bool = True, **kwargs):
+        return HalfWriter(fd, "wb", closefd=closefd)
+
+    monkeypatch.setattr(smarthost.spool.os, "fdopen", fdopen)
+
+
+@pytest.mark.parametrize(
+    ("err", "no_space"), [(errno.ENOSPC, True), (errno.EDQUOT, True), (errno.EIO, False)]
+)
+@pytest.mark.parametrize("call", [1, 2], ids=["content-fsync", "envelope-fsync"])
+def test_commit_fsync_failure_leaves_nothing(spool, monkeypatch, err, no_space, call):
+    calls = failing_fsync(monkeypatch, err, call=call)
+    env = make_envelope()
+    with pytest.raises(SpoolError) as caught:
+        spool.commit(env, CONTENT)
+    assert len(calls) == call  # the fault really was hit
+    assert caught.value.errno == err
+    assert caught.value.no_space is no_space
+    assert env.id in str(caught.value)
+    assert visible(spool) == {}
+
+
+@pytest.mark.parametrize(("err", "no_space"), [(errno.ENOSPC, True), (errno.EIO, False)])
+def test_commit_write_failure_leaves_nothing(spool, monkeypatch, err, no_space):
+    failing_write(monkeypatch, err)
+    with pytest.raises(SpoolError) as caught:
+        spool.commit(make_envelope(), CONTENT)
+    assert caught.value.errno == err
+    assert caught.value.no_space is no_space
+    assert visible(spool) == {}
+
+
+@pytest.mark.parametrize("call", [1, 2], ids=["msg-dir-fsync", "queue-dir-fsync"])
+def test_commit_directory_fsync_failure_leaves_nothing(spool, monkeypatch, call):
+    """The client gets 4xx for this message, so no half of it may stay in the spool."""
+    calls = failing_fsync(monkeypatch, errno.EIO, call=call, only_dirs=True)
+    env = make_envelope()
+    with pytest.raises(SpoolError):
+        spool.commit(env, CONTENT)
+    assert len(calls) == call
+    assert visible(spool) == {}
+
+
+def test_commit_directory_fsync_failure_after_a_claim_keeps_the_message(spool, monkeypatch):
+    """A worker that claimed the envelope in the meantime keeps its content (at-least-once)."""
+    real_fsync = os.fsync
+    env = make_envelope()
+
+    def fsync(fd: int) -> None:
+        if stat.S_ISDIR(os.fstat(fd).st_mode) and os.path.exists(spool.path(QUEUE, env.id)):
+            assert spool.claim(env.id) == env  # a sender thread gets there first
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real_fsync(fd)
+
+    monkeypatch.setattr(smarthost.spool.os, "fsync", fsync)
+    with pytest.raises(SpoolError):
+        spool.commit(env, CONTENT)
+    assert visible(spool) == {ACTIVE: [env.id], MSG: [env.id]}
+    assert spool.read_message(env.id) == b"".join(CONTENT)
+
+
+def test_commit_works_again_after_the_fault_is_gone(spool, monkeypatch):
+    failing_fsync(monkeypatch, errno.ENOSPC)
+    with pytest.raises(SpoolError):
+        spool.commit(make_envelope(), CONTENT)
+    monkeypatch.undo()
+    env = committed(spool)
+    assert visible(spool) == {MSG: [env.id], QUEUE: [env.id]}
+
+
+# -- claim, requeue, finish, park -----------------------------------------------------
+
+
+def test_claim_moves_to_active_once(spool):
+    env = committed(spool)
+    claimed = spool.claim(env.id)
+    assert claimed == env
+    assert visible(spool) == {ACTIVE: [env.id], MSG: [env.id]}
+    assert spool.claim(env.id) is None
+    assert spool.locate(env.id) == ACTIVE
+
+
+def test_claim_of_unknown_id_is_none(spool):
+    assert spool.claim(new_id()) is None
+    assert visible(spool) == {}
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        b"\x00\xff\xfe not json at all",
+        b"{truncated",
+        b"",
+        b"null",
+        b"[]",
+        b'"a string"',
+        b"{}",
+        b'{"id": "X", "sender": "", "recipients": [], "arrival": 0}',
+        b'{"id": 5, "sender": "", "recipients": [{"address": "b@x"}], "arrival": 0}',
+        b'{"id": "X", "sender": "", "recipients": ["b@x"], "arrival": 0}',
+    ],
+    ids=lambda g: repr(g[:20]),
+)
+def test_claim_quarantines_a_corrupt_envelope(spool, events, garbage):
+    env = committed(spool)
+    Path(spool.path(QUEUE, env.id)).write_bytes(garbage)
+    assert spool.claim(env.id) is None
+    assert visible(spool) == {CORRUPT: sorted([f"{env.id}.envelope", f"{env.id}.message"])}
+    corrupt = Path(spool.dir(CORRUPT))
+    assert (corrupt / f"{env.id}.envelope").read_bytes() == garbage  # kept, not deleted
+    assert (corrupt / f"{env.id}.message").read_bytes() == b"".join(CONTENT)
+    (event,) = events.events("quarantined", queue_id=env.id)
+    assert event["levelname"] == "WARNING"
+    assert event["reason"]
+
+
+def test_claim_quarantines_deeply_nested_json(spool, events):
+    """Garbage that makes json recurse is still just a corrupt envelope."""
+    env = committed(spool)
+    Path(spool.path(QUEUE, env.id)).write_bytes(b"[" * 100_000)
+    assert spool.claim(env.id) is None
+    assert f"{env.id}.envelope" in files(spool)[CORRUPT]
+
+
+def test_quarantine_never_overwrites_earlier_corrupt_files(spool, events):
+    env = committed(spool)
+    Path(spool.path(QUEUE, env.id)).write_bytes(b"first")
+    spool.claim(env.id)
+    spool.commit(env, CONTENT)  # the same ID again (a restored backup, say)
+    Path(spool.path(QUEUE, env.id)).write_bytes(b"second")
+    spool.claim(env.id)
+    corrupt = Path(spool.dir(CORRUPT))
+    assert (corrupt / f"{env.id}.envelope").read_bytes() == b"first"
+    assert (corrupt / f"{env.id}.envelope.1").read_bytes() == b"second"
+    assert len(events.events("quarantined", queue_id=env.id)) == 2
+
+
+def watch_renames(spool: Spool, monkeypatch, queue_id: str) -> list[list[str]]:
+    """After every rename, record the envelope states holding `queue_id`."""
+    real_rename = os.rename
+    seen: list[list[str]] = []
+
+    def rename(src, dst) -> None:
+        real_rename(src, dst)
+        seen.append([s for s in (QUEUE, ACTIVE, FAILED) if os.path.exists(spool.path(s, queue_id))])
+
+    monkeypatch.setattr(smarthost.spool.os, "rename", rename)
+    return seen
+
+
+def test_requeue_keeps_one_envelope_with_next_attempt_as_mtime(spool, monkeypatch):
+    env = spool.claim(committed(spool).id)
+    assert env is not None
+    env.attempts = 1
+    env.next_attempt = time.time() + 3600
+    env.recipients[0].state = DEFERRED
+    env.last_error = "451 4.3.0 try later"
+    seen = watch_renames(spool, monkeypatch, env.id)
+    spool.requeue(env)
+    assert seen, "requeue renamed nothing"
+    assert all(len(states) == 1 for states in seen), seen  # never in two states at once
+    assert visible(spool) == {MSG: [env.id], QUEUE: [env.id]}
+    assert spool.read_envelope(QUEUE, env.id) == env
+    assert dict(spool.scan()) == pytest.approx({env.id: env.next_attempt}, abs=1e-3)
+
+
+def test_finish_removes_envelope_and_content(spool):
+    env = spool.claim(committed(spool).id)
+    assert env is not None
+    spool.finish(env)
+    assert visible(spool) == {}
+    assert spool.locate(env.id) is None
+
+
+def test_park_failed_keeps_the_message_in_failed(spool, monkeypatch):
+    env = spool.claim(committed(spool).id)
+    assert env is not None
+    env.recipients[0].state = smarthost.spool.FAILED_RCPT
+    env.last_error = "550 5.1.1 no such user"
+    seen = watch_renames(spool, monkeypatch, env.id)
+    spool.park_failed(env)
+    assert all(len(states) == 1 for states in seen), seen
+    assert visible(spool) == {FAILED: [env.id], MSG: [env.id]}
+    assert spool.read_envelope(FAILED, env.id) == env
+    assert spool.read_message(env.id) == b"".join(CONTENT)
+
+
+# -- recovery -------------------------------------------------------------------------
+
+
+def dead_pid() -> int:
+    """The pid of a process that has exited and been reaped."""
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+def test_recover(spool, events):
+    tmp = Path(spool.dir(TMP))
+    claimed = committed(spool)
+    spool.claim(claimed.id)
+    waiting = committed(spool)
+    no_content = committed(spool)
+    os.unlink(spool.message_path(no_content.id))
+    no_envelope = committed(spool)
+    os.unlink(spool.path(QUEUE, no_envelope.id))
+    dead = tmp / f"{new_id()}.{dead_pid()}.msg"
+    mine = tmp / f"{new_id()}.{os.getpid()}.env"  # this process is (re)starting: stale
+    live = tmp / f"{new_id()}.{os.getppid()}.msg"  # another live writer: not ours to touch
+    junk = tmp / "junk"
+    for path in (dead, mine, live, junk):
+        path.write_bytes(b"partial")
+
+    counts = spool.recover()
+
+    assert counts == {"tmp_removed": 3, "requeued": 1, "orphans": 2}
+    assert visible(spool) == {
+        TMP: [live.name],
+        MSG: sorted([claimed.id, waiting.id]),
+        QUEUE: sorted([claimed.id, waiting.id]),
+        CORRUPT: sorted([f"{no_content.id}.envelope", f"{no_envelope.id}.message"]),
+    }
+    assert spool.read_envelope(QUEUE, claimed.id) == claimed
+    assert len(events.events("quarantined", queue_id=no_content.id)) == 1
+    assert len(events.events("quarantined", queue_id=no_envelope.id)) == 1
+
+
+def test_recover_quarantines_orphans_in_every_state(spool, events):
+    """An envelope without content is set aside whether held, failed or active."""
+    ids = {}
+    for state in (ACTIVE, "hold", FAILED):
+        env = committed(spool)
+        spool.move(env.id, QUEUE, state)
+        os.unlink(spool.message_path(env.id))
+        ids[state] = env.id
+    assert spool.recover()["orphans"] == 3
+    assert visible(spool) == {CORRUPT: sorted(f"{i}.envelope" for i in ids.values())}
+
+
+def test_recover_on_a_clean_spool_changes_nothing(spool):
+    env = committed(spool)
+    assert spool.recover() == {"tmp_removed": 0, "requeued": 0, "orphans": 0}
+    assert visible(spool) == {MSG: [env.id], QUEUE: [env.id]}
+
+
+# -- the lock -------------------------------------------------------------------------
+
+
+def test_lock_excludes_a_second_relay(spool):
+    spool.lock()
+    try:
+        other = Spool(spool.root)
+        with pytest.raises(SpoolError) as caught:
+            other.lock()
+        assert caught.value.errno == errno.EBUSY
+        assert str(os.getpid()) in str(caught.value)
+    finally:
+        spool.unlock()
+    other.lock()
+    try:
+        with pytest.raises(SpoolError):
+            Spool(spool.root).lock()
+    finally:
+        other.unlock()
