@@ -33,6 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"smarthost {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     commands.add_parser("serve", help="run the relay in the foreground")
+    sendmail = commands.add_parser(
+        "sendmail", help="sendmail-compatible submission (not available yet)"
+    )
+    sendmail.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     check = commands.add_parser("check", help="validate the config and print a summary")
     check.add_argument(
         "--connect",
@@ -48,6 +52,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:
         return EX_USAGE if exc.code not in (0, None) else EX_OK
+    if args.command == "sendmail":
+        return sendmail_main(args.args)
     path = default_config_path(args.config)
     if args.command == "check":
         return check(path, args.connect)
@@ -80,7 +86,13 @@ def serve(path: str) -> int:
         for error in exc.errors:
             print(f"smarthost: {error}", file=sys.stderr)
         return EX_CONFIG
-    log.setup(config.log.level, config.log.file, config.log.format)
+    try:
+        log.setup(config.log.level, config.log.file, config.log.format)
+    except OSError as exc:
+        print(
+            f"smarthost: log.file: cannot open {config.log.file}: {exc.strerror}", file=sys.stderr
+        )
+        return EX_CANTCREAT
     for warning in config_warnings(config):
         log.logger.warning(warning)
     try:

@@ -816,7 +816,7 @@ def _describe_route(index: int, route: RouteConfig) -> str:
         match.append("sender " + ",".join(route.sender_domain))
     if route.recipient_domain:
         match.append("recipient " + ",".join(route.recipient_domain))
-    return f"  route[{index}]: {' and '.join(match)} -> group {route.group}"
+    return f"  route[{index}]: {' or '.join(match)} -> group {route.group}"
 
 
 def summary(cfg: Config) -> str:

@@ -34,7 +34,6 @@ EVENTS = frozenset(
         "rejected",
         "config_reloaded",
         "spool_error",
-        "recovered",
         "quarantined",
         "library",
         "internal_error",

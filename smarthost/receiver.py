@@ -144,9 +144,12 @@ class RelaySMTP(SMTP):
         if arg and arg.lstrip().startswith("<") and ">" not in arg:
             return None, None
         try:
-            return super()._getaddr(arg)
+            address, rest = super()._getaddr(arg)
         except (IndexError, ValueError):
             return None, None
+        if address and any(c.isspace() for c in address):
+            return None, None  # "<bad address>": the parser keeps the space
+        return address, rest
 
     async def smtp_EHLO(self, hostname: str) -> None:
         await self._without_status_codes(super().smtp_EHLO(hostname))
@@ -220,6 +223,8 @@ class Receiver:
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: SMTPEnvelope, address: str, options: list
     ) -> str:
+        if address == "<>":
+            return "501 5.1.3 Error: the null address is not a valid recipient"
         if not self.may_relay(session):
             return f"554 5.7.1 <{address}>: Relay access denied"
         if len(envelope.rcpt_tos) >= self.config.smtp.max_recipients:

@@ -15,6 +15,7 @@ import os
 import queue
 import threading
 import time
+from datetime import datetime, timezone
 
 from . import log, retry
 from .config import Config
@@ -207,6 +208,7 @@ class Scheduler:
                 log.event(
                     "deferred",
                     queue_id=env.id,
+                    sender=env.sender,
                     recipients=[r.address for r in unfinished],
                     reply=env.last_error,
                     status=unfinished[-1].status,
@@ -284,4 +286,5 @@ def _last_reply(attempt: Attempt) -> str | None:
 
 
 def _rfc3339(timestamp: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))
+    """The same form as each log line's `time`."""
+    return datetime.fromtimestamp(timestamp, timezone.utc).isoformat()

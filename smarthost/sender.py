@@ -247,14 +247,34 @@ class Sender:
         return smtp
 
     def _login(self, smtp: smtplib.SMTP, backend: BackendConfig) -> None:
-        password = read_secret(backend)
+        offered = smtp.esmtp_features.get("auth", "").upper().split()
+        mechanism = choose_mechanism(backend.auth, offered)
+        if mechanism is None:
+            raise BackendFailure(
+                f"{backend.name} offers no usable AUTH mechanism "
+                f"(auth = {backend.auth!r}; offered: {' '.join(offered) or 'none'})"
+            )
+        secret = read_secret(backend)
+        if mechanism == "XOAUTH2":
+            token = f"user={backend.username}\x01auth=Bearer {secret}\x01\x01"
+            # On failure the server sends a 334 error challenge: answer it with nothing.
+            authobject = lambda challenge=None: "" if challenge else token  # noqa: E731
+        else:
+            smtp.user, smtp.password = backend.username or "", secret
+            authobject = smtp.auth_plain if mechanism == "PLAIN" else smtp.auth_login
         try:
-            smtp.login(backend.username or "", password)
+            smtp.auth(mechanism, authobject)
         except smtplib.SMTPAuthenticationError as exc:
             # Only the server's reply: never the credentials.
             raise BackendFailure(format_reply(exc.smtp_code, exc.smtp_error), "4.7.8") from None
-        except smtplib.SMTPNotSupportedError:
-            raise BackendFailure(f"{backend.name} offers no AUTH mechanism we can use") from None
+        finally:
+            smtp.password = ""
+
+
+def choose_mechanism(configured: str, offered: list[str]) -> str | None:
+    """The SASL mechanism to use: `auto` is the best of PLAIN and LOGIN offered."""
+    wanted = ["PLAIN", "LOGIN"] if configured == "auto" else [configured.upper()]
+    return next((m for m in wanted if m in offered), None)
 
 
 def read_secret(backend: BackendConfig) -> str:
