@@ -22,7 +22,7 @@ setup(
     install_requires=[
         "aiosmtpd>=1.4.4",
         "tenacity>=8.2",
-        "watchdog>=3.0",
+        "watchdog>=4.0",
         "python-json-logger>=3.1",
         'tomli>=1.1; python_version < "3.11"',
     ],

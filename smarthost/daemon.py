@@ -62,6 +62,10 @@ class Relay:
 
     def stop(self) -> None:
         log.event("stopping", pid=os.getpid())
+        # Stop accepting, let messages being committed get their 250, then close.
+        for listener in self.listeners:
+            listener.stop_accepting()
+        self.receiver.wait_for_commits(STOP_GRACE)
         for listener in self.listeners:
             listener.stop()
         self.writers.shutdown(wait=True)

@@ -12,6 +12,7 @@ import asyncio
 import ipaddress
 import logging
 import re
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -161,6 +162,16 @@ class RelaySMTP(SMTP):
         await self._without_status_codes(super().smtp_HELP(arg))
 
 
+def _probe_bind(host: str, port: int) -> None:
+    """Raise the OSError asyncio would meet binding (host, port), at once."""
+    family, kind, proto, _, address = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind(address)
+
+
 def _client_ip(peer: Any) -> str | None:
     if isinstance(peer, tuple) and peer:
         return str(peer[0])
@@ -173,6 +184,17 @@ class Listener(Controller):
     def __init__(self, handler: Any, host: str, port: int, slots: ClientSlots, **kwargs: Any):
         super().__init__(handler, hostname=host, port=port, **kwargs)
         self._slots = slots
+
+    def start(self) -> None:
+        # aiosmtpd reports a bind failure only after its 5 s ready timeout: fail fast.
+        if self.port:
+            _probe_bind(self.hostname, self.port)
+        super().start()
+
+    def stop_accepting(self) -> None:
+        """Close the listening socket; sessions already open go on."""
+        if self.server is not None:
+            self.loop.call_soon_threadsafe(self.server.close)
 
     def factory(self) -> SMTP:
         return RelaySMTP(self.handler, slots=self._slots, **self.SMTP_kwargs)
@@ -202,6 +224,9 @@ class Receiver:
         self.spool = spool
         self.on_commit = on_commit
         self.writers = writers
+        self._commits = 0
+        self._closing = False
+        self._committing = threading.Condition()
 
     # -- hooks -------------------------------------------------------------
 
@@ -236,13 +261,29 @@ class Receiver:
     async def handle_DATA(self, server: SMTP, session: Session, envelope: SMTPEnvelope) -> str:
         env, content = self.build(session, envelope)
         loop = asyncio.get_running_loop()
+        with self._committing:
+            if self._closing:
+                return "421 4.3.2 Error: shutting down, try again later"
+            self._commits += 1
         try:
-            await loop.run_in_executor(self.writers, self.spool.commit, env, content)
+            await loop.run_in_executor(self.writers, self.commit, env, content)
         except SpoolError as exc:
-            log.event("spool_error", level=logging.ERROR, queue_id=env.id, error=str(exc))
             if exc.no_space:
                 return "452 4.3.1 Error: insufficient system storage, try again later"
             return "451 4.3.0 Error: local error in processing, try again later"
+        finally:
+            with self._committing:
+                self._commits -= 1
+                self._committing.notify_all()
+        return f"250 2.0.0 Ok: queued as {env.id}"
+
+    def commit(self, env: Envelope, content: list[bytes]) -> None:
+        """Spool, log and hand over in one job: a cancelled session cannot split them."""
+        try:
+            self.spool.commit(env, content)
+        except SpoolError as exc:
+            log.event("spool_error", level=logging.ERROR, queue_id=env.id, error=str(exc))
+            raise
         log.event(
             "received",
             queue_id=env.id,
@@ -254,7 +295,12 @@ class Receiver:
             message_id=env.message_id,
         )
         self.on_commit(env)
-        return f"250 2.0.0 Ok: queued as {env.id}"
+
+    def wait_for_commits(self, timeout: float) -> bool:
+        """Refuse new messages, and wait until no session is between DATA and its reply."""
+        with self._committing:
+            self._closing = True
+            return self._committing.wait_for(lambda: self._commits == 0, timeout)
 
     async def handle_exception(self, error: Exception) -> str:
         """A bug in a hook: log it, and tell the client to retry without internals."""

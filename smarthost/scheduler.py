@@ -55,8 +55,9 @@ class Scheduler:
             except FileNotFoundError:
                 return
         with self._cond:
-            if self._index.get(queue_id) == due:
-                return
+            known = self._index.get(queue_id)
+            if known is not None and known <= due:
+                return  # an earlier hint stands: a late one must not push it back
             self._index[queue_id] = due
             heapq.heappush(self._heap, (due, queue_id))
             self._cond.notify()

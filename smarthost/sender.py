@@ -11,7 +11,6 @@ from __future__ import annotations
 import enum
 import re
 import smtplib
-import ssl
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -206,10 +205,9 @@ class Sender:
 
     # -- opening a session --------------------------------------------------
 
-    def connect(self, backend: BackendConfig) -> smtplib.SMTP:
+    def connect(self, upstream: Backend) -> smtplib.SMTP:
         """Connect, greet, encrypt and authenticate as the backend's config asks."""
-        delivery = self.config.delivery
-        context = tls_context(backend)
+        delivery, backend = self.config.delivery, upstream.config
         try:
             if backend.tls == "implicit":
                 smtp: smtplib.SMTP = smtplib.SMTP_SSL(
@@ -217,7 +215,7 @@ class Sender:
                     backend.port,
                     local_hostname=self.config.hostname,
                     timeout=delivery.connect_timeout,
-                    context=context,
+                    context=upstream.tls_context,
                 )
             else:
                 smtp = smtplib.SMTP(
@@ -237,7 +235,7 @@ class Sender:
                     raise BackendFailure(
                         f"{backend.name} does not offer STARTTLS, which is required"
                     )
-                _expect_ok("starttls", *smtp.starttls(context=context))
+                _expect_ok("starttls", *smtp.starttls(context=upstream.tls_context))
                 _expect_ok("ehlo", *smtp.ehlo())
             if backend.username:
                 self._login(smtp, backend)
@@ -303,17 +301,6 @@ def _run_password_command(backend: BackendConfig) -> str:
         # Its output may be half a secret: report the status only.
         raise BackendFailure(f"{backend.name}: password_command exited {done.returncode}")
     return done.stdout.splitlines()[0] if done.stdout else ""
-
-
-def tls_context(backend: BackendConfig) -> ssl.SSLContext:
-    """A client context that verifies certificates and host names unless told not to."""
-    context = ssl.create_default_context(cafile=backend.tls_ca or None)
-    if backend.tls_ca:
-        context.load_default_certs()
-    if not backend.tls_verify:
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    return context
 
 
 def _expect_ok(stage: str, code: int, msg: bytes) -> None:

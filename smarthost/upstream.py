@@ -9,6 +9,7 @@ backends first, then backups.
 from __future__ import annotations
 
 import smtplib
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -39,17 +40,25 @@ class Backend:
     def __init__(self, config: BackendConfig) -> None:
         self.config = config
         self.name = config.name
+        self._tls_context: ssl.SSLContext | None = None
         self._slots = threading.BoundedSemaphore(config.max_connections)
         self._idle: list[Session] = []
         self._lock = threading.Lock()
 
+    @property
+    def tls_context(self) -> ssl.SSLContext:
+        """Built once: loading the CA store costs tens of milliseconds."""
+        if self._tls_context is None:
+            self._tls_context = make_tls_context(self.config)
+        return self._tls_context
+
     @contextmanager
-    def session(self, connect: Callable[[BackendConfig], smtplib.SMTP]) -> Iterator[Session]:
+    def session(self, connect: Callable[[Backend], smtplib.SMTP]) -> Iterator[Session]:
         """Lend a session (reused when one is idle); a broken one is closed, not returned."""
         self._slots.acquire()
         session = None
         try:
-            session = self._take_idle() or Session(connect(self.config), time.monotonic())
+            session = self._take_idle() or Session(connect(self), time.monotonic())
             yield session
         except BaseException:
             if session is not None:
@@ -91,6 +100,17 @@ def _quit(smtp: smtplib.SMTP) -> None:
         smtp.quit()
     except (OSError, smtplib.SMTPException):
         close_session(smtp)
+
+
+def make_tls_context(backend: BackendConfig) -> ssl.SSLContext:
+    """A client context that verifies certificates and host names unless told not to."""
+    context = ssl.create_default_context(cafile=backend.tls_ca or None)
+    if backend.tls_ca:
+        context.load_default_certs()
+    if not backend.tls_verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
 
 
 def close_session(smtp: smtplib.SMTP) -> None:

@@ -11,7 +11,13 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 
-from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.events import (
+    FileCreatedEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
 from watchdog.observers import Observer
 
 from .spool import QUEUE, Spool, is_queue_id
@@ -22,7 +28,7 @@ class _QueueEvents(FileSystemEventHandler):
         self.on_queue_file = on_queue_file
 
     def on_any_event(self, event: FileSystemEvent) -> None:
-        if event.is_directory or event.event_type not in ("created", "moved", "modified", "closed"):
+        if event.is_directory or event.event_type not in ("created", "moved", "modified"):
             return
         path = getattr(event, "dest_path", "") or event.src_path
         name = os.path.basename(os.fsdecode(path))
@@ -37,7 +43,14 @@ class Watcher:
         self.spool = spool
         self._observer = Observer()
         self._observer.daemon = True
-        self._observer.schedule(_QueueEvents(on_queue_file), spool.dir(QUEUE), recursive=False)
+        # Only what can make a message due: arrivals (a rename is a move) and mtime
+        # changes (`touch` on a queue file asks for a retry). The kernel filters the rest.
+        self._observer.schedule(
+            _QueueEvents(on_queue_file),
+            spool.dir(QUEUE),
+            recursive=False,
+            event_filter=[FileCreatedEvent, FileMovedEvent, FileModifiedEvent],
+        )
 
     def start(self) -> None:
         self._observer.start()

@@ -15,8 +15,8 @@ from smarthost.sender import (
     enhanced_status,
     format_reply,
     read_secret,
-    tls_context,
 )
+from smarthost.upstream import make_tls_context
 
 
 @pytest.mark.parametrize(
@@ -63,9 +63,9 @@ def test_format_reply_joins_multiline_text():
 
 
 def test_tls_verifies_by_default():
-    ctx = tls_context(BackendConfig(host="smtp.example.com"))
+    ctx = make_tls_context(BackendConfig(host="smtp.example.com"))
     assert ctx.verify_mode == ssl.CERT_REQUIRED and ctx.check_hostname
-    lax = tls_context(BackendConfig(host="smtp.example.com", tls_verify=False))
+    lax = make_tls_context(BackendConfig(host="smtp.example.com", tls_verify=False))
     assert lax.verify_mode == ssl.CERT_NONE
 
 

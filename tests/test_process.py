@@ -1,0 +1,613 @@
+"""The relay as a real process: kill -9 under load, restarts, signals, exit codes, logs.
+
+Everything here runs `python -m smarthost ... serve` for real and talks to it over
+loopback sockets, with a real aiosmtpd upstream (the `sink`). Nothing is mocked: these
+tests check the promise of SPEC §1 (an acknowledged message is never lost), the
+commands and exit codes of §2 and the log format of §8 from the outside.
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime
+import json
+import os
+import re
+import signal
+import smtplib
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import ROOT, RelayProcess, Sink, spool_files, wait_until, write_config
+
+from smarthost import __version__
+
+SENDER = "client@client.test"
+RCPT = "rcpt@dest.test"
+CLIENTS = 4  # sending threads in the crash test
+ROUNDS = 3  # kill -9 / restart rounds in the crash test
+ACKS_PER_ROUND = 30  # acknowledged messages before each kill
+DELIVERY_DEADLINE = 30.0  # generous: two busy cores, retry_max 2 s
+STOP_BOUND = 15.0  # sanity bound for a clean stop (the relay's own grace is 5 s)
+
+_MESSAGE_ID = re.compile(rb"^Message-ID:[ \t]*(\S+)", re.MULTILINE | re.IGNORECASE)
+_QUEUED_AS = re.compile(r"queued as (\S+)")
+
+
+# -- helpers ------------------------------------------------------------------------
+
+
+def message(message_id: str) -> bytes:
+    return (
+        f"From: {SENDER}\r\nTo: {RCPT}\r\nSubject: process test\r\n"
+        f"Message-ID: {message_id}\r\nDate: Wed, 25 Nov 2026 10:00:00 +0000\r\n"
+        f"\r\nbody of {message_id}\r\n"
+    ).encode()
+
+
+def header_message_id(content: bytes) -> str | None:
+    """The Message-ID header of a message as the upstream received it."""
+    match = _MESSAGE_ID.search(content.split(b"\r\n\r\n", 1)[0])
+    return match.group(1).decode() if match else None
+
+
+def arrived(sink: Sink) -> collections.Counter[str | None]:
+    """How many copies of each Message-ID the upstream has received."""
+    return collections.Counter(header_message_id(m.content) for m in list(sink.messages))
+
+
+def send(port: int, message_id: str) -> str:
+    """Send one message to the relay; return the queue ID from its 250 reply."""
+    with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+        client.ehlo("client.test")
+        code, reply = client.mail(SENDER)
+        assert code == 250, (code, reply)
+        code, reply = client.rcpt(RCPT)
+        assert code == 250, (code, reply)
+        code, reply = client.data(message(message_id))
+        assert code == 250, (code, reply)
+    match = _QUEUED_AS.search(reply.decode())
+    assert match, reply
+    return match.group(1)
+
+
+def eventually(predicate: Callable[[], Any], timeout: float) -> bool:
+    """Poll `predicate` until it holds or `timeout` passes; the caller asserts with detail."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return bool(predicate())
+        time.sleep(0.02)
+    return True
+
+
+def spool_drained(spool: Path) -> bool:
+    """No message left anywhere a delivery could still come from."""
+    files = spool_files(spool)
+    return not (files["msg"] or files["queue"] or files["active"])
+
+
+def edit_config(path: Path, old: str, new: str) -> None:
+    text = path.read_text()
+    assert old in text, f"{old!r} not in the config"
+    path.write_text(text.replace(old, new))
+
+
+def events_named(records: list[dict], name: str) -> list[dict]:
+    return [r for r in records if r.get("event") == name]
+
+
+def port_is_closed(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=2):
+            return False
+    except ConnectionRefusedError:
+        return True
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`python -m smarthost ARGS` to completion, output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "smarthost", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=env,
+        check=False,
+    )
+
+
+class SendingClient(threading.Thread):
+    """Sends messages in a loop (5 per session) until halted or the relay goes away.
+
+    A Message-ID is recorded in `acked` only once DATA got 250. Any error is expected
+    once `killing` is set (the relay is being killed) and ends the thread; before that
+    it is a problem the test reports.
+    """
+
+    def __init__(self, port: int, tag: str, acked: list[str], killing: threading.Event):
+        super().__init__(name=f"sending-client-{tag}")
+        self.port = port
+        self.tag = tag
+        self.acked = acked
+        self.killing = killing
+        self.halt = threading.Event()
+        self.problems: list[str] = []
+
+    def run(self) -> None:
+        n = 0
+        try:
+            while not self.halt.is_set():
+                with smtplib.SMTP("127.0.0.1", self.port, timeout=10) as client:
+                    client.ehlo("client.test")
+                    for _ in range(5):
+                        if self.halt.is_set():
+                            break
+                        message_id = f"<{self.tag}.{n}@client.test>"
+                        n += 1
+                        for code, reply in (client.mail(SENDER), client.rcpt(RCPT)):
+                            if code != 250:
+                                raise smtplib.SMTPResponseException(code, reply)
+                        code, reply = client.data(message(message_id))
+                        if code != 250:
+                            raise smtplib.SMTPResponseException(code, reply)
+                        self.acked.append(message_id)  # list.append is atomic
+        except (OSError, smtplib.SMTPException) as exc:
+            if not self.killing.is_set():
+                self.problems.append(f"{self.name}: {type(exc).__name__}: {exc}")
+
+
+class SilentServer:
+    """An upstream that accepts TCP connections and never says a word."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.sock.settimeout(0.05)
+        self.port = self.sock.getsockname()[1]
+        self.accepted = threading.Event()
+        self._stop = threading.Event()
+        self._conns: list[socket.socket] = []
+        self._thread = threading.Thread(target=self._run, name="silent-server")
+
+    def __enter__(self) -> SilentServer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+        for conn in self._conns:
+            conn.close()
+        self.sock.close()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            self._conns.append(conn)
+            self.accepted.set()
+
+
+# -- 1. kill -9 under load ----------------------------------------------------------
+
+
+def interrupt_under_load(
+    proc: RelayProcess, tag: str, acked: list[str], interrupt: Callable[[], object]
+) -> None:
+    """Run CLIENTS sending threads; `interrupt` the relay (kill -9 or a signal) once
+    ACKS_PER_ROUND more messages were acknowledged, while every client is still sending."""
+    killing = threading.Event()
+    before = len(acked)
+    assert proc.port is not None
+    clients = [SendingClient(proc.port, f"{tag}c{i}", acked, killing) for i in range(CLIENTS)]
+    for client in clients:
+        client.start()
+    try:
+        eventually(
+            lambda: len(acked) - before >= ACKS_PER_ROUND or not all(c.is_alive() for c in clients),
+            DELIVERY_DEADLINE,
+        )
+        assert all(c.is_alive() for c in clients), [p for c in clients for p in c.problems]
+        assert len(acked) - before >= ACKS_PER_ROUND, f"only {len(acked) - before} acked"
+        killing.set()
+        interrupt()
+    finally:
+        for client in clients:
+            client.halt.set()
+        for client in clients:
+            client.join(15)
+    assert not [c for c in clients if c.is_alive()], "a client hung after the interruption"
+    assert not [p for c in clients for p in c.problems]
+
+
+def all_arrived(sink: Sink, wanted: set[str], spool: Path) -> None:
+    delivered = eventually(lambda: wanted <= set(arrived(sink)), DELIVERY_DEADLINE)
+    missing = sorted(wanted - set(arrived(sink)))
+    assert delivered, (
+        f"{len(missing)} of {len(wanted)} acknowledged messages never reached the "
+        f"upstream: {missing[:10]}; spool: {spool_files(spool)}"
+    )
+
+
+@pytest.mark.slow
+def test_kill_9_under_load_loses_no_acknowledged_message(tmp_path, sink, relay_process):
+    """SPEC §1.1: every message that got 250 reaches the upstream across kill -9 and
+    restart, three times over; only messages in flight at a kill may go out twice."""
+    spool = tmp_path / "spool"
+    proc = relay_process(write_config(tmp_path, sink.port)).start()
+    acked: list[str] = []
+    duplicates_so_far = 0
+    for round_no in range(ROUNDS):
+        interrupt_under_load(proc, f"r{round_no}", acked, proc.kill)
+        proc.start()  # the same config and spool; the log is appended
+        all_arrived(sink, set(acked), spool)
+        assert eventually(lambda: spool_drained(spool), DELIVERY_DEADLINE), spool_files(spool)
+
+        # At-least-once: extra copies only for what was in flight at this kill.
+        duplicates = sum(n - 1 for n in arrived(sink).values())
+        assert duplicates - duplicates_so_far <= CLIENTS * 2, arrived(sink).most_common(12)
+        duplicates_so_far = duplicates
+        files = spool_files(spool)
+        assert files["tmp"] == []  # dead writes were cleared at the restart
+        # A crash may leave content whose envelope is gone (delivered, or never
+        # acknowledged), never an envelope without content.
+        assert not [f for f in files["corrupt"] if ".envelope" in f], files["corrupt"]
+
+    assert None not in arrived(sink)  # every upstream copy carries its Message-ID
+    assert len(acked) >= ROUNDS * ACKS_PER_ROUND
+    assert proc.stop() == 0
+    records = proc.records()
+    assert len(events_named(records, "started")) == ROUNDS + 1  # one log, appended
+    assert not [r for r in records if r.get("level") in ("error", "critical")]
+
+
+def test_sigterm_under_load_loses_nothing(tmp_path, sink, relay_process):
+    """A graceful stop while clients are sending: exit 0 in a few seconds, and every
+    acknowledged message goes out (before the stop, or after the next start)."""
+    spool = tmp_path / "spool"
+    proc = relay_process(write_config(tmp_path, sink.port)).start()
+    acked: list[str] = []
+    stop: dict[str, float] = {}
+
+    def sigterm() -> None:
+        started = time.monotonic()
+        stop["code"] = proc.stop(signal.SIGTERM)
+        stop["elapsed"] = time.monotonic() - started
+
+    interrupt_under_load(proc, "term", acked, sigterm)
+    assert stop["code"] == 0
+    assert stop["elapsed"] < STOP_BOUND
+    assert events_named(proc.records(), "stopped")
+    proc.start()
+    all_arrived(sink, set(acked), spool)
+    assert eventually(lambda: spool_drained(spool), DELIVERY_DEADLINE), spool_files(spool)
+    assert proc.stop() == 0
+
+
+def test_sigterm_during_a_commit_answers_the_client_or_discards_the_message(
+    tmp_path, sink, relay_process
+):
+    """A graceful stop is not a crash (SPEC §1.1: only mail in flight at a *crash* may go
+    out twice): a message is spooled if and only if its client got 250, and every
+    queue_id in the log has its `received` line (SPEC §8)."""
+    spool = tmp_path / "spool"
+    proc = relay_process(write_config(tmp_path, sink.port)).start()
+    assert proc.port is not None
+    # 20 MB: writing and fsyncing it takes long enough to signal the relay meanwhile.
+    big = message("<big@client.test>") + (b"y" * 998 + b"\r\n") * 20_000
+    outcome: dict[str, Any] = {}
+
+    def client() -> None:
+        try:
+            with smtplib.SMTP("127.0.0.1", proc.port, timeout=30) as smtp:
+                smtp.ehlo("client.test")
+                smtp.mail(SENDER)
+                smtp.rcpt(RCPT)
+                outcome["reply"] = smtp.data(big)
+        except (OSError, smtplib.SMTPException) as exc:
+            outcome["error"] = repr(exc)
+
+    thread = threading.Thread(target=client, name="big-client")
+    thread.start()
+    try:
+        # Signal the relay the moment the commit's first file appears in tmp/.
+        deadline = time.monotonic() + DELIVERY_DEADLINE
+        while not any((spool / "tmp").iterdir()) and thread.is_alive():
+            assert time.monotonic() < deadline, "the relay never started the commit"
+            time.sleep(0.001)
+        if not thread.is_alive():
+            pytest.skip(f"the commit ended before it could be interrupted: {outcome}")
+        code = proc.stop(signal.SIGTERM)
+    finally:
+        thread.join(30)
+    assert code == 0
+
+    files = spool_files(spool)
+    spooled = bool(files["queue"] or files["active"]) or "<big@client.test>" in arrived(sink)
+    acknowledged = outcome.get("reply", (0,))[0] == 250
+    records = proc.records()
+    logged_ids = {r["queue_id"] for r in records if r.get("queue_id")}
+    received_ids = {r["queue_id"] for r in events_named(records, "received")}
+    assert (acknowledged, logged_ids - received_ids) == (spooled, set()), (
+        f"client: {outcome}; spool: {files}; events: {[r['event'] for r in records]}"
+    )
+
+
+@pytest.mark.slow
+def test_kill_9_with_the_upstream_down_delivers_after_restart(tmp_path, sink, relay_process):
+    """Deferred mail survives kill -9: after a restart and the upstream's return, all of
+    it arrives and the spool ends empty."""
+    spool = tmp_path / "spool"
+    port = sink.port
+    sink.stop()  # the upstream is down; its port number is kept for later
+    proc = relay_process(write_config(tmp_path, port)).start()
+    message_ids = [f"<down.{i}@client.test>" for i in range(20)]
+    queue_ids = [send(proc.port, message_id) for message_id in message_ids]
+    assert len(set(queue_ids)) == 20
+    # Let every message be tried and deferred, so its retry schedule is on disk.
+    wait_until(
+        lambda: (
+            set(queue_ids)
+            <= {r.get("queue_id") for r in proc.records() if r.get("event") == "deferred"}
+        ),
+        DELIVERY_DEADLINE,
+        "a deferred attempt for each message",
+    )
+    proc.kill()
+    assert set(queue_ids) <= set(spool_files(spool)["msg"])
+
+    proc.start()
+    upstream = Sink(port).start()
+    try:
+        got = eventually(lambda: set(message_ids) <= set(arrived(upstream)), DELIVERY_DEADLINE)
+        assert got, f"missing: {sorted(set(message_ids) - set(arrived(upstream)))}"
+        assert eventually(lambda: spool_drained(spool), DELIVERY_DEADLINE), spool_files(spool)
+        files = spool_files(spool)
+        assert files["msg"] == files["queue"] == files["active"] == []
+        assert proc.stop() == 0
+    finally:
+        upstream.stop()
+
+
+# -- 3. stopping on a signal ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_stop_signal_exits_0_after_stopping_and_stopped(tmp_path, sink, relay_process, sig):
+    proc = relay_process(write_config(tmp_path, sink.port)).start()
+    send(proc.port, "<before-stop@client.test>")
+    sink.wait_for(1)
+    offset = proc.log_path.stat().st_size
+    started = time.monotonic()
+    code = proc.stop(sig)
+    elapsed = time.monotonic() - started
+    assert code == 0
+    assert elapsed < STOP_BOUND
+    events = [r.get("event") for r in proc.records(offset)]
+    assert "stopping" in events and "stopped" in events, events
+    assert events.index("stopping") < events.index("stopped")
+    assert port_is_closed(proc.port)
+
+
+def test_sigterm_with_a_client_session_open_exits_0(tmp_path, sink, relay_process):
+    """A client idling in a session (and one half-way through a transaction) must not
+    hold up the stop."""
+    proc = relay_process(write_config(tmp_path, sink.port)).start()
+    idle = smtplib.SMTP("127.0.0.1", proc.port, timeout=10)
+    busy = smtplib.SMTP("127.0.0.1", proc.port, timeout=10)
+    try:
+        idle.ehlo("idle.test")
+        busy.ehlo("busy.test")
+        assert busy.mail(SENDER)[0] == 250
+        assert busy.rcpt(RCPT)[0] == 250
+        started = time.monotonic()
+        code = proc.stop(signal.SIGTERM)
+        elapsed = time.monotonic() - started
+    finally:
+        idle.close()
+        busy.close()
+    assert code == 0
+    assert elapsed < STOP_BOUND
+    assert [r["event"] for r in proc.records() if r.get("event") in ("stopping", "stopped")] == [
+        "stopping",
+        "stopped",
+    ]
+    assert port_is_closed(proc.port)
+
+
+def test_sigterm_with_a_stuck_upstream_exits_0_and_keeps_the_message(tmp_path, sink, relay_process):
+    """SPEC §2: in-flight attempts get a few seconds; an unfinished message simply stays
+    spooled and goes out after the next start."""
+    spool = tmp_path / "spool"
+    with SilentServer() as silent:
+        config = write_config(tmp_path, silent.port)
+        # Long enough that the attempt is still stuck when SIGTERM comes.
+        edit_config(config, 'connect_timeout = "3s"', 'connect_timeout = "60s"')
+        edit_config(config, 'timeout = "5s"', 'timeout = "60s"')
+        proc = relay_process(config).start()
+        queue_id = send(proc.port, "<stuck@client.test>")
+        wait_until(silent.accepted.is_set, 10, "the relay to connect to the silent upstream")
+        started = time.monotonic()
+        code = proc.stop(signal.SIGTERM)
+        elapsed = time.monotonic() - started
+    assert code == 0
+    assert elapsed < STOP_BOUND
+    assert events_named(proc.records(), "stopped")
+    files = spool_files(spool)
+    assert queue_id in files["msg"]
+    assert queue_id in files["queue"] + files["active"], files
+
+    write_config(tmp_path, sink.port)  # same spool, a working upstream
+    offset = proc.log_path.stat().st_size
+    proc.start()
+    (got,) = sink.wait_for(1, timeout=DELIVERY_DEADLINE)
+    assert header_message_id(got.content) == "<stuck@client.test>"
+    assert eventually(lambda: spool_drained(spool), DELIVERY_DEADLINE), spool_files(spool)
+    assert events_named(proc.records(offset), "delivered")[0]["queue_id"] == queue_id
+    assert proc.stop() == 0
+
+
+# -- 4. forwarding is an event, not a poll ---------------------------------------------
+
+
+def test_forwarding_starts_at_once_not_on_a_poll(tmp_path, sink, relay_process):
+    """SPEC §1.2. The rescan runs every 10 s and the first retry would be 30 s away, so
+    arrival within 1 s of the 250 shows that acceptance itself starts the delivery."""
+    config = write_config(tmp_path, sink.port)
+    edit_config(config, 'retry_min = "1s"', 'retry_min = "30s"')
+    edit_config(config, 'retry_max = "2s"', 'retry_max = "60s"')
+    proc = relay_process(config).start()
+    latencies = []
+    for i in range(5):
+        message_id = f"<event.{i}@client.test>"
+        send(proc.port, message_id)
+        acknowledged = time.monotonic()
+        got = sink.wait_for(i + 1, timeout=DELIVERY_DEADLINE)[i]
+        assert header_message_id(got.content) == message_id
+        latencies.append(got.at - acknowledged)
+    assert max(latencies) < 1.0, latencies
+    assert not events_named(proc.records(), "deferred")
+    assert proc.stop() == 0
+
+
+# -- 5. configuration errors and the command line ----------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "key"),
+    [
+        ("[smtp]\n", "[smtp]\nmax_client = 5\n", "smtp.max_client"),
+        ('retry_min = "1s"', 'retry_min = "soon"', "delivery.retry_min"),
+    ],
+    ids=["unknown-key", "bad-value"],
+)
+def test_serve_with_a_bad_config_exits_78_naming_the_key(tmp_path, old, new, key):
+    config = write_config(tmp_path, 2525)
+    edit_config(config, old, new)
+    result = run_cli("-c", str(config), "serve")
+    assert result.returncode == 78, result
+    assert key in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "spool").exists()  # nothing was started
+
+
+def test_check_prints_a_summary_for_a_good_config(tmp_path):
+    config = write_config(tmp_path, 2525)
+    result = run_cli("-c", str(config), "check")
+    assert result.returncode == 0, result
+    assert str(tmp_path / "spool") in result.stdout
+    assert "sink" in result.stdout  # the backend's name
+    assert "Traceback" not in result.stderr
+
+
+def test_check_lists_every_error_of_a_bad_config(tmp_path):
+    config = write_config(tmp_path, 2525)
+    edit_config(config, "[smtp]\n", "[smtp]\nmax_client = 5\n")
+    edit_config(config, 'retry_min = "1s"', 'retry_min = "soon"')
+    result = run_cli("-c", str(config), "check")
+    assert result.returncode == 1, result
+    output = result.stdout + result.stderr
+    assert "smtp.max_client" in output
+    assert "delivery.retry_min" in output
+    assert "Traceback" not in output
+
+
+def test_version():
+    result = run_cli("--version")
+    assert result.returncode == 0, result
+    assert __version__ in result.stdout
+
+
+def test_missing_config_file_exits_78_naming_it(tmp_path):
+    missing = tmp_path / "nowhere" / "smarthost.toml"
+    result = run_cli("-c", str(missing), "serve")
+    assert result.returncode == 78, result
+    assert str(missing) in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_config_path_from_the_environment(tmp_path):
+    """No -c: $SMARTHOST_CONFIG names the file (SPEC §2)."""
+    missing = tmp_path / "from-env.toml"
+    env = {**os.environ, "SMARTHOST_CONFIG": str(missing)}
+    result = run_cli("serve", env=env)
+    assert result.returncode == 78, result
+    assert str(missing) in result.stderr
+
+
+def test_usage_errors_exit_64(tmp_path):
+    config = str(write_config(tmp_path, 2525))
+    assert run_cli("-c", config).returncode == 64  # no command
+    assert run_cli("-c", config, "frobnicate").returncode == 64
+
+
+# -- 6. one relay per spool -------------------------------------------------------------
+
+
+def test_a_second_serve_on_the_same_spool_exits_75(tmp_path, sink, relay_process):
+    config = write_config(tmp_path, sink.port)
+    first = relay_process(config).start()
+    assert first.proc is not None
+    result = run_cli("-c", str(config), "serve")
+    assert result.returncode == 75, result
+    assert "in use" in result.stderr
+    assert str(first.proc.pid) in result.stderr  # who holds it
+    assert "Traceback" not in result.stderr
+    # The first relay is untouched and still relays.
+    assert first.proc.poll() is None
+    send(first.port, "<still-works@client.test>")
+    (got,) = sink.wait_for(1)
+    assert header_message_id(got.content) == "<still-works@client.test>"
+    assert first.stop() == 0
+
+
+# -- 7. the log -------------------------------------------------------------------------
+
+
+def test_every_log_line_is_a_json_object_with_time_level_event(tmp_path, sink, relay_process):
+    """SPEC §8: one JSON object per line; a message's life follows its queue_id."""
+    proc: RelayProcess = relay_process(write_config(tmp_path, sink.port)).start()
+    queue_id = send(proc.port, "<logged@client.test>")
+    sink.wait_for(1)
+    wait_until(lambda: events_named(proc.records(), "delivered"), 10, "the delivered event")
+    assert proc.stop() == 0
+
+    lines = proc.log_path.read_text(encoding="utf-8").splitlines()
+    assert lines
+    records = []
+    for line in lines:
+        record = json.loads(line)  # fails the test on any line that is not JSON
+        assert isinstance(record, dict), line
+        assert {"time", "level", "event"} <= record.keys(), line
+        when = datetime.datetime.fromisoformat(record["time"].replace("Z", "+00:00"))
+        assert when.utcoffset() == datetime.timedelta(0), line  # RFC 3339, UTC
+        assert record["level"] in ("debug", "info", "warning", "error", "critical"), line
+        records.append(record)
+
+    names = [r["event"] for r in records]
+    for name in ("started", "received", "delivered", "stopping", "stopped"):
+        assert name in names, names
+    assert (
+        names.index("started")
+        < names.index("received")
+        < names.index("delivered")
+        < names.index("stopping")
+        < names.index("stopped")
+    ), names
+    (received,) = events_named(records, "received")
+    (delivered,) = events_named(records, "delivered")
+    assert received["queue_id"] == delivered["queue_id"] == queue_id
+    assert received["message_id"] == "<logged@client.test>"
+    assert received["sender"] == SENDER
+    assert delivered["backend"] == "sink"
+    assert delivered["reply"].startswith("250")
