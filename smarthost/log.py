@@ -37,6 +37,7 @@ EVENTS = frozenset(
         "quarantined",
         "library",
         "internal_error",
+        "released",
     }
 )
 

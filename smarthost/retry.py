@@ -1,4 +1,8 @@
-"""Retry policy: when a deferred message is tried again, as a pure function.
+"""Retry policies: the next backend within an attempt, and when a deferred message
+is tried again.
+
+Within one attempt, a backend failure moves on to the next backend at once, at most
+once per backend of the group, and not at all once the relay is stopping.
 
 tenacity's wait strategies are used outside tenacity's loop: the delay for attempt N
 is computed once and stamped on disk as the message's next-attempt time, so the
@@ -8,7 +12,18 @@ from coming due in the same second.
 
 from __future__ import annotations
 
-from tenacity import RetryCallState, wait_exponential, wait_random
+import threading
+
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    stop_when_event_set,
+    wait_exponential,
+    wait_none,
+    wait_random,
+)
 
 
 def backoff(attempts: int, retry_min: float, retry_max: float) -> float:
@@ -31,3 +46,13 @@ def next_attempt(
     if now >= expiry:
         return None
     return min(now + backoff(attempts, retry_min, retry_max), expiry)
+
+
+def failover(backends: int, stopping: threading.Event, on: type[BaseException]) -> Retrying:
+    """Try up to `backends` backends in a row while `on` is raised; stop on shutdown."""
+    return Retrying(
+        stop=stop_after_attempt(max(1, backends)) | stop_when_event_set(stopping),
+        retry=retry_if_exception_type(on),
+        wait=wait_none(),
+        reraise=True,
+    )

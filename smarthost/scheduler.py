@@ -13,14 +13,16 @@ import heapq
 import logging
 import os
 import queue
+import smtplib
 import threading
 import time
 from datetime import datetime, timezone
 
 from . import log, retry
 from .config import Config
-from .sender import Attempt, Sender
+from .sender import Attempt, BackendFailure, Sender, format_reply
 from .spool import ACTIVE, FAILED_RCPT, QUEUE, Envelope, Spool
+from .upstream import Backend
 
 RESCAN_INTERVAL = 10.0
 HISTORY_KEPT = 20
@@ -35,6 +37,11 @@ class Scheduler:
         self.config = config
         self.spool = spool
         self.sender = sender
+        self.upstreams = sender.upstreams
+        self.upstreams.on_up = self.release
+        self._waiting: dict[str, set[str]] = {}  # group -> queue IDs waiting for it
+        self._probes: list[threading.Thread] = []
+        self._rebuilder: threading.Thread | None = None
         self._heap: list[tuple[float, str]] = []
         self._index: dict[str, float] = {}
         self._cond = threading.Condition()
@@ -81,10 +88,15 @@ class Scheduler:
         self._idle = len(self._workers)
         self._thread = threading.Thread(target=self._run, name="scheduler", daemon=True)
         self._thread.start()
+        self._rebuilder = threading.Thread(
+            target=self._rebuild_waiting, name="waiting-index", daemon=True
+        )
+        self._rebuilder.start()
 
     def stop(self, grace: float = 5.0) -> bool:
         """Stop dispatching; wait up to `grace` seconds for attempts in flight."""
         self._stopping.set()
+        self.sender.stopping.set()
         with self._cond:
             self._cond.notify_all()
         if self._thread is not None:
@@ -92,11 +104,12 @@ class Scheduler:
         for _ in self._workers:
             self._work.put(None)
         deadline = time.monotonic() + grace
-        for thread in self._workers:
+        others = [t for t in (self._rebuilder, *self._probes) if t is not None]
+        for thread in self._workers + others:
             thread.join(max(0.0, deadline - time.monotonic()))
         # A worker still stuck on an upstream leaves its message in active/,
         # which the next start hands back to the queue.
-        return not any(t.is_alive() for t in self._workers)
+        return not any(t.is_alive() for t in self._workers + others)
 
     # -- the dispatch loop -----------------------------------------------------
 
@@ -107,8 +120,9 @@ class Scheduler:
             if self._scan_requested or now >= next_scan:
                 self._scan_requested = False
                 self._scan()
-                self.sender.upstreams.close_idle()
+                self.upstreams.close_idle()
                 next_scan = now + RESCAN_INTERVAL
+            self._start_probes(now)
             with self._cond:
                 self._dispatch_due(now)
                 self._cond.wait(self._sleep_time(now, next_scan))
@@ -126,6 +140,9 @@ class Scheduler:
         wait = next_scan - now
         if self._idle > 0 and self._heap:
             wait = min(wait, self._heap[0][0] - now)
+        probe = self.upstreams.next_probe()
+        if probe is not None:
+            wait = min(wait, probe - now)
         return max(0.0, wait)
 
     def _scan(self) -> None:
@@ -189,37 +206,14 @@ class Scheduler:
     def settle(self, env: Envelope, attempt: Attempt) -> None:
         """Record an attempt on disk and in the log, then requeue, finish or park."""
         now = time.time()
-        env.attempts += 1
-        self._log_attempt(env, attempt, now)
+        if attempt.progressed:
+            env.attempts += 1
+            self._log_attempt(env, attempt, now)
         unfinished = env.unfinished()
         if unfinished:
-            if attempt.deferred:
-                env.last_error = attempt.deferred[-1].reply
-            due = retry.next_attempt(
-                now,
-                env.arrival,
-                env.attempts,
-                self.config.delivery.retry_min,
-                self.config.delivery.retry_max,
-                self.config.delivery.retry_for,
-            )
+            due = self._next_due(env, attempt, now)
             if due is not None:
-                env.next_attempt = due
-                self.spool.requeue(env)
-                log.event(
-                    "deferred",
-                    queue_id=env.id,
-                    sender=env.sender,
-                    recipients=[r.address for r in unfinished],
-                    reply=env.last_error,
-                    status=unfinished[-1].status,
-                    attempt=env.attempts,
-                    delay=round(now - env.arrival, 3),
-                    next_attempt=_rfc3339(due),
-                    backend=attempt.backend,
-                    backend_errors=[f"{b}: {r}" for b, r in attempt.backend_errors] or None,
-                )
-                self.notify(env.id, due)
+                self._requeue(env, attempt, unfinished, due, now)
                 return
             self._expire(env, unfinished, now)
         if any(r.state == FAILED_RCPT for r in env.recipients):
@@ -228,6 +222,114 @@ class Scheduler:
             self.spool.park_failed(env)
         else:
             self.spool.finish(env)
+
+    def _next_due(self, env: Envelope, attempt: Attempt, now: float) -> float | None:
+        """A rate-limit slot if one is booked, else the backoff; None once expired."""
+        delivery = self.config.delivery
+        due = retry.next_attempt(
+            now,
+            env.arrival,
+            max(1, env.attempts),
+            delivery.retry_min,
+            delivery.retry_max,
+            delivery.retry_for,
+        )
+        if due is not None and attempt.rate_wait is not None:
+            due = attempt.rate_wait
+        return due
+
+    def _requeue(
+        self, env: Envelope, attempt: Attempt, unfinished: list, due: float, now: float
+    ) -> None:
+        env.next_attempt = due
+        env.waiting_groups = sorted(attempt.waiting_groups)
+        if attempt.deferred:
+            env.last_error = attempt.deferred[-1].reply
+        self.spool.requeue(env)
+        self._wait_for_groups(env.id, attempt.waiting_groups)
+        if attempt.progressed:
+            log.event(
+                "deferred",
+                queue_id=env.id,
+                sender=env.sender,
+                recipients=[r.address for r in unfinished],
+                reply=env.last_error,
+                status=unfinished[-1].status,
+                attempt=env.attempts,
+                delay=round(now - env.arrival, 3),
+                next_attempt=_rfc3339(due),
+                backend=attempt.backend,
+                backend_errors=[f"{b}: {r}" for b, r in attempt.backend_errors] or None,
+            )
+        self.notify(env.id, due)
+
+    # -- fast recovery ---------------------------------------------------------
+
+    def _wait_for_groups(self, queue_id: str, groups: set[str]) -> None:
+        with self._cond:
+            for group in groups:
+                self._waiting.setdefault(group, set()).add(queue_id)
+
+    def release(self, group: str) -> None:
+        """A backend of `group` answers again: mail that waited only for it goes now."""
+        with self._cond:
+            waiting = self._waiting.pop(group, set())
+        if not waiting:
+            return
+        now = time.time()
+        for queue_id in waiting:
+            try:
+                # The file's mtime is its due time: without this the hint looks stale.
+                os.utime(self.spool.path(QUEUE, queue_id), (now, now))
+            except FileNotFoundError:
+                continue  # already being tried, or gone
+            self.notify(queue_id, now)
+        log.event("released", group=group, messages=len(waiting))
+
+    def _probe(self, backend: Backend) -> None:
+        """Open a session to a down backend; its success releases the waiting mail."""
+        try:
+            with backend.session(self.sender.connect) as session:
+                code, msg = session.smtp.noop()
+                if code != 250:
+                    raise BackendFailure(format_reply(code, msg))
+        except (BackendFailure, OSError, smtplib.SMTPException) as exc:
+            reply = exc.reply if isinstance(exc, BackendFailure) else repr(exc)
+            self.upstreams.failed(backend, reply, time.time())
+        else:
+            self.upstreams.succeeded(backend)
+        finally:
+            self.upstreams.probe_done(backend)
+            with self._cond:
+                self._cond.notify()
+
+    def _start_probes(self, now: float) -> None:
+        for backend in self.upstreams.probes_due(now):
+            thread = threading.Thread(
+                target=self._probe, args=(backend,), name=f"probe-{backend.name}", daemon=True
+            )
+            self._probes = [t for t in self._probes if t.is_alive()] + [thread]
+            thread.start()
+
+    def _rebuild_waiting(self) -> None:
+        """After a restart, find mail deferred because a group's backends were down, and
+        probe those groups at once instead of waiting out each message's backoff."""
+        now = time.time()
+        groups: set[str] = set()
+        for queue_id, due in self.spool.scan(QUEUE):
+            if due <= now or self._stopping.is_set():
+                continue
+            try:
+                env = self.spool.read_envelope(QUEUE, queue_id)
+            except (OSError, ValueError):
+                continue  # gone, or corrupt: the claim will quarantine it
+            if env.waiting_groups:
+                self._wait_for_groups(queue_id, set(env.waiting_groups))
+                groups.update(env.waiting_groups)
+        for group in groups:
+            self.upstreams.request_probe(group)
+        with self._cond:
+            self._cond.notify()
 
     def _expire(self, env: Envelope, unfinished: list, now: float) -> None:
         for rcpt in unfinished:

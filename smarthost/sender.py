@@ -12,10 +12,12 @@ import enum
 import re
 import smtplib
 import subprocess
+import threading
 import time
 from dataclasses import dataclass, field
 
 from .config import BackendConfig, Config
+from .retry import failover
 from .spool import DEFERRED, DELIVERED, FAILED_RCPT, Envelope, Recipient, Spool
 from .upstream import Backend, Session, Upstreams, close_session
 
@@ -77,16 +79,18 @@ class BackendFailure(Exception):
 class Attempt:
     """What one attempt did: per-recipient changes are made on the envelope itself."""
 
-    backend: str | None = None  # the backend that gave the outcome
+    backend: str | None = None  # the last backend that took a transaction
     delivered: list[Recipient] = field(default_factory=list)
     deferred: list[Recipient] = field(default_factory=list)
     failed: list[Recipient] = field(default_factory=list)
     backend_errors: list[tuple[str, str]] = field(default_factory=list)  # (backend, reply)
+    waiting_groups: set[str] = field(default_factory=set)  # every backend was down
+    rate_wait: float | None = None  # some recipients wait for a rate-limit slot until then
 
     @property
-    def only_backends_failed(self) -> bool:
-        """Deferred only because no backend could be reached: fast recovery applies."""
-        return self.backend is None and bool(self.backend_errors)
+    def progressed(self) -> bool:
+        """Anything but a rate-limit hold: the attempt counts."""
+        return bool(self.delivered or self.deferred or self.failed)
 
 
 class Sender:
@@ -96,32 +100,74 @@ class Sender:
         self.config = config
         self.spool = spool
         self.upstreams = upstreams
+        self.stopping = threading.Event()
 
     def attempt(self, env: Envelope) -> Attempt:
         result = Attempt()
         content = self.spool.read_message(env.id)
-        for backend in self.upstreams.candidates(env):
-            try:
-                self._deliver_via(backend, env, content, result)
-                result.backend = backend.name
-                return result
-            except BackendFailure as exc:
-                result.backend_errors.append((backend.name, exc.reply))
-        reply = (
-            result.backend_errors[-1][1] if result.backend_errors else "no backend for this message"
-        )
-        for rcpt in env.unfinished():
-            _settle(rcpt, DEFERRED, reply, "4.4.1", None, result)
+        for group, rcpts in self.upstreams.partition(env).items():
+            self._attempt_group(env, group, rcpts, content, result)
         return result
 
+    def _attempt_group(
+        self, env: Envelope, group: str, rcpts: list[Recipient], content: bytes, result: Attempt
+    ) -> None:
+        """Carry one group's recipients, failing over from backend to backend."""
+        tried: set[str] = set()
+        errors: list[BackendFailure] = []
+        wait_until = None
+        try:
+            for attempt in failover(self.upstreams.size(group), self.stopping, BackendFailure):
+                with attempt:
+                    choice = self.upstreams.choose(group, tried, env.id, time.time())
+                    if choice.backend is None:
+                        wait_until = choice.wait_until
+                        break
+                    tried.add(choice.backend.name)
+                    self._deliver_via(choice.backend, env, rcpts, content, result, errors)
+                    return
+        except BackendFailure:
+            pass  # every backend tried, or stopping: the recipients wait
+        if wait_until is not None:
+            result.rate_wait = min(result.rate_wait or wait_until, wait_until)
+            return
+        if errors:
+            reply, status = errors[-1].reply, errors[-1].status
+        else:
+            reply, status = f"no backend of group {group!r} is available", "4.4.1"
+        for rcpt in rcpts:
+            if rcpt.unfinished:
+                _settle(rcpt, DEFERRED, reply, status, None, result)
+        result.waiting_groups.add(group)
+
     def _deliver_via(
-        self, backend: Backend, env: Envelope, content: bytes, result: Attempt
+        self,
+        backend: Backend,
+        env: Envelope,
+        rcpts: list[Recipient],
+        content: bytes,
+        result: Attempt,
+        errors: list[BackendFailure],
+    ) -> None:
+        try:
+            self._session_transaction(backend, env, rcpts, content, result)
+        except BackendFailure as exc:
+            result.backend_errors.append((backend.name, exc.reply))
+            errors.append(exc)
+            self.upstreams.failed(backend, exc.reply, time.time())
+            raise
+        result.backend = backend.name
+        self.upstreams.succeeded(backend)
+
+    def _session_transaction(
+        self, backend: Backend, env: Envelope, rcpts: list[Recipient], content: bytes, result
     ) -> None:
         for _ in range(3):
             session = None
             try:
                 with backend.session(self.connect) as session:
-                    self._transaction(session, backend, env, content, result)
+                    pending = [r for r in rcpts if r.unfinished]
+                    self._transaction(session, backend, env, pending, content, result)
                 return
             except smtplib.SMTPServerDisconnected as exc:
                 # An idle session the server has since closed is no fault of the backend.
@@ -132,7 +178,13 @@ class Sender:
         raise BackendFailure("connection lost on every reused session")
 
     def _transaction(
-        self, session: Session, backend: Backend, env: Envelope, content: bytes, result: Attempt
+        self,
+        session: Session,
+        backend: Backend,
+        env: Envelope,
+        rcpts: list[Recipient],
+        content: bytes,
+        result: Attempt,
     ) -> None:
         smtp = session.smtp
         session.used_now = False
@@ -141,7 +193,7 @@ class Sender:
         if env.smtputf8 and not smtp.has_extn("smtputf8") and not _is_ascii(env):
             # RFC 6531 §3.2: without SMTPUTF8 upstream, UTF-8 addresses cannot be relayed.
             reply = b"5.6.7 the upstream does not support SMTPUTF8 for these addresses"
-            self._settle_all(env, Outcome.FAIL_MESSAGE, 553, reply, backend, result)
+            self._settle_all(rcpts, Outcome.FAIL_MESSAGE, 553, reply, backend, result)
             return
         session.clean = False
         code, msg = smtp.mail(env.sender, self._mail_options(smtp, env, content))
@@ -150,10 +202,10 @@ class Sender:
         if outcome is Outcome.BACKEND_FAILURE:
             raise BackendFailure(format_reply(code, msg))
         if outcome is not Outcome.OK:
-            self._settle_all(env, outcome, code, msg, backend, result)
+            self._settle_all(rcpts, outcome, code, msg, backend, result)
             return
         accepted = []
-        for rcpt in env.unfinished():
+        for rcpt in rcpts:
             code, msg = smtp.rcpt(rcpt.address)
             outcome = classify("rcpt", code)
             if outcome is Outcome.BACKEND_FAILURE:
@@ -185,11 +237,11 @@ class Sender:
             options.append("SMTPUTF8")
         return options
 
-    def _settle_all(self, env, outcome, code, msg, backend, result) -> None:
+    def _settle_all(self, rcpts, outcome, code, msg, backend, result) -> None:
         per_rcpt = (
             Outcome.DEFER_RECIPIENT if outcome is Outcome.DEFER_MESSAGE else Outcome.FAIL_RECIPIENT
         )
-        for rcpt in env.unfinished():
+        for rcpt in rcpts:
             self._settle_one(rcpt, per_rcpt, code, msg, backend, result)
 
     def _settle_one(self, rcpt, outcome, code, msg, backend, result) -> None:

@@ -104,6 +104,7 @@ class Envelope:
     ret: str | None = None  # RFC 3461 RET
     envid: str | None = None  # RFC 3461 ENVID
     warned: bool = False  # a "delayed" DSN went out
+    waiting_groups: list[str] = field(default_factory=list)  # every backend was down
     history: list[dict[str, Any]] = field(default_factory=list)
     version: int = ENVELOPE_VERSION
 

@@ -1,23 +1,28 @@
-"""Upstream backends and groups: which backend to try, and their open sessions.
+"""Upstream backends and groups: which backend to try, its health, its rate, its sessions.
 
-Each `[[backend]]` becomes a `Backend` holding its reusable SMTP sessions (at most
-`max_connections`, closed after 30 s idle). `Upstreams.candidates()` gives, for one
-message, the backends of its route's group in the order to try them: non-backup
-backends first, then backups.
+Each `[[backend]]` becomes a `Backend`: its pool of reusable SMTP sessions (at most
+`max_connections`, closed after 30 s idle), its health (`max_fails` failures within
+`fail_timeout` mark it down for `fail_timeout`, after which it is probed) and its rate
+limit. `Upstreams` routes each recipient to a group and picks, within the group, a
+backend by smooth weighted round-robin (nginx's algorithm) over the healthy
+non-backup backends; backups only while every non-backup backend is down.
 """
 
 from __future__ import annotations
 
+import logging
 import smtplib
 import ssl
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 
+from . import log
 from .config import BackendConfig, Config, RouteConfig
-from .spool import Envelope
+from .spool import Envelope, Recipient
 
 SESSION_IDLE_TIMEOUT = 30.0
 DEFAULT_GROUP = "default"
@@ -34,16 +39,52 @@ class Session:
     used_now: bool = False  # the server has answered in the current transaction
 
 
+class RateWindow:
+    """At most `count` sends in any `period` seconds, as a sliding window.
+
+    A send that does not fit gets a reservation: the earliest time it would fit,
+    after the reservations already handed out, so waiting mail is spread over the
+    coming slots instead of all waking at the next one.
+    """
+
+    def __init__(self, count: int, period: float) -> None:
+        self.count = count
+        self.period = period
+        self._times: deque[float] = deque()
+
+    def reserve(self, now: float) -> float:
+        """Book a slot and return its time (`now` if one is free now)."""
+        while self._times and self._times[0] <= now - self.period:
+            self._times.popleft()
+        if len(self._times) < self.count:
+            slot = max(now, self._times[-1]) if self._times else now
+        else:
+            slot = self._times[-self.count] + self.period
+        self._times.append(slot)
+        return slot
+
+
 class Backend:
-    """One upstream server and the pool of sessions open to it."""
+    """One upstream server: its sessions, health and rate."""
 
     def __init__(self, config: BackendConfig) -> None:
         self.config = config
         self.name = config.name
+        self.group = config.group
+        self.current_weight = 0  # smooth weighted round-robin state
+        self.fails: deque[float] = deque()
+        self.down = False  # marked down by max_fails failures within fail_timeout
+        self.retry_at = 0.0  # while down: when it may be tried (probed) again
+        self.probe_wanted = False
+        self.probing = False
+        self.rate = RateWindow(*config.rate) if config.rate else None
         self._tls_context: ssl.SSLContext | None = None
         self._slots = threading.BoundedSemaphore(config.max_connections)
         self._idle: list[Session] = []
         self._lock = threading.Lock()
+
+    def is_down(self, now: float) -> bool:
+        return self.down and self.retry_at > now
 
     @property
     def tls_context(self) -> ssl.SSLContext:
@@ -95,11 +136,176 @@ class Backend:
         self.close_idle(max_idle=-1.0)
 
 
-def _quit(smtp: smtplib.SMTP) -> None:
-    try:
-        smtp.quit()
-    except (OSError, smtplib.SMTPException):
-        close_session(smtp)
+@dataclass
+class Choice:
+    """The backend to try next, or why there is none."""
+
+    backend: Backend | None = None
+    wait_until: float | None = None  # every candidate is over its rate until then
+
+
+class Upstreams:
+    """Every backend, grouped, with the routes that send each recipient to a group."""
+
+    def __init__(self, config: Config, on_up: Callable[[str], None] | None = None) -> None:
+        self.backends = [Backend(b) for b in config.backends]
+        self.routes: tuple[RouteConfig, ...] = config.routes
+        self.groups: dict[str, list[Backend]] = {}
+        for backend in self.backends:
+            self.groups.setdefault(backend.group, []).append(backend)
+        self.on_up = on_up
+        self._lock = threading.Lock()
+        self._reservations: dict[tuple[str, str], float] = {}  # (queue_id, backend) -> slot
+
+    # -- routing ---------------------------------------------------------------
+
+    def group_for(self, sender: str, recipient: str) -> str:
+        """The group of the first route matching the sender's or recipient's domain."""
+        sender_domain, rcpt_domain = _domain(sender), _domain(recipient)
+        for route in self.routes:
+            if sender_domain in route.sender_domain or rcpt_domain in route.recipient_domain:
+                return route.group
+        return DEFAULT_GROUP
+
+    def partition(self, env: Envelope) -> dict[str, list[Recipient]]:
+        """The unfinished recipients of a message, by the group that carries them."""
+        groups: dict[str, list[Recipient]] = {}
+        for rcpt in env.unfinished():
+            groups.setdefault(self.group_for(env.sender, rcpt.address), []).append(rcpt)
+        return groups
+
+    # -- choice ----------------------------------------------------------------
+
+    def choose(self, group: str, tried: set[str], queue_id: str, now: float) -> Choice:
+        """The next backend of `group` for this message, by weight, health and rate."""
+        with self._lock:
+            members = self.groups.get(group, [])
+            primaries = [b for b in members if not b.config.backup]
+            pool = [b for b in primaries if not b.is_down(now) and b.name not in tried]
+            if not pool and all(b.is_down(now) for b in primaries):
+                pool = [
+                    b
+                    for b in members
+                    if b.config.backup and not b.is_down(now) and b.name not in tried
+                ]
+            wait_until = None
+            while pool:
+                backend = _smooth_weighted_pick(pool)
+                slot = self._rate_slot(backend, queue_id, now)
+                if slot <= now:
+                    return Choice(backend)
+                wait_until = slot if wait_until is None else min(wait_until, slot)
+                pool.remove(backend)
+            return Choice(None, wait_until)
+
+    def _rate_slot(self, backend: Backend, queue_id: str, now: float) -> float:
+        """When this message may go to `backend`: a booked slot is kept, not rebooked."""
+        if backend.rate is None:
+            return now
+        key = (queue_id, backend.name)
+        slot = self._reservations.get(key)
+        if slot is None:
+            slot = backend.rate.reserve(now)
+            if slot > now:
+                self._reservations[key] = slot
+        elif slot <= now:
+            del self._reservations[key]
+        return slot
+
+    # -- health ----------------------------------------------------------------
+
+    def failed(self, backend: Backend, reply: str, now: float) -> None:
+        """Count a backend failure; `max_fails` within `fail_timeout` mark it down."""
+        config = backend.config
+        with self._lock:
+            backend.fails.append(now)
+            while backend.fails and backend.fails[0] <= now - config.fail_timeout:
+                backend.fails.popleft()
+            # A backend that is down stays down when its probe (or first try) fails.
+            if not backend.down and (
+                config.max_fails == 0 or len(backend.fails) < config.max_fails
+            ):
+                return
+            was_down = backend.down
+            backend.down, backend.retry_at = True, now + config.fail_timeout
+            backend.fails.clear()
+        log.event(
+            "backend_down",
+            level=logging.WARNING,
+            backend=backend.name,
+            group=backend.group,
+            reply=reply,
+            still_down=was_down or None,
+            fail_timeout=config.fail_timeout,
+        )
+
+    def succeeded(self, backend: Backend) -> None:
+        """A session worked: the backend is up, and mail waiting for its group may go."""
+        with self._lock:
+            was_down = backend.down
+            backend.down, backend.retry_at = False, 0.0
+            backend.fails.clear()
+        if was_down:
+            log.event("backend_up", backend=backend.name, group=backend.group)
+        if self.on_up is not None:
+            self.on_up(backend.group)
+
+    def probes_due(self, now: float) -> list[Backend]:
+        """Down backends whose `fail_timeout` has ended, each handed out once."""
+        with self._lock:
+            due = [
+                b
+                for b in self.backends
+                if not b.probing and (b.probe_wanted or (b.down and b.retry_at <= now))
+            ]
+            for backend in due:
+                backend.probing, backend.probe_wanted = True, False
+            return due
+
+    def probe_done(self, backend: Backend) -> None:
+        with self._lock:
+            backend.probing = False
+
+    def next_probe(self) -> float | None:
+        with self._lock:
+            times = [
+                0.0 if b.probe_wanted else b.retry_at
+                for b in self.backends
+                if not b.probing and (b.probe_wanted or b.down)
+            ]
+        return min(times) if times else None
+
+    def request_probe(self, group: str) -> None:
+        """Check the group's backends at once (mail is waiting for them after a restart)."""
+        with self._lock:
+            for backend in self.groups.get(group, []):
+                backend.probe_wanted = True
+
+    def size(self, group: str) -> int:
+        return len(self.groups.get(group, []))
+
+    # -- sessions --------------------------------------------------------------
+
+    def close_idle(self) -> None:
+        for backend in self.backends:
+            backend.close_idle()
+
+    def close_all(self) -> None:
+        for backend in self.backends:
+            backend.close_all()
+
+
+def _smooth_weighted_pick(pool: list[Backend]) -> Backend:
+    """nginx's smooth weighted round-robin: shares by weight, interleaved, not bursts."""
+    total = 0
+    best = pool[0]
+    for backend in pool:
+        backend.current_weight += backend.config.weight
+        total += backend.config.weight
+        if backend.current_weight > best.current_weight:
+            best = backend
+    best.current_weight -= total
+    return best
 
 
 def make_tls_context(backend: BackendConfig) -> ssl.SSLContext:
@@ -118,37 +324,11 @@ def close_session(smtp: smtplib.SMTP) -> None:
         smtp.close()
 
 
-class Upstreams:
-    """Every backend, grouped, with the routes that pick a group for a message."""
-
-    def __init__(self, config: Config) -> None:
-        self.backends = [Backend(b) for b in config.backends]
-        self.routes: tuple[RouteConfig, ...] = config.routes
-        self.groups: dict[str, list[Backend]] = {}
-        for backend in self.backends:
-            self.groups.setdefault(backend.config.group, []).append(backend)
-
-    def group_for(self, env: Envelope) -> str:
-        """The group of the first route the message matches, else "default"."""
-        sender_domain = _domain(env.sender)
-        rcpt_domains = {_domain(r.address) for r in env.recipients}
-        for route in self.routes:
-            if sender_domain in route.sender_domain or rcpt_domains & set(route.recipient_domain):
-                return route.group
-        return DEFAULT_GROUP
-
-    def candidates(self, env: Envelope) -> list[Backend]:
-        """Backends to try for this message, in order: primaries, then backups."""
-        members = self.groups.get(self.group_for(env), [])
-        return [b for b in members if not b.config.backup] + [b for b in members if b.config.backup]
-
-    def close_idle(self) -> None:
-        for backend in self.backends:
-            backend.close_idle()
-
-    def close_all(self) -> None:
-        for backend in self.backends:
-            backend.close_all()
+def _quit(smtp: smtplib.SMTP) -> None:
+    try:
+        smtp.quit()
+    except (OSError, smtplib.SMTPException):
+        close_session(smtp)
 
 
 def _domain(address: str) -> str:

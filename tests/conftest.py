@@ -169,6 +169,7 @@ name = "sink"
 host = "127.0.0.1"
 port = {sink_port}
 tls = "none"
+fail_timeout = "1s"
 """
     )
     return path
