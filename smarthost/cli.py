@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument(
         "--connect",
         action="store_true",
-        help="also open a session to every backend (not available yet)",
+        help="also open a session to every backend and report each step",
     )
     return parser
 
@@ -71,8 +71,11 @@ def check(path: str, connect: bool) -> int:
     for warning in config_warnings(config):
         print(f"warning: {warning}", file=sys.stderr)
     if connect:
-        print("check --connect: not available in this version", file=sys.stderr)
-        return EX_UNAVAILABLE
+        from .sender import check_connections
+
+        print()
+        if not check_connections(config, print):
+            return 1
     return EX_OK
 
 

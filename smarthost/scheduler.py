@@ -13,14 +13,20 @@ import heapq
 import logging
 import os
 import queue
-import smtplib
 import threading
 import time
 from datetime import datetime, timezone
 
 from . import log, retry
 from .config import Config
-from .sender import Attempt, BackendFailure, Sender, format_reply
+from .sender import (
+    SESSION_ERRORS,
+    Attempt,
+    BackendFailure,
+    Sender,
+    describe_failure,
+    format_reply,
+)
 from .spool import ACTIVE, FAILED_RCPT, QUEUE, Envelope, Spool
 from .upstream import Backend
 
@@ -293,9 +299,8 @@ class Scheduler:
                 code, msg = session.smtp.noop()
                 if code != 250:
                     raise BackendFailure(format_reply(code, msg))
-        except (BackendFailure, OSError, smtplib.SMTPException) as exc:
-            reply = exc.reply if isinstance(exc, BackendFailure) else repr(exc)
-            self.upstreams.failed(backend, reply, time.time())
+        except (BackendFailure, *SESSION_ERRORS) as exc:
+            self.upstreams.failed(backend, describe_failure(exc), time.time())
         else:
             self.upstreams.succeeded(backend)
         finally:

@@ -11,15 +11,17 @@ from __future__ import annotations
 import enum
 import re
 import smtplib
+import ssl
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .config import BackendConfig, Config
 from .retry import failover
 from .spool import DEFERRED, DELIVERED, FAILED_RCPT, Envelope, Recipient, Spool
-from .upstream import Backend, Session, Upstreams, close_session
+from .upstream import Backend, Session, Upstreams, close_session, quit_session
 
 
 class Outcome(enum.Enum):
@@ -64,6 +66,11 @@ def enhanced_status(code: int, text: str) -> str:
 def format_reply(code: int, message: bytes | str) -> str:
     text = message.decode("utf-8", "replace") if isinstance(message, bytes) else message
     return f"{code} {' '.join(text.split())}".strip()
+
+
+# What a broken session raises: the network, TLS (ssl errors are OSErrors; a bad TLS
+# set-up is a ValueError) and the protocol.
+SESSION_ERRORS = (OSError, ValueError, smtplib.SMTPException)
 
 
 class BackendFailure(Exception):
@@ -173,7 +180,7 @@ class Sender:
                 # An idle session the server has since closed is no fault of the backend.
                 if session is None or not session.reused or session.used_now:
                     raise BackendFailure(_describe(exc)) from exc
-            except (OSError, smtplib.SMTPException) as exc:
+            except SESSION_ERRORS as exc:
                 raise BackendFailure(_describe(exc)) from exc
         raise BackendFailure("connection lost on every reused session")
 
@@ -257,30 +264,35 @@ class Sender:
 
     # -- opening a session --------------------------------------------------
 
-    def connect(self, upstream: Backend) -> smtplib.SMTP:
-        """Connect, greet, encrypt and authenticate as the backend's config asks."""
+    def connect(self, upstream: Backend, trace: Trace | None = None) -> smtplib.SMTP:
+        """Connect, greet, encrypt and authenticate as the backend's config asks.
+
+        `trace(stage, detail)` hears each step, for `smarthost check --connect`.
+        """
+        note = trace or _no_trace
         delivery, backend = self.config.delivery, upstream.config
+        if backend.tls == "implicit":
+            smtp: smtplib.SMTP = smtplib.SMTP_SSL(
+                local_hostname=self.config.hostname,
+                timeout=delivery.connect_timeout,
+                context=upstream.tls_context,
+            )
+        else:
+            smtp = smtplib.SMTP(
+                local_hostname=self.config.hostname, timeout=delivery.connect_timeout
+            )
+        # smtplib names the TLS server (SNI, host name check) after `_host`, which only
+        # its constructor sets; connecting here instead keeps the greeting for the trace.
+        smtp._host = backend.host  # type: ignore[attr-defined]
         try:
-            if backend.tls == "implicit":
-                smtp: smtplib.SMTP = smtplib.SMTP_SSL(
-                    backend.host,
-                    backend.port,
-                    local_hostname=self.config.hostname,
-                    timeout=delivery.connect_timeout,
-                    context=upstream.tls_context,
-                )
-            else:
-                smtp = smtplib.SMTP(
-                    backend.host,
-                    backend.port,
-                    local_hostname=self.config.hostname,
-                    timeout=delivery.connect_timeout,
-                )
-        except smtplib.SMTPConnectError as exc:
-            raise BackendFailure(format_reply(exc.smtp_code, exc.smtp_error)) from exc
-        try:
+            code, msg = smtp.connect(backend.host, backend.port)
+            note("connect", f"{_peer(smtp)}, greeting {format_reply(code, msg)}")
+            if code != 220:
+                raise BackendFailure(format_reply(code, msg))
             if smtp.sock is not None:
                 smtp.sock.settimeout(delivery.timeout)
+            if backend.tls == "implicit":
+                note("tls", describe_tls(smtp, backend))
             _expect_ok("ehlo", *smtp.ehlo())
             if backend.tls == "starttls":
                 if not smtp.has_extn("starttls"):
@@ -288,15 +300,20 @@ class Sender:
                         f"{backend.name} does not offer STARTTLS, which is required"
                     )
                 _expect_ok("starttls", *smtp.starttls(context=upstream.tls_context))
+                note("tls", describe_tls(smtp, backend))
                 _expect_ok("ehlo", *smtp.ehlo())
+            note(
+                "ehlo", " ".join(f"{k.upper()} {v}".strip() for k, v in smtp.esmtp_features.items())
+            )
             if backend.username:
-                self._login(smtp, backend)
+                mechanism = self._login(smtp, backend)
+                note("auth", f"{mechanism} as {backend.username}: accepted")
         except BaseException:
             close_session(smtp)
             raise
         return smtp
 
-    def _login(self, smtp: smtplib.SMTP, backend: BackendConfig) -> None:
+    def _login(self, smtp: smtplib.SMTP, backend: BackendConfig) -> str:
         offered = smtp.esmtp_features.get("auth", "").upper().split()
         mechanism = choose_mechanism(backend.auth, offered)
         if mechanism is None:
@@ -319,6 +336,62 @@ class Sender:
             raise BackendFailure(format_reply(exc.smtp_code, exc.smtp_error), "4.7.8") from None
         finally:
             smtp.password = ""
+        return mechanism
+
+
+Trace = Callable[[str, str], None]
+
+
+def _no_trace(stage: str, detail: str) -> None:
+    pass
+
+
+def _peer(smtp: smtplib.SMTP) -> str:
+    try:
+        return str(smtp.sock.getpeername()[0]) if smtp.sock else "?"
+    except OSError:
+        return "?"
+
+
+def describe_tls(smtp: smtplib.SMTP, backend: BackendConfig) -> str:
+    """Protocol, cipher, certificate subject and whether it was verified."""
+    sock = smtp.sock
+    if not isinstance(sock, ssl.SSLSocket):
+        return "not encrypted"
+    cipher = sock.cipher()
+    text = f"{sock.version()} {cipher[0] if cipher else ''}".strip()
+    if not backend.tls_verify:
+        return f"{text}, certificate NOT verified (tls_verify = false)"
+    cert = sock.getpeercert() or {}
+    subject = ", ".join(f"{k}={v}" for rdn in cert.get("subject", ()) for k, v in rdn)
+    issuer = ", ".join(f"{k}={v}" for rdn in cert.get("issuer", ()) for k, v in rdn)
+    return f"{text}, certificate {subject or '?'} (issuer {issuer or '?'}), verified"
+
+
+def check_connections(config: Config, out: Callable[[str], None]) -> bool:
+    """`smarthost check --connect`: open a session to every backend and report each
+    step; True when every backend accepted a session."""
+    upstreams = Upstreams(config)
+    sender = Sender(config, Spool(config.spool.dir), upstreams)
+    all_ok = True
+    for index, backend in enumerate(upstreams.backends):
+        cfg = backend.config
+        out(f"backend[{index}] {cfg.name} {cfg.host}:{cfg.port} tls={cfg.tls} group={cfg.group}")
+        started = time.monotonic()
+        try:
+            smtp = sender.connect(backend, lambda stage, detail: out(f"  {stage:<8} {detail}"))
+        except (BackendFailure, *SESSION_ERRORS) as exc:
+            reply = describe_failure(exc)
+            out(f"  FAILED   {reply} ({_elapsed(started)})")
+            all_ok = False
+            continue
+        quit_session(smtp)
+        out(f"  ok       session ready in {_elapsed(started)}")
+    return all_ok
+
+
+def _elapsed(started: float) -> str:
+    return f"{(time.monotonic() - started) * 1000:.0f} ms"
 
 
 def choose_mechanism(configured: str, offered: list[str]) -> str | None:
@@ -375,6 +448,11 @@ def _settle(
 
 def _is_ascii(env: Envelope) -> bool:
     return env.sender.isascii() and all(r.address.isascii() for r in env.recipients)
+
+
+def describe_failure(exc: BaseException) -> str:
+    """One line for the log: a backend's reply, or what broke the session."""
+    return exc.reply if isinstance(exc, BackendFailure) else _describe(exc)
 
 
 def _describe(exc: BaseException) -> str:

@@ -130,7 +130,7 @@ class Backend:
             stale = [s for s in self._idle if now - s.last_used >= max_idle]
             self._idle = [s for s in self._idle if now - s.last_used < max_idle]
         for session in stale:
-            _quit(session.smtp)
+            quit_session(session.smtp)
 
     def close_all(self) -> None:
         self.close_idle(max_idle=-1.0)
@@ -324,7 +324,7 @@ def close_session(smtp: smtplib.SMTP) -> None:
         smtp.close()
 
 
-def _quit(smtp: smtplib.SMTP) -> None:
+def quit_session(smtp: smtplib.SMTP) -> None:
     try:
         smtp.quit()
     except (OSError, smtplib.SMTPException):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import gc
 import ssl
+import subprocess
+import sys
 
 import pytest
 import trustme
@@ -176,5 +178,49 @@ def test_implicit_tls_with_each_auth_mechanism(tmp_path, ca, relay_factory, auth
         relay.send("a@client.test", ["b@dest.test"], BODY)
         wait_until(lambda: upstream.handler.messages, what="delivery over implicit TLS")
         assert upstream.logins == [(mechanism, "relayuser", "t0ken")]
+    finally:
+        upstream.stop()
+
+
+def run_check_connect(config_path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "smarthost", "-c", str(config_path), "check", "--connect"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_check_connect_reports_tls_ehlo_and_auth(tmp_path, ca):
+    upstream = TLSSink(ca, users={"relayuser": "pa55word"})
+    try:
+        backend = (
+            f'tls = "starttls"\ntls_ca = "{tmp_path / "ca.pem"}"\n'
+            'username = "relayuser"\npassword = "pa55word"'
+        )
+        path = write_config(tmp_path, upstream.port)
+        path.write_text(path.read_text().replace('tls = "none"', backend))
+        path.chmod(0o600)
+        done = run_check_connect(path)
+        assert done.returncode == 0, done.stdout + done.stderr
+        report = done.stdout.split("backend[0]", 1)[1]
+        assert "greeting 220" in report
+        assert "TLSv1." in report and "verified" in report and "NOT verified" not in report
+        assert "STARTTLS" in report.split("ehlo", 1)[1].splitlines()[0] or "AUTH" in report
+        assert "PLAIN as relayuser: accepted" in report
+        assert "session ready" in report
+        assert "pa55word" not in done.stdout + done.stderr
+    finally:
+        upstream.stop()
+
+
+def test_check_connect_fails_on_an_unverifiable_certificate(tmp_path, ca):
+    upstream = TLSSink(ca)
+    try:
+        path = write_config(tmp_path, upstream.port)
+        path.write_text(path.read_text().replace('tls = "none"', 'tls = "starttls"'))
+        done = run_check_connect(path)
+        assert done.returncode == 1
+        assert "FAILED" in done.stdout and "CERTIFICATE_VERIFY_FAILED" in done.stdout
     finally:
         upstream.stop()
