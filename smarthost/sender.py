@@ -260,7 +260,7 @@ class Sender:
             Outcome.FAIL_RECIPIENT: FAILED_RCPT,
             Outcome.FAIL_MESSAGE: FAILED_RCPT,
         }[outcome]
-        _settle(rcpt, state, reply, enhanced_status(code, reply[4:]), backend.name, result)
+        _settle(rcpt, state, reply, enhanced_status(code, reply[4:]), backend, result)
 
     # -- opening a session --------------------------------------------------
 
@@ -434,9 +434,16 @@ def _expect_ok(stage: str, code: int, msg: bytes) -> None:
 
 
 def _settle(
-    rcpt: Recipient, state: str, reply: str, status: str, backend: str | None, result: Attempt
+    rcpt: Recipient,
+    state: str,
+    reply: str,
+    status: str,
+    backend: Backend | None,
+    result: Attempt,
 ) -> None:
-    rcpt.state, rcpt.reply, rcpt.status, rcpt.backend = state, reply, status, backend
+    rcpt.state, rcpt.reply, rcpt.status = state, reply, status
+    rcpt.backend = backend.name if backend else None
+    rcpt.remote_mta = backend.config.host if backend else None
     rcpt.updated = time.time()
     # A recipient deferred by one backend may be delivered by the next in one attempt.
     for settled in (result.delivered, result.deferred, result.failed):

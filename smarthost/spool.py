@@ -74,6 +74,7 @@ class Recipient:
     reply: str | None = None  # last upstream reply for this recipient
     status: str | None = None  # enhanced status code of that reply
     backend: str | None = None
+    remote_mta: str | None = None  # host name of that backend, for DSNs
     notify: str | None = None  # RFC 3461 NOTIFY, as given
     orcpt: str | None = None  # RFC 3461 ORCPT, as given
     updated: float | None = None
