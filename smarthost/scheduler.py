@@ -241,8 +241,16 @@ class Scheduler:
             delivery.retry_for,
         )
         if due is not None and attempt.rate_wait is not None:
-            due = attempt.rate_wait
+            due = min(attempt.rate_wait, env.arrival + delivery.retry_for)
+        if due is not None and self._group_came_back(attempt):
+            due = now  # a backend answered again while this attempt failed over
         return due
+
+    def _group_came_back(self, attempt: Attempt) -> bool:
+        return any(
+            self.upstreams.last_success.get(group, 0.0) > attempt.started
+            for group in attempt.waiting_groups
+        )
 
     def _requeue(
         self, env: Envelope, attempt: Attempt, unfinished: list, due: float, now: float
@@ -290,7 +298,7 @@ class Scheduler:
             except FileNotFoundError:
                 continue  # already being tried, or gone
             self.notify(queue_id, now)
-        log.event("released", group=group, messages=len(waiting))
+            log.event("released", queue_id=queue_id, group=group)
 
     def _probe(self, backend: Backend) -> None:
         """Open a session to a down backend; its success releases the waiting mail."""
@@ -353,13 +361,16 @@ class Scheduler:
 
     def _log_attempt(self, env: Envelope, attempt: Attempt, now: float) -> None:
         common = {"queue_id": env.id, "attempt": env.attempts, "delay": round(now - env.arrival, 3)}
-        if attempt.delivered:
+        by_backend: dict[str | None, list] = {}
+        for rcpt in attempt.delivered:
+            by_backend.setdefault(rcpt.backend, []).append(rcpt)
+        for backend, rcpts in by_backend.items():
             log.event(
                 "delivered",
-                recipients=[r.address for r in attempt.delivered],
-                backend=attempt.backend,
-                reply=attempt.delivered[-1].reply,
-                status=attempt.delivered[-1].status,
+                recipients=[r.address for r in rcpts],
+                backend=backend,
+                reply=rcpts[-1].reply,
+                status=rcpts[-1].status,
                 message_id=env.message_id,
                 **common,
             )
@@ -369,7 +380,7 @@ class Scheduler:
                 level=logging.WARNING,
                 recipient=rcpt.address,
                 sender=env.sender,
-                backend=attempt.backend,
+                backend=rcpt.backend,
                 reply=rcpt.reply,
                 status=rcpt.status,
                 **common,

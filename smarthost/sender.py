@@ -93,6 +93,7 @@ class Attempt:
     backend_errors: list[tuple[str, str]] = field(default_factory=list)  # (backend, reply)
     waiting_groups: set[str] = field(default_factory=set)  # every backend was down
     rate_wait: float | None = None  # some recipients wait for a rate-limit slot until then
+    started: float = field(default_factory=time.time)
 
     @property
     def progressed(self) -> bool:

@@ -63,6 +63,11 @@ class RateWindow:
         self._times.append(slot)
         return slot
 
+    def cancel(self, slot: float) -> None:
+        """Give back a booked slot that will not be used."""
+        with suppress(ValueError):
+            self._times.remove(slot)
+
 
 class Backend:
     """One upstream server: its sessions, health and rate."""
@@ -154,6 +159,7 @@ class Upstreams:
         for backend in self.backends:
             self.groups.setdefault(backend.group, []).append(backend)
         self.on_up = on_up
+        self.last_success: dict[str, float] = {}  # group -> time of its latest success
         self._lock = threading.Lock()
         self._reservations: dict[tuple[str, str], float] = {}  # (queue_id, backend) -> slot
 
@@ -189,14 +195,24 @@ class Upstreams:
                     if b.config.backup and not b.is_down(now) and b.name not in tried
                 ]
             wait_until = None
+            booked: list[Backend] = []
             while pool:
                 backend = _smooth_weighted_pick(pool)
                 slot = self._rate_slot(backend, queue_id, now)
                 if slot <= now:
+                    # Going elsewhere: give back the slots booked on the way here.
+                    for other in booked:
+                        self._cancel_slot(other, queue_id)
                     return Choice(backend)
+                booked.append(backend)
                 wait_until = slot if wait_until is None else min(wait_until, slot)
                 pool.remove(backend)
             return Choice(None, wait_until)
+
+    def _cancel_slot(self, backend: Backend, queue_id: str) -> None:
+        slot = self._reservations.pop((queue_id, backend.name), None)
+        if slot is not None and backend.rate is not None:
+            backend.rate.cancel(slot)
 
     def _rate_slot(self, backend: Backend, queue_id: str, now: float) -> float:
         """When this message may go to `backend`: a booked slot is kept, not rebooked."""
@@ -245,6 +261,7 @@ class Upstreams:
             was_down = backend.down
             backend.down, backend.retry_at = False, 0.0
             backend.fails.clear()
+            self.last_success[backend.group] = time.time()
         if was_down:
             log.event("backend_up", backend=backend.name, group=backend.group)
         if self.on_up is not None:

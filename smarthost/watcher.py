@@ -12,6 +12,7 @@ import os
 from collections.abc import Callable
 
 from watchdog.events import (
+    FileAttribEvent,
     FileCreatedEvent,
     FileModifiedEvent,
     FileMovedEvent,
@@ -28,7 +29,7 @@ class _QueueEvents(FileSystemEventHandler):
         self.on_queue_file = on_queue_file
 
     def on_any_event(self, event: FileSystemEvent) -> None:
-        if event.is_directory or event.event_type not in ("created", "moved", "modified"):
+        if event.is_directory or event.event_type not in ("created", "moved", "modified", "attrib"):
             return
         path = getattr(event, "dest_path", "") or event.src_path
         name = os.path.basename(os.fsdecode(path))
@@ -49,7 +50,7 @@ class Watcher:
             _QueueEvents(on_queue_file),
             spool.dir(QUEUE),
             recursive=False,
-            event_filter=[FileCreatedEvent, FileMovedEvent, FileModifiedEvent],
+            event_filter=[FileCreatedEvent, FileMovedEvent, FileModifiedEvent, FileAttribEvent],
         )
 
     def start(self) -> None:
