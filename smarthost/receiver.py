@@ -21,11 +21,12 @@ from email.utils import formatdate
 from typing import Any
 
 from aiosmtpd.controller import Controller
-from aiosmtpd.smtp import SMTP, Session
+from aiosmtpd.smtp import SMTP, Session, syntax
 from aiosmtpd.smtp import Envelope as SMTPEnvelope
 
 from . import __version__, log
 from .config import Config
+from .dsn import xtext_decode
 from .spool import Envelope, Recipient, Spool, SpoolError, new_id
 
 IDENT = f"ESMTP smarthost {__version__}"
@@ -152,6 +153,38 @@ class RelaySMTP(SMTP):
             return None, None  # "<bad address>": the parser keeps the space
         return address, rest
 
+    # -- RFC 3461: aiosmtpd upper-cases parameters and refuses unknown ones (555), so
+    # the DSN parameters are taken out of the command, case intact, before it parses.
+
+    @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        await self._with_dsn_params("MAIL", arg, super().smtp_MAIL)
+
+    @syntax("RCPT TO: <address>", extended=" [SP <mail-parameters>]")
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        await self._with_dsn_params("RCPT", arg, super().smtp_RCPT)
+
+    async def _with_dsn_params(self, command: str, arg: str | None, parse: Any) -> None:
+        try:
+            rest, params = take_dsn_params(command, arg)
+        except ValueError as exc:
+            await self.push(f"501 5.5.4 Error: {exc}")
+            return
+        if params and not (self.session and self.session.extended_smtp):
+            await self.push("501 5.5.4 Error: DSN parameters need EHLO")
+            return
+        envelope = self.envelope
+        before = (envelope.mail_from, len(envelope.rcpt_tos)) if envelope else None
+        await parse(rest)
+        if envelope is None or envelope is not self.envelope:
+            return
+        if command == "MAIL" and not before[0] and envelope.mail_from:
+            envelope.dsn_mail = params  # type: ignore[attr-defined]
+        elif command == "RCPT" and len(envelope.rcpt_tos) > before[1]:
+            dsn_rcpt = getattr(envelope, "dsn_rcpt", [])
+            dsn_rcpt.append(params)
+            envelope.dsn_rcpt = dsn_rcpt  # type: ignore[attr-defined]
+
     async def smtp_EHLO(self, hostname: str) -> None:
         await self._without_status_codes(super().smtp_EHLO(hostname))
 
@@ -160,6 +193,58 @@ class RelaySMTP(SMTP):
 
     async def smtp_HELP(self, arg: str) -> None:
         await self._without_status_codes(super().smtp_HELP(arg))
+
+
+_DSN_PARAMS = {"MAIL": ("RET", "ENVID"), "RCPT": ("NOTIFY", "ORCPT")}
+_COMMAND_ADDRESS = re.compile(r"\s*(?:FROM|TO)\s*:\s*(?:<[^>]*>|\S*)", re.I)
+_NOTIFY_KINDS = ("SUCCESS", "FAILURE", "DELAY")
+
+
+def take_dsn_params(command: str, arg: str | None) -> tuple[str | None, dict[str, str]]:
+    """Split RFC 3461 parameters off a MAIL/RCPT argument, validated and xtext-decoded.
+
+    Returns the argument without them (for aiosmtpd) and {name: value}. Raises
+    ValueError with the reply text for a malformed or repeated parameter.
+    """
+    if not arg:
+        return arg, {}
+    match = _COMMAND_ADDRESS.match(arg)
+    if match is None:
+        return arg, {}
+    kept, params = [arg[: match.end()]], {}
+    for token in arg[match.end() :].split():
+        name, _, value = token.partition("=")
+        key = name.upper()
+        if key not in _DSN_PARAMS[command]:
+            kept.append(token)
+            continue
+        if key in params:
+            raise ValueError(f"{key} given twice")
+        params[key] = _dsn_value(key, value)
+    return " ".join(kept), params
+
+
+def _dsn_value(key: str, value: str) -> str:
+    if key == "RET":
+        if value.upper() not in ("FULL", "HDRS"):
+            raise ValueError("RET must be FULL or HDRS")
+        return value.upper()
+    if key == "NOTIFY":
+        kinds = value.upper().split(",")
+        if kinds != ["NEVER"] and (
+            not set(kinds) <= set(_NOTIFY_KINDS) or len(set(kinds)) != len(kinds)
+        ):
+            raise ValueError("NOTIFY must be NEVER or a list of SUCCESS, FAILURE, DELAY")
+        return ",".join(kinds)
+    if key == "ENVID":
+        envid = xtext_decode(value)
+        if not envid or len(value) > 100:
+            raise ValueError("ENVID must be 1 to 100 characters of xtext")
+        return envid
+    addr_type, sep, address = value.partition(";")  # ORCPT
+    if not sep or not addr_type or not address:
+        raise ValueError("ORCPT must be addr-type;xtext, e.g. rfc822;user@example.com")
+    return f"{addr_type};{xtext_decode(address)}"
 
 
 def _probe_bind(host: str, port: int) -> None:
@@ -234,7 +319,7 @@ class Receiver:
         self, server: SMTP, session: Session, envelope: SMTPEnvelope, hostname: str, responses: list
     ) -> list:
         session.host_name = hostname
-        extra = ["250-PIPELINING", "250-ENHANCEDSTATUSCODES"]
+        extra = ["250-PIPELINING", "250-ENHANCEDSTATUSCODES", "250-DSN"]
         return responses[:-1] + extra + responses[-1:]
 
     async def handle_MAIL(
@@ -339,12 +424,16 @@ class Receiver:
         if not has_date:
             added.append(f"Date: {formatdate(localtime=True)}\r\n".encode())
         prefix = b"".join(added)
+        mail_params: dict[str, str] = getattr(envelope, "dsn_mail", {})
         options = [o.upper() for o in envelope.mail_options]
         body = next((o.split("=", 1)[1] for o in options if o.startswith("BODY=")), None)
         env = Envelope(
             id=queue_id,
             sender="" if envelope.mail_from == "<>" else envelope.mail_from,
-            recipients=[Recipient(address=a) for a in envelope.rcpt_tos],
+            recipients=[
+                Recipient(address=a, notify=p.get("NOTIFY"), orcpt=p.get("ORCPT"))
+                for a, p in zip(envelope.rcpt_tos, _rcpt_params(envelope))
+            ],
             arrival=time.time(),
             size=len(prefix) + len(original),
             client=_client_ip(session.peer),
@@ -353,11 +442,19 @@ class Receiver:
             source="smtp",
             smtputf8=bool(envelope.smtp_utf8),
             body=body,
+            ret=mail_params.get("RET"),
+            envid=mail_params.get("ENVID"),
         )
         return env, [prefix, original]
 
 
 # A header field and its folded continuation lines.
+def _rcpt_params(envelope: SMTPEnvelope) -> list[dict[str, str]]:
+    """The DSN parameters of each recipient, in RCPT order."""
+    given: list[dict[str, str]] = getattr(envelope, "dsn_rcpt", [])
+    return given + [{}] * (len(envelope.rcpt_tos) - len(given))
+
+
 _HEADER_FIELD = re.compile(rb"^([!-9;-~]+)[ \t]*:(.*(?:\r?\n[ \t].*)*)", re.M)
 
 

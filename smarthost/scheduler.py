@@ -17,7 +17,8 @@ import threading
 import time
 from datetime import datetime, timezone
 
-from . import log, retry
+from . import dsn, log, retry
+from .bounce import Bouncer
 from .config import Config
 from .sender import (
     SESSION_ERRORS,
@@ -27,7 +28,7 @@ from .sender import (
     describe_failure,
     format_reply,
 )
-from .spool import ACTIVE, FAILED_RCPT, QUEUE, Envelope, Spool
+from .spool import ACTIVE, DEFERRED, FAILED_RCPT, QUEUE, Envelope, Spool
 from .upstream import Backend
 
 RESCAN_INTERVAL = 10.0
@@ -44,6 +45,7 @@ class Scheduler:
         self.spool = spool
         self.sender = sender
         self.upstreams = sender.upstreams
+        self.bouncer = Bouncer(config, spool, self.submit)
         self.upstreams.on_up = self.release
         self._waiting: dict[str, set[str]] = {}  # group -> queue IDs waiting for it
         self._probes: list[threading.Thread] = []
@@ -210,24 +212,37 @@ class Scheduler:
         self.settle(env, attempt)
 
     def settle(self, env: Envelope, attempt: Attempt) -> None:
-        """Record an attempt on disk and in the log, then requeue, finish or park."""
+        """Record an attempt on disk and in the log, tell whoever must be told, then
+        requeue, finish or keep the message."""
         now = time.time()
         if attempt.progressed:
             env.attempts += 1
             self._log_attempt(env, attempt, now)
+        failed = list(attempt.failed)
         unfinished = env.unfinished()
-        if unfinished:
-            due = self._next_due(env, attempt, now)
-            if due is not None:
-                self._requeue(env, attempt, unfinished, due, now)
-                return
+        due = self._next_due(env, attempt, now) if unfinished else None
+        if unfinished and due is None:
             self._expire(env, unfinished, now)
-        if any(r.state == FAILED_RCPT for r in env.recipients):
-            # Until DSNs are generated, a message someone must hear about is kept
-            # in failed/ for a human, never dropped.
-            self.spool.park_failed(env)
+            failed += unfinished
+        # Reports are committed before the message moves on: a crash in between
+        # repeats a report, never loses one.
+        self._report_failures(env, failed)
+        if attempt.relayed:
+            self.bouncer.report(env, dsn.RELAYED, attempt.relayed, now)
+        if due is not None:
+            self._requeue(env, attempt, unfinished, due, now)
+        elif not env.sender and any(r.state == FAILED_RCPT for r in env.recipients):
+            self.spool.park_failed(env)  # a failed bounce: kept for a human, never deleted
         else:
             self.spool.finish(env)
+
+    def _report_failures(self, env: Envelope, failed: list) -> None:
+        if not failed:
+            return
+        if env.sender:
+            self.bouncer.report(env, dsn.FAILED, failed)
+        else:
+            self.bouncer.double_bounce(env, failed)
 
     def _next_due(self, env: Envelope, attempt: Attempt, now: float) -> float | None:
         """A rate-limit slot if one is booked, else the backoff; None once expired."""
@@ -259,6 +274,12 @@ class Scheduler:
         env.waiting_groups = sorted(attempt.waiting_groups)
         if attempt.deferred:
             env.last_error = attempt.deferred[-1].reply
+        warn_after = self.config.delivery.warn_after
+        if warn_after and not env.warned and now - env.arrival >= warn_after:
+            # Once per message: the sender learns it is late, and until when we try.
+            late = [r for r in unfinished if r.state == DEFERRED]
+            self.bouncer.report(env, dsn.DELAYED, late, now)
+            env.warned = True
         self.spool.requeue(env)
         self._wait_for_groups(env.id, attempt.waiting_groups)
         if attempt.progressed:

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .config import BackendConfig, Config
+from .dsn import xtext_encode
 from .retry import failover
 from .spool import DEFERRED, DELIVERED, FAILED_RCPT, Envelope, Recipient, Spool
 from .upstream import Backend, Session, Upstreams, close_session, quit_session
@@ -92,6 +93,7 @@ class Attempt:
     failed: list[Recipient] = field(default_factory=list)
     backend_errors: list[tuple[str, str]] = field(default_factory=list)  # (backend, reply)
     waiting_groups: set[str] = field(default_factory=set)  # every backend was down
+    relayed: list[Recipient] = field(default_factory=list)  # NOTIFY=SUCCESS, next hop has no DSN
     rate_wait: float | None = None  # some recipients wait for a rate-limit slot until then
     started: float = field(default_factory=time.time)
 
@@ -214,7 +216,7 @@ class Sender:
             return
         accepted = []
         for rcpt in rcpts:
-            code, msg = smtp.rcpt(rcpt.address)
+            code, msg = smtp.rcpt(rcpt.address, _rcpt_options(smtp, rcpt))
             outcome = classify("rcpt", code)
             if outcome is Outcome.BACKEND_FAILURE:
                 raise BackendFailure(format_reply(code, msg))
@@ -234,6 +236,10 @@ class Sender:
         session.clean = True
         for rcpt in accepted:
             self._settle_one(rcpt, outcome, code, msg, backend, result)
+        if outcome is Outcome.OK and not smtp.has_extn("dsn"):
+            # Asked for success notices, but the next hop cannot send them: we report
+            # "relayed" ourselves (RFC 3461 §6.2).
+            result.relayed.extend(r for r in accepted if "SUCCESS" in (r.notify or ""))
 
     def _mail_options(self, smtp: smtplib.SMTP, env: Envelope, content: bytes) -> list[str]:
         options = []
@@ -243,6 +249,11 @@ class Sender:
             options.append(f"BODY={env.body}")
         if env.smtputf8 and smtp.has_extn("smtputf8"):
             options.append("SMTPUTF8")
+        if smtp.has_extn("dsn"):
+            if env.ret:
+                options.append(f"RET={env.ret}")
+            if env.envid:
+                options.append(f"ENVID={xtext_encode(env.envid)}")
         return options
 
     def _settle_all(self, rcpts, outcome, code, msg, backend, result) -> None:
@@ -432,6 +443,17 @@ def _run_password_command(backend: BackendConfig) -> str:
 def _expect_ok(stage: str, code: int, msg: bytes) -> None:
     if classify(stage, code) is not Outcome.OK:
         raise BackendFailure(format_reply(code, msg))
+
+
+def _rcpt_options(smtp: smtplib.SMTP, rcpt: Recipient) -> list[str]:
+    """NOTIFY and ORCPT pass through to a backend that speaks DSN."""
+    if not smtp.has_extn("dsn"):
+        return []
+    options = [f"NOTIFY={rcpt.notify}"] if rcpt.notify else []
+    if rcpt.orcpt:
+        addr_type, _, address = rcpt.orcpt.partition(";")
+        options.append(f"ORCPT={addr_type};{xtext_encode(address)}")
+    return options
 
 
 def _settle(

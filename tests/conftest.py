@@ -63,6 +63,7 @@ class SinkHandler:
     async def handle_MAIL(self, server, session, envelope, address, options):
         if self.mail_reply:
             return self.mail_reply
+        # aiosmtpd spells the null sender "<>"; record it as the empty address.
         envelope.mail_from = address
         envelope.mail_options.extend(options)
         return "250 2.1.0 OK"
@@ -80,7 +81,7 @@ class SinkHandler:
         with self.cond:
             self.messages.append(
                 Received(
-                    envelope.mail_from,
+                    "" if envelope.mail_from == "<>" else envelope.mail_from,
                     list(envelope.rcpt_tos),
                     envelope.original_content,
                     time.monotonic(),

@@ -69,21 +69,33 @@ def test_per_recipient_state_only_unfinished_are_retried(relay, sink, events):
         "later@dest.test": DEFERRED,
         "gone@dest.test": FAILED_RCPT,
     }
+    # The failure is reported at once, to the sender, from the null sender.
+    dsn = wait_until(lambda: [m for m in sink.messages if m.mail_from == ""], what="the DSN")
+    assert dsn[0].rcpt_tos == ["a@client.test"]
+    assert b"Final-Recipient: rfc822; gone@dest.test" in dsn[0].content
+    assert b"later@dest.test" not in dsn[0].content.split(b"\r\n\r\n", 1)[1].split(b"--")[0]
     # The retry (retry_min = 1s) carries only the deferred recipient.
     del sink.handler.rcpt_replies["later@dest.test"]
-    second = sink.wait_for(2)[1]
-    assert second.rcpt_tos == ["later@dest.test"]
-    # Without DSNs yet, a message with a failed recipient is kept for a human.
-    wait_until(
-        lambda: relay.relay.spool.locate(queue_id) == "failed", what="the message in failed/"
+    retried = wait_until(
+        lambda: [m for m in sink.messages if m.rcpt_tos == ["later@dest.test"]], what="retry"
     )
+    assert retried[0].mail_from == "a@client.test"
+    # Every recipient has its outcome: the message leaves the spool.
+    wait_until(lambda: relay.relay.spool.locate(queue_id) is None, what="the spool to empty")
+    assert len(events.events("dsn_queued", queue_id=queue_id)) == 1
 
 
-def test_data_5xx_fails_every_recipient_and_keeps_the_message(relay, sink, events):
+def test_data_5xx_fails_every_recipient_with_one_dsn(relay, sink, events):
     sink.handler.data_reply = "554 5.6.0 content rejected"
     queue_id = relay.send("a@client.test", ["x@dest.test", "y@dest.test"], BODY)
     wait_until(lambda: len(events.events("failed", queue_id=queue_id)) == 2, what="failures")
-    wait_until(lambda: relay.relay.spool.locate(queue_id) == "failed", what="failed/")
+    (queued,) = wait_until(lambda: events.events("dsn_queued", queue_id=queue_id), what="DSN")
+    assert queued["recipients"] == ["x@dest.test", "y@dest.test"]
+    wait_until(lambda: relay.relay.spool.locate(queue_id) is None, what="the spool to empty")
+    # The DSN itself is refused by the same upstream: a double bounce, kept and logged.
+    dsn_id = queued["dsn_queue_id"]
+    wait_until(lambda: events.events("double_bounce", queue_id=dsn_id), what="double bounce")
+    assert relay.relay.spool.locate(dsn_id) == "failed"
     assert sink.messages == []
 
 

@@ -1,0 +1,124 @@
+"""Outcomes someone must hear about: DSNs queued as new messages, double bounces kept.
+
+A DSN is an ordinary message in the spool (envelope sender `<>`), relayed through the
+upstreams like any other. A message whose own sender is `<>` never gets a DSN: when
+it fails it is a double bounce, kept in failed/, logged at error level, and copied to
+`dsn.postmaster` when set (the copy is marked, so its own failure is not copied again).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import replace
+
+from . import dsn, log
+from .config import Config
+from .spool import Envelope, Recipient, Spool, new_id
+
+SOURCE_DSN = "dsn"
+SOURCE_DOUBLE_BOUNCE = "double-bounce"
+
+
+class Bouncer:
+    """Turns failures, delays and relays into DSNs, and failed bounces into alerts."""
+
+    def __init__(self, config: Config, spool: Spool, submit: Callable[[Envelope], None]) -> None:
+        self.config = config
+        self.spool = spool
+        self.submit = submit
+
+    def report(
+        self,
+        env: Envelope,
+        action: str,
+        recipients: list[Recipient],
+        now: float | None = None,
+    ) -> str | None:
+        """Queue one DSN for `recipients` (those whose NOTIFY asks for it); its queue ID."""
+        if not env.sender:
+            return None
+        wanted = [r for r in recipients if dsn.wants_dsn(r, action)]
+        if not wanted:
+            return None
+        now = time.time() if now is None else now
+        will_retry_until = env.arrival + self.config.delivery.retry_for
+        return self._queue(
+            env,
+            action,
+            wanted,
+            now,
+            to=env.sender,
+            source=SOURCE_DSN,
+            will_retry_until=will_retry_until if action == dsn.DELAYED else None,
+        )
+
+    def double_bounce(self, env: Envelope, recipients: list[Recipient]) -> None:
+        """A `<>` message failed: never a DSN; log it loudly and tell the postmaster."""
+        log.event(
+            "double_bounce",
+            level=logging.ERROR,
+            queue_id=env.id,
+            recipients=[r.address for r in recipients],
+            reply=recipients[-1].reply,
+            status=recipients[-1].status,
+            kept_in="failed",
+        )
+        postmaster = self.config.dsn.postmaster
+        if postmaster and env.source != SOURCE_DOUBLE_BOUNCE:
+            self._queue(
+                replace(env, sender=postmaster),
+                dsn.FAILED,
+                recipients,
+                time.time(),
+                to=postmaster,
+                source=SOURCE_DOUBLE_BOUNCE,
+            )
+
+    def _queue(
+        self,
+        env: Envelope,
+        action: str,
+        recipients: list[Recipient],
+        now: float,
+        *,
+        to: str,
+        source: str,
+        will_retry_until: float | None = None,
+    ) -> str:
+        """Build the report and commit it durably before anything else happens."""
+        dsn_id = new_id()
+        hostname = self.config.hostname
+        content = dsn.build_dsn(
+            env,
+            recipients,
+            action,
+            self.spool.read_message(env.id),
+            reporting_mta=hostname,
+            from_address=self.config.dsn.from_address,
+            return_max=self.config.dsn.return_max,
+            now=now,
+            dsn_id=dsn_id,
+            will_retry_until=will_retry_until,
+        )
+        notice = Envelope(
+            id=dsn_id,
+            sender="",
+            recipients=[Recipient(address=to)],
+            arrival=now,
+            size=len(content),
+            message_id=f"<{dsn_id}@{hostname}>",
+            source=source,
+        )
+        self.spool.commit(notice, [content])
+        log.event(
+            "dsn_queued",
+            queue_id=env.id,
+            dsn_queue_id=dsn_id,
+            action=action,
+            recipients=[r.address for r in recipients],
+            sender=to,
+        )
+        self.submit(notice)
+        return dsn_id
