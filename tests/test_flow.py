@@ -95,7 +95,7 @@ def test_data_5xx_fails_every_recipient_with_one_dsn(relay, sink, events):
     # The DSN itself is refused by the same upstream: a double bounce, kept and logged.
     dsn_id = queued["dsn_queue_id"]
     wait_until(lambda: events.events("double_bounce", queue_id=dsn_id), what="double bounce")
-    assert relay.relay.spool.locate(dsn_id) == "failed"
+    wait_until(lambda: relay.relay.spool.locate(dsn_id) == "failed", what="kept in failed/")
     assert sink.messages == []
 
 
