@@ -38,6 +38,8 @@ EVENTS = frozenset(
         "library",
         "internal_error",
         "released",
+        "rewritten",
+        "picked_up",
     }
 )
 

@@ -28,6 +28,7 @@ from . import __version__, log
 from .config import Config
 from .dsn import xtext_decode
 from .spool import Envelope, Recipient, Spool, SpoolError, new_id
+from .submission import prepare
 
 IDENT = f"ESMTP smarthost {__version__}"
 
@@ -414,20 +415,9 @@ class Receiver:
     def build(self, session: Session, envelope: SMTPEnvelope) -> tuple[Envelope, list[bytes]]:
         """The spool envelope and the content chunks, with the headers we add."""
         queue_id = new_id()
-        original: bytes = envelope.original_content or b""
-        has_date, message_id = scan_headers(original)
-        hostname = self.config.hostname
-        added = [received_header(session, envelope, queue_id, hostname)]
-        if message_id is None:
-            message_id = f"<{queue_id}@{hostname}>"
-            added.append(f"Message-ID: {message_id}\r\n".encode())
-        if not has_date:
-            added.append(f"Date: {formatdate(localtime=True)}\r\n".encode())
-        prefix = b"".join(added)
         mail_params: dict[str, str] = getattr(envelope, "dsn_mail", {})
         options = [o.upper() for o in envelope.mail_options]
-        body = next((o.split("=", 1)[1] for o in options if o.startswith("BODY=")), None)
-        env = Envelope(
+        submitted = Envelope(
             id=queue_id,
             sender="" if envelope.mail_from == "<>" else envelope.mail_from,
             recipients=[
@@ -435,50 +425,22 @@ class Receiver:
                 for a, p in zip(envelope.rcpt_tos, _rcpt_params(envelope))
             ],
             arrival=time.time(),
-            size=len(prefix) + len(original),
             client=_client_ip(session.peer),
             helo=session.host_name or None,
-            message_id=message_id or None,
             source="smtp",
             smtputf8=bool(envelope.smtp_utf8),
-            body=body,
+            body=next((o.split("=", 1)[1] for o in options if o.startswith("BODY=")), None),
             ret=mail_params.get("RET"),
             envid=mail_params.get("ENVID"),
         )
-        return env, [prefix, original]
+        received = received_header(session, envelope, queue_id, self.config.hostname)
+        return prepare(self.config, submitted, received, envelope.original_content or b"")
 
 
-# A header field and its folded continuation lines.
 def _rcpt_params(envelope: SMTPEnvelope) -> list[dict[str, str]]:
     """The DSN parameters of each recipient, in RCPT order."""
     given: list[dict[str, str]] = getattr(envelope, "dsn_rcpt", [])
     return given + [{}] * (len(envelope.rcpt_tos) - len(given))
-
-
-_HEADER_FIELD = re.compile(rb"^([!-9;-~]+)[ \t]*:(.*(?:\r?\n[ \t].*)*)", re.M)
-
-
-def scan_headers(content: bytes) -> tuple[bool, str | None]:
-    """(has a Date field, the Message-ID field's value or "" if empty, or None if absent),
-    from the header section only."""
-    end = _header_block_end(content)
-    has_date, message_id = False, None
-    for match in _HEADER_FIELD.finditer(content, 0, end):
-        name = match.group(1).lower()
-        if name == b"date":
-            has_date = True
-        elif name == b"message-id" and message_id is None:
-            value = b" ".join(match.group(2).split())
-            message_id = value.decode("utf-8", "replace")
-    return has_date, message_id
-
-
-def _header_block_end(content: bytes) -> int:
-    """Where the header section ends: at the first empty line (at 0 if it is empty)."""
-    if content.startswith((b"\r\n", b"\n")):
-        return 0
-    ends = [i for i in (content.find(b"\r\n\r\n"), content.find(b"\n\n")) if i >= 0]
-    return min(ends) if ends else len(content)
 
 
 def received_header(

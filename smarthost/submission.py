@@ -1,0 +1,68 @@
+"""What every new message goes through before the spool, whichever door it came in by
+(SMTP or the drop area): rewriting, the headers we add, and its envelope."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from email.utils import formatdate
+
+from . import headers, log
+from .config import Config
+from .rewrite import rewrite
+from .spool import Envelope, Recipient
+
+
+def scan_headers(content: bytes) -> tuple[bool, str | None]:
+    """(has a Date field, the Message-ID field's value or "" if empty, or None if absent),
+    from the header section only."""
+    found = headers.fields(content)
+    message_ids = [f.text for f in found if f.name == "message-id"]
+    return any(f.name == "date" for f in found), message_ids[0] if message_ids else None
+
+
+def prepare(
+    config: Config, env: Envelope, received: bytes, content: bytes
+) -> tuple[Envelope, list[bytes]]:
+    """Rewrite the addresses, add Received (and Message-ID and Date where missing).
+
+    `env` carries the envelope as submitted (its id, sender, recipients with their
+    DSN parameters, client details); the result is what goes into the spool.
+    """
+    changed = rewrite(
+        config.rewrite, config.hostname, env.sender, [r.address for r in env.recipients], content
+    )
+    if changed.changes:
+        log.event("rewritten", queue_id=env.id, changes=changed.changes)
+    content = changed.content
+    has_date, message_id = scan_headers(content)
+    added = [received]
+    if message_id is None:
+        message_id = f"<{env.id}@{config.hostname}>"
+        added.append(f"Message-ID: {message_id}\r\n".encode())
+    if not has_date:
+        added.append(f"Date: {formatdate(localtime=True)}\r\n".encode())
+    prefix = b"".join(added)
+    recipients = _dedupe(
+        [replace(r, address=a) for r, a in zip(env.recipients, changed.recipients)]
+    )
+    prepared = replace(
+        env,
+        sender=changed.sender,
+        recipients=recipients,
+        arrival=time.time(),
+        size=len(prefix) + len(content),
+        message_id=message_id or None,
+    )
+    return prepared, [prefix, content]
+
+
+def _dedupe(recipients: list[Recipient]) -> list[Recipient]:
+    """Two addresses aliased to one target get one copy (the first one's parameters)."""
+    seen: set[str] = set()
+    kept = []
+    for rcpt in recipients:
+        if rcpt.address.lower() not in seen:
+            seen.add(rcpt.address.lower())
+            kept.append(rcpt)
+    return kept
