@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     commands.add_parser("serve", help="run the relay in the foreground")
     sendmail = commands.add_parser(
-        "sendmail", help="sendmail-compatible submission (not available yet)"
+        "sendmail", help="sendmail-compatible submission (see smarthost-sendmail(8))"
     )
     sendmail.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     check = commands.add_parser("check", help="validate the config and print a summary")
@@ -47,17 +47,39 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    sendmail_args = _sendmail_command(argv)
+    if sendmail_args is not None:
+        # sendmail's own option syntax (-fADDR, -oi, ...) is not argparse's.
+        return sendmail_main(sendmail_args)
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:
         return EX_USAGE if exc.code not in (0, None) else EX_OK
-    if args.command == "sendmail":
-        return sendmail_main(args.args)
     path = default_config_path(args.config)
     if args.command == "check":
         return check(path, args.connect)
     return serve(path)
+
+
+def _sendmail_command(argv: list[str]) -> list[str] | None:
+    """For `smarthost [-c FILE] sendmail ARGS...`: the arguments for smarthost-sendmail."""
+    config: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in ("-c", "--config") and i + 1 < len(argv):
+            config, i = ["-C", argv[i + 1]], i + 2
+        elif arg.startswith("--config="):
+            config, i = ["-C", arg.split("=", 1)[1]], i + 1
+        elif arg.startswith("-c") and len(arg) > 2:
+            config, i = ["-C", arg[2:]], i + 1
+        elif arg == "sendmail":
+            return config + argv[i + 1 :]
+        else:
+            return None
+    return None
 
 
 def check(path: str, connect: bool) -> int:
@@ -112,5 +134,7 @@ def serve(path: str) -> int:
 
 
 def sendmail_main(argv: Sequence[str] | None = None) -> int:
-    print("smarthost-sendmail: local submission is not available in this version", file=sys.stderr)
-    return EX_UNAVAILABLE
+    """The `smarthost-sendmail` console script (and `smarthost sendmail`)."""
+    from .sendmail import main as sendmail
+
+    return sendmail(argv)

@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from . import __version__, log
 from .config import Config
+from .pickup import Pickup
 from .receiver import Listener, Receiver, start_listeners
 from .scheduler import Scheduler
 from .sender import Sender
@@ -39,6 +40,7 @@ class Relay:
         self.writers = ThreadPoolExecutor(COMMIT_THREADS, thread_name_prefix="commit")
         self.receiver = Receiver(config, self.spool, self.scheduler.submit, self.writers)
         self.watcher: Watcher | None = None
+        self.pickup: Pickup | None = None
         self.listeners: list[Listener] = []
 
     def start(self) -> None:
@@ -46,7 +48,9 @@ class Relay:
         self.spool.lock()
         recovered = self.spool.recover()
         self.scheduler.start()
-        self.watcher = Watcher(self.spool, self.scheduler.notify)
+        self.pickup = Pickup(self.config, self.spool, self.scheduler.submit)
+        self.pickup.start()
+        self.watcher = Watcher(self.spool, self.scheduler.notify, self.pickup.wake)
         self.watcher.start()
         self.listeners = start_listeners(self.config, self.receiver)
         log.event(
@@ -71,6 +75,8 @@ class Relay:
         self.writers.shutdown(wait=True)
         if self.watcher is not None:
             self.watcher.stop()
+        if self.pickup is not None:
+            self.pickup.stop()
         clean = self.scheduler.stop(STOP_GRACE)
         self.upstreams.close_all()
         self.spool.unlock()
@@ -82,6 +88,8 @@ class Relay:
             listener.stop()
         if self.watcher is not None:
             self.watcher.stop()
+        if self.pickup is not None:
+            self.pickup.stop()
         self.scheduler.stop(0.0)
         self.writers.shutdown(wait=False)
         self.spool.unlock()

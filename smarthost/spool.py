@@ -39,8 +39,12 @@ ACTIVE = "active"
 HOLD = "hold"
 FAILED = "failed"
 ENVELOPE_STATES = (QUEUE, ACTIVE, HOLD, FAILED)
-TMP, MSG, CORRUPT = "tmp", "msg", "corrupt"
+TMP, MSG, CORRUPT, DROP = "tmp", "msg", "corrupt", "drop"
 DIRECTORIES = (TMP, MSG, *ENVELOPE_STATES, CORRUPT)
+# Like Postfix's maildrop: any local user may add a file, nobody may list the
+# directory or touch another's file (sticky); the spool root lets them through only.
+DROP_MODE = 0o1733
+ROOT_MODE = 0o711
 
 # Recipient states.
 PENDING = "pending"  # not tried yet
@@ -178,12 +182,14 @@ class Spool:
     # -- set-up --------------------------------------------------------------
 
     def create(self) -> None:
-        """Make the state directories, private to the service user."""
+        """Make the state directories, private to the service user, and the drop area."""
         os.makedirs(self.root, mode=0o700, exist_ok=True)
-        for name in DIRECTORIES:
+        for name in (*DIRECTORIES, DROP):
             os.makedirs(self.dir(name), mode=0o700, exist_ok=True)
-        for name in (".", *DIRECTORIES):
-            os.chmod(os.path.join(self.root, name), 0o700)
+        os.chmod(self.root, ROOT_MODE)
+        for name in DIRECTORIES:
+            os.chmod(self.dir(name), 0o700)
+        os.chmod(self.dir(DROP), DROP_MODE)
 
     def lock(self) -> None:
         """Take the spool for this process; a second relay on it would double-send."""

@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 from watchdog.events import (
     FileAttribEvent,
+    FileClosedEvent,
     FileCreatedEvent,
     FileModifiedEvent,
     FileMovedEvent,
@@ -21,7 +22,7 @@ from watchdog.events import (
 )
 from watchdog.observers import Observer
 
-from .spool import QUEUE, Spool, is_queue_id
+from .spool import DROP, QUEUE, Spool, is_queue_id
 
 
 class _QueueEvents(FileSystemEventHandler):
@@ -37,13 +38,31 @@ class _QueueEvents(FileSystemEventHandler):
             self.on_queue_file(name)
 
 
-class Watcher:
-    """Watches queue/ and calls `on_queue_file(queue_id)` for each file that appears."""
+class _DropEvents(FileSystemEventHandler):
+    def __init__(self, on_drop: Callable[[], None]) -> None:
+        self.on_drop = on_drop
 
-    def __init__(self, spool: Spool, on_queue_file: Callable[[str], None]) -> None:
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        if not event.is_directory:
+            self.on_drop()
+
+
+class Watcher:
+    """Watches queue/ and calls `on_queue_file(queue_id)` for each file that appears;
+    calls `on_drop()` when something arrives in the drop area."""
+
+    def __init__(
+        self, spool: Spool, on_queue_file: Callable[[str], None], on_drop: Callable[[], None]
+    ) -> None:
         self.spool = spool
         self._observer = Observer()
         self._observer.daemon = True
+        self._observer.schedule(
+            _DropEvents(on_drop),
+            spool.dir(DROP),
+            recursive=False,
+            event_filter=[FileMovedEvent, FileClosedEvent],
+        )
         # Only what can make a message due: arrivals (a rename is a move) and mtime
         # changes (`touch` on a queue file asks for a retry). The kernel filters the rest.
         self._observer.schedule(

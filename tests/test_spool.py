@@ -19,6 +19,7 @@ from smarthost.spool import (
     CORRUPT,
     DEFERRED,
     DIRECTORIES,
+    DROP,
     FAILED,
     MSG,
     PENDING,
@@ -141,9 +142,11 @@ def test_commit_files_and_directories_are_private(spool):
         os.umask(old_umask)
     assert mode(spool.message_path(env.id)) == 0o600
     assert mode(spool.path(QUEUE, env.id)) == 0o600
-    assert mode(spool.root) == 0o700
+    # The root only lets local users through to the drop area: nothing to list or read.
+    assert mode(spool.root) == 0o711
     for name in DIRECTORIES:
         assert mode(spool.dir(name)) == 0o700, name
+    assert mode(spool.dir(DROP)) == 0o1733
 
 
 def test_commit_sets_next_attempt_as_mtime(spool):
