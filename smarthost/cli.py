@@ -33,6 +33,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"smarthost {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     commands.add_parser("serve", help="run the relay in the foreground")
+    queue = commands.add_parser("queue", help="list and steer spooled messages")
+    queue.add_argument("--json", action="store_true", help="list: one JSON object per line")
+    actions = queue.add_subparsers(dest="action", metavar="ACTION")
+    listing = actions.add_parser("list", help="list spooled messages (the default)")
+    listing.add_argument("--json", action="store_true", dest="list_json")
+    actions.add_parser("show", help="envelope, history and headers").add_argument("id")
+    for name, text in (
+        ("flush", "retry now (all waiting messages when no ID is given)"),
+        ("hold", "park messages: never attempted while held"),
+        ("release", "put held messages back, due now"),
+        ("delete", "remove messages without a DSN"),
+        ("bounce", "give up now: fail the remaining recipients with a DSN"),
+    ):
+        actions.add_parser(name, help=text).add_argument(
+            "ids", nargs="*" if name == "flush" else "+", metavar="ID"
+        )
     sendmail = commands.add_parser(
         "sendmail", help="sendmail-compatible submission (see smarthost-sendmail(8))"
     )
@@ -60,7 +76,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     path = default_config_path(args.config)
     if args.command == "check":
         return check(path, args.connect)
+    if args.command == "queue":
+        return queue(path, args)
     return serve(path)
+
+
+def queue(path: str, args: argparse.Namespace) -> int:
+    from .queuectl import QueueControl
+
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        for error in exc.errors:
+            print(f"smarthost: {error}", file=sys.stderr)
+        return EX_CONFIG
+    if config.log.file:
+        # Changes made here belong in the relay's log, next to the message's life.
+        log.setup(config.log.level, config.log.file, config.log.format)
+    control = QueueControl(config)
+    action = args.action or "list"
+    try:
+        if action == "list":
+            return control.list(args.json or getattr(args, "list_json", False))
+        if action == "show":
+            return control.show(args.id)
+        return getattr(control, action)(args.ids)
+    except OSError as exc:
+        print(f"smarthost: queue {action}: {exc}", file=sys.stderr)
+        return EX_TEMPFAIL
 
 
 def _sendmail_command(argv: list[str]) -> list[str] | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import sys
 import threading
+from datetime import datetime, timezone
 from typing import Any
 
 from pythonjsonlogger.json import JsonFormatter
@@ -39,7 +40,9 @@ EVENTS = frozenset(
         "internal_error",
         "released",
         "rewritten",
-        "picked_up",
+        "flushed",
+        "held",
+        "deleted",
     }
 )
 
@@ -47,6 +50,11 @@ EVENTS = frozenset(
 _FORBIDDEN_KEYS = frozenset({"password", "secret", "auth_data", "login_data", "token"})
 
 logger = logging.getLogger(LOGGER_NAME)
+
+
+def rfc3339(timestamp: float) -> str:
+    """A time in the same form as each log line's `time`."""
+    return datetime.fromtimestamp(timestamp, timezone.utc).isoformat()
 
 
 def event(name: str, level: int = logging.INFO, **fields: Any) -> None:

@@ -15,7 +15,6 @@ import os
 import queue
 import threading
 import time
-from datetime import datetime, timezone
 
 from . import dsn, log, retry
 from .bounce import Bouncer
@@ -292,7 +291,7 @@ class Scheduler:
                 status=unfinished[-1].status,
                 attempt=env.attempts,
                 delay=round(now - env.arrival, 3),
-                next_attempt=_rfc3339(due),
+                next_attempt=log.rfc3339(due),
                 backend=attempt.backend,
                 backend_errors=[f"{b}: {r}" for b, r in attempt.backend_errors] or None,
             )
@@ -423,8 +422,3 @@ class Scheduler:
 def _last_reply(attempt: Attempt) -> str | None:
     touched = attempt.deferred or attempt.failed or attempt.delivered
     return touched[-1].reply if touched else None
-
-
-def _rfc3339(timestamp: float) -> str:
-    """The same form as each log line's `time`."""
-    return datetime.fromtimestamp(timestamp, timezone.utc).isoformat()

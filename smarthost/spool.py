@@ -218,6 +218,7 @@ class Spool:
         path = os.path.join(self.dir(TMP), f"{queue_id}.{os.getpid()}.{kind}")
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
+            self._give_to_owner(fd)
             with os.fdopen(fd, "wb", closefd=False) as out:
                 for chunk in chunks:
                     out.write(chunk)
@@ -230,6 +231,15 @@ class Spool:
             raise
         os.close(fd)
         return path
+
+    def _give_to_owner(self, fd: int) -> None:
+        """Files root writes (a queue command) belong to the spool's owner, the service
+        user, which must be able to read them."""
+        if os.geteuid() != 0:
+            return
+        owner = os.stat(self.root)
+        if owner.st_uid != 0:
+            os.fchown(fd, owner.st_uid, owner.st_gid)
 
     def commit(self, env: Envelope, content: list[bytes]) -> None:
         """Make a new message durable in queue/; only then may it be acknowledged."""
@@ -341,9 +351,14 @@ class Spool:
         self.move(env.id, ACTIVE, QUEUE)
 
     def finish(self, env: Envelope) -> None:
-        """Every recipient delivered: remove the message (envelope first, the commit point)."""
-        os.unlink(self.path(ACTIVE, env.id))
-        _unlink_quietly(self.message_path(env.id))
+        """Every recipient has its outcome: remove the message."""
+        self.discard(env.id, ACTIVE)
+
+    def discard(self, queue_id: str, state: str) -> None:
+        """Remove a message whose envelope this process holds (envelope first: the
+        commit point; a crash in between leaves content that recovery sets aside)."""
+        os.unlink(self.path(state, queue_id))
+        _unlink_quietly(self.message_path(queue_id))
 
     def park_failed(self, env: Envelope) -> None:
         """Keep a message nobody can be told about in failed/, for a human."""
