@@ -33,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"smarthost {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     commands.add_parser("serve", help="run the relay in the foreground")
+    passwd = commands.add_parser("passwd", help="print a user:hash line for smtp.auth_users")
+    passwd.add_argument("user", nargs="?", help="the SMTP login (default: your user name)")
     queue = commands.add_parser("queue", help="list and steer spooled messages")
     queue.add_argument("--json", action="store_true", help="list: one JSON object per line")
     actions = queue.add_subparsers(dest="action", metavar="ACTION")
@@ -73,12 +75,38 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:
         return EX_USAGE if exc.code not in (0, None) else EX_OK
+    if args.command == "passwd":
+        return passwd(args.user)
     path = default_config_path(args.config)
     if args.command == "check":
         return check(path, args.connect)
     if args.command == "queue":
         return queue(path, args)
     return serve(path)
+
+
+def passwd(user: str | None) -> int:
+    """Read a password (twice, without echo, from a terminal; else one line of stdin)."""
+    import getpass
+
+    from .auth import hash_password
+
+    user = user or getpass.getuser()
+    if ":" in user or not user.strip():
+        print("smarthost passwd: a user name cannot be empty or contain ':'", file=sys.stderr)
+        return EX_USAGE
+    if sys.stdin.isatty():
+        password = getpass.getpass(f"Password for {user}: ")
+        if getpass.getpass("Again: ") != password:
+            print("smarthost passwd: the passwords differ", file=sys.stderr)
+            return 1
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    if not password:
+        print("smarthost passwd: empty password", file=sys.stderr)
+        return 1
+    print(f"{user}:{hash_password(password)}")
+    return EX_OK
 
 
 def queue(path: str, args: argparse.Namespace) -> int:

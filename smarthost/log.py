@@ -43,6 +43,7 @@ EVENTS = frozenset(
         "flushed",
         "held",
         "deleted",
+        "auth_failed",
     }
 )
 

@@ -13,6 +13,7 @@ import ipaddress
 import logging
 import re
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -21,10 +22,11 @@ from email.utils import formatdate
 from typing import Any
 
 from aiosmtpd.controller import Controller
-from aiosmtpd.smtp import SMTP, Session, syntax
+from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Session, syntax
 from aiosmtpd.smtp import Envelope as SMTPEnvelope
 
 from . import __version__, log
+from .auth import FailureBrake, load_users, verify_password
 from .config import Config
 from .dsn import xtext_decode
 from .spool import Envelope, Recipient, Spool, SpoolError, new_id
@@ -310,6 +312,8 @@ class Receiver:
         self.spool = spool
         self.on_commit = on_commit
         self.writers = writers
+        self.users = load_users(config.smtp.auth_users) if config.smtp.auth_users else {}
+        self.brake = FailureBrake()
         self._commits = 0
         self._closing = False
         self._committing = threading.Condition()
@@ -320,8 +324,35 @@ class Receiver:
         self, server: SMTP, session: Session, envelope: SMTPEnvelope, hostname: str, responses: list
     ) -> list:
         session.host_name = hostname
+        if not self.users:
+            responses = [r for r in responses if not r.startswith("250-AUTH")]
         extra = ["250-PIPELINING", "250-ENHANCEDSTATUSCODES", "250-DSN"]
         return responses[:-1] + extra + responses[-1:]
+
+    async def handle_AUTH(
+        self, server: SMTP, session: Session, envelope: SMTPEnvelope, args: list
+    ) -> Any:
+        if not self.users:
+            return "502 5.5.1 Error: AUTH not available"
+        return MISSING  # aiosmtpd runs the mechanism, then `authenticate`
+
+    def authenticate(
+        self, server: SMTP, session: Session, envelope: SMTPEnvelope, mechanism: str, data: Any
+    ) -> AuthResult:
+        """Check a login against `smtp.auth_users`; a client that keeps failing is refused
+        for a while without hashing (scrypt is slow on purpose; this runs on the loop)."""
+        client = _client_ip(session.peer) or "?"
+        if self.brake.blocked(client):
+            reply = "454 4.7.0 Error: too many failed logins, try again later"
+            return AuthResult(success=False, handled=False, message=reply)
+        user = bytes(getattr(data, "login", b"") or b"").decode("utf-8", "replace")
+        password = bytes(getattr(data, "password", b"") or b"").decode("utf-8", "replace")
+        stored = self.users.get(user)
+        if stored is not None and verify_password(stored, password):
+            return AuthResult(success=True, auth_data=user)
+        self.brake.failed(client)
+        log.event("auth_failed", level=logging.WARNING, client=client, user=user[:64])
+        return AuthResult(success=False, handled=False)
 
     async def handle_MAIL(
         self, server: SMTP, session: Session, envelope: SMTPEnvelope, address: str, options: list
@@ -469,6 +500,7 @@ def start_listeners(
 ) -> list[Listener]:
     """Bind every `smtp.listen` address; a bind error stops everything already started."""
     slots = slots or ClientSlots(config.smtp.max_clients)
+    tls = server_tls_context(config)
     listeners: list[Listener] = []
     try:
         for host, port in config.smtp.listen:
@@ -483,6 +515,9 @@ def start_listeners(
                 enable_SMTPUTF8=True,
                 decode_data=False,
                 timeout=config.smtp.timeout,
+                tls_context=tls,
+                auth_require_tls=True,
+                authenticator=handler.authenticate,
             )
             listener.start()
             listeners.append(listener)
@@ -491,3 +526,12 @@ def start_listeners(
             listener.stop()
         raise
     return listeners
+
+
+def server_tls_context(config: Config) -> ssl.SSLContext | None:
+    """STARTTLS for clients when `smtp.tls_cert` and `smtp.tls_key` are set."""
+    if not (config.smtp.tls_cert and config.smtp.tls_key):
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(config.smtp.tls_cert, config.smtp.tls_key)
+    return context
