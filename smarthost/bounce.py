@@ -110,6 +110,8 @@ class Bouncer:
             size=len(content),
             message_id=f"<{dsn_id}@{hostname}>",
             source=source,
+            smtputf8=not to.isascii(),
+            body=None if content.isascii() else "8BITMIME",
         )
         self.spool.commit(notice, [content])
         log.event(

@@ -174,6 +174,7 @@ def check(path: str, connect: bool) -> int:
 
 def serve(path: str) -> int:
     from .daemon import serve as run
+    from .privileges import PrivilegeError
     from .spool import SpoolError
 
     try:
@@ -193,6 +194,9 @@ def serve(path: str) -> int:
         log.logger.warning(warning)
     try:
         return run(config)
+    except PrivilegeError as exc:
+        print(f"smarthost: {exc}", file=sys.stderr)
+        return EX_CONFIG
     except SpoolError as exc:
         print(f"smarthost: {exc.strerror or exc}", file=sys.stderr)
         return EX_TEMPFAIL if exc.errno == errno.EBUSY else EX_CANTCREAT

@@ -8,13 +8,15 @@ unfinished message simply stays spooled and is retried at the next start).
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-from . import __version__, log
-from .config import Config
+from . import __version__, log, privileges, systemd
+from .auth import load_users
+from .config import Config, ConfigError, load_config
 from .pickup import Pickup
 from .receiver import Listener, Receiver, start_listeners
 from .scheduler import Scheduler
@@ -47,12 +49,19 @@ class Relay:
         self.spool.create()
         self.spool.lock()
         recovered = self.spool.recover()
+        account = privileges.service_account(self.config.user)
+        if account is not None:
+            privileges.hand_over(account, self.spool.root, self.config.log.file)
+        # Ports first (port 25 needs root), then no more root; the scheduler picks
+        # up what the listeners commit in between.
+        self.listeners = start_listeners(self.config, self.receiver)
+        if account is not None:
+            privileges.drop_to(account)
         self.scheduler.start()
         self.pickup = Pickup(self.config, self.spool, self.scheduler.submit)
         self.pickup.start()
         self.watcher = Watcher(self.spool, self.scheduler.notify, self.pickup.wake)
         self.watcher.start()
-        self.listeners = start_listeners(self.config, self.receiver)
         log.event(
             "started",
             version=__version__,
@@ -62,10 +71,45 @@ class Relay:
             workers=self.config.delivery.workers,
             backends=[b.name for b in self.config.backends],
             recovered=recovered,
+            user=account.pw_name if account else None,
         )
+        systemd.notify("READY=1")
+
+    def reload(self, config: Config) -> list[str]:
+        """Take a new config for upstreams, routes, rewriting, limits, users and logging,
+        without dropping a session; what needs a restart is returned, not applied."""
+        needs_restart = [
+            key
+            for key, old, new in (
+                ("smtp.listen", self.config.smtp.listen, config.smtp.listen),
+                ("spool.dir", self.config.spool.dir, config.spool.dir),
+                ("user", self.config.user, config.user),
+                ("delivery.workers", self.config.delivery.workers, config.delivery.workers),
+                ("smtp.tls_cert", self.config.smtp.tls_cert, config.smtp.tls_cert),
+                (
+                    "smtp.max_message_size",
+                    self.config.smtp.max_message_size,
+                    config.smtp.max_message_size,
+                ),
+            )
+            if old != new
+        ]
+        users = load_users(config.smtp.auth_users) if config.smtp.auth_users else {}
+        upstreams = Upstreams(config)
+        old_upstreams, self.upstreams = self.upstreams, upstreams
+        self.sender.use(config, upstreams)
+        self.scheduler.use(config, upstreams)
+        self.receiver.config, self.receiver.users = config, users
+        if self.pickup is not None:
+            self.pickup.config = config
+        self.config = config
+        old_upstreams.retire()
+        log.setup(config.log.level, config.log.file, config.log.format)
+        return needs_restart
 
     def stop(self) -> None:
         log.event("stopping", pid=os.getpid())
+        systemd.notify("STOPPING=1")
         # Stop accepting, let messages being committed get their 250, then close.
         for listener in self.listeners:
             listener.stop_accepting()
@@ -96,25 +140,43 @@ class Relay:
 
 
 def serve(config: Config) -> int:
-    """Run until SIGTERM or SIGINT; SIGHUP reopens the log file."""
+    """Run until SIGTERM or SIGINT; SIGHUP reloads the config and reopens the log file."""
     relay = Relay(config)
-    stop = threading.Event()
+    stop, hup = threading.Event(), threading.Event()
+    wake = threading.Event()
 
-    def on_stop(signum: int, frame: object) -> None:
-        stop.set()
+    def on_signal(signum: int, frame: object) -> None:
+        # Only flags here: the work happens in the main loop, outside the handler.
+        (hup if signum == signal.SIGHUP else stop).set()
+        wake.set()
 
-    def on_hup(signum: int, frame: object) -> None:
-        log.reopen()
-
-    signal.signal(signal.SIGTERM, on_stop)
-    signal.signal(signal.SIGINT, on_stop)
-    signal.signal(signal.SIGHUP, on_hup)
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, on_signal)
     try:
         relay.start()
     except BaseException:
         relay.abort_start()
         raise
-    while not stop.wait(3600):
-        pass
+    while not stop.is_set():
+        wake.wait(3600)
+        wake.clear()
+        if hup.is_set() and not stop.is_set():
+            hup.clear()
+            reload(relay)
     relay.stop()
     return 0
+
+
+def reload(relay: Relay) -> None:
+    """SIGHUP: a new config if it is valid (else the old one stays, loudly); the log
+    file is reopened either way (after logrotate)."""
+    systemd.notify("RELOADING=1")
+    try:
+        config = load_config(relay.config.path)
+    except ConfigError as exc:
+        log.reopen()
+        log.event("config_reloaded", level=logging.ERROR, ok=False, errors=exc.errors)
+    else:
+        needs_restart = relay.reload(config)
+        log.event("config_reloaded", ok=True, needs_restart=needs_restart or None)
+    systemd.notify("READY=1")

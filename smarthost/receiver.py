@@ -201,6 +201,7 @@ class RelaySMTP(SMTP):
 _DSN_PARAMS = {"MAIL": ("RET", "ENVID"), "RCPT": ("NOTIFY", "ORCPT")}
 _COMMAND_ADDRESS = re.compile(r"\s*(?:FROM|TO)\s*:\s*(?:<[^>]*>|\S*)", re.I)
 _NOTIFY_KINDS = ("SUCCESS", "FAILURE", "DELAY")
+_ATOM = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+")  # RFC 5322 atext
 
 
 def take_dsn_params(command: str, arg: str | None) -> tuple[str | None, dict[str, str]]:
@@ -245,7 +246,7 @@ def _dsn_value(key: str, value: str) -> str:
             raise ValueError("ENVID must be 1 to 100 characters of xtext")
         return envid
     addr_type, sep, address = value.partition(";")  # ORCPT
-    if not sep or not addr_type or not address:
+    if not sep or not _ATOM.fullmatch(addr_type) or not address:
         raise ValueError("ORCPT must be addr-type;xtext, e.g. rfc822;user@example.com")
     return f"{addr_type};{xtext_decode(address)}"
 

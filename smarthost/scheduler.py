@@ -28,7 +28,7 @@ from .sender import (
     format_reply,
 )
 from .spool import ACTIVE, DEFERRED, FAILED_RCPT, QUEUE, Envelope, Spool
-from .upstream import Backend
+from .upstream import Backend, Upstreams
 
 RESCAN_INTERVAL = 10.0
 HISTORY_KEPT = 20
@@ -58,6 +58,17 @@ class Scheduler:
         self._stopping = threading.Event()
         self._scan_requested = True
         self._thread: threading.Thread | None = None
+
+    def use(self, config: Config, upstreams: Upstreams) -> None:
+        """A reloaded config; mail waiting for a group is released by the new backends."""
+        upstreams.on_up = self.release
+        self.config, self.upstreams = config, upstreams
+        self.bouncer.config = config
+        with self._cond:
+            groups = list(self._waiting)
+            self._cond.notify()
+        for group in groups:
+            upstreams.request_probe(group)
 
     # -- hints from outside --------------------------------------------------
 

@@ -112,6 +112,10 @@ class Sender:
         self.upstreams = upstreams
         self.stopping = threading.Event()
 
+    def use(self, config: Config, upstreams: Upstreams) -> None:
+        """A reloaded config: attempts from now on use these upstreams."""
+        self.config, self.upstreams = config, upstreams
+
     def attempt(self, env: Envelope) -> Attempt:
         result = Attempt()
         content = self.spool.read_message(env.id)
@@ -178,6 +182,13 @@ class Sender:
                 with backend.session(self.connect) as session:
                     pending = [r for r in rcpts if r.unfinished]
                     self._transaction(session, backend, env, pending, content, result)
+                return
+            except UnicodeEncodeError:
+                # An address the next hop cannot take in ASCII: the message's problem, not
+                # the backend's (and never a reason to mark it down).
+                reply = b"5.6.7 an address cannot be sent to this upstream without SMTPUTF8"
+                pending = [r for r in rcpts if r.unfinished]
+                self._settle_all(pending, Outcome.FAIL_MESSAGE, 553, reply, backend, result)
                 return
             except smtplib.SMTPServerDisconnected as exc:
                 # An idle session the server has since closed is no fault of the backend.

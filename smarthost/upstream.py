@@ -87,6 +87,7 @@ class Backend:
         self._slots = threading.BoundedSemaphore(config.max_connections)
         self._idle: list[Session] = []
         self._lock = threading.Lock()
+        self.retired = False  # replaced by a reload: sessions in use close when returned
 
     def is_down(self, now: float) -> bool:
         return self.down and self.retry_at > now
@@ -112,7 +113,9 @@ class Backend:
                 session = None
             raise
         finally:
-            if session is not None:
+            if session is not None and self.retired:
+                quit_session(session.smtp)
+            elif session is not None:
                 session.last_used = time.monotonic()
                 session.reused = True
                 with self._lock:
@@ -309,6 +312,12 @@ class Upstreams:
 
     def close_all(self) -> None:
         for backend in self.backends:
+            backend.close_all()
+
+    def retire(self) -> None:
+        """Replaced by a reload: close idle sessions now, busy ones when they are done."""
+        for backend in self.backends:
+            backend.retired = True
             backend.close_all()
 
 
