@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import logging
 import sys
 from collections.abc import Sequence
 
@@ -191,7 +192,7 @@ def serve(path: str) -> int:
         )
         return EX_CANTCREAT
     for warning in config_warnings(config):
-        log.logger.warning(warning)
+        log.event("config_warning", level=logging.WARNING, warning=warning)
     try:
         return run(config)
     except PrivilegeError as exc:

@@ -44,6 +44,7 @@ EVENTS = frozenset(
         "held",
         "deleted",
         "auth_failed",
+        "config_warning",
     }
 )
 

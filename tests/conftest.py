@@ -280,6 +280,7 @@ class RelayProcess:
         self.log_path = log_path
         self.proc: subprocess.Popen | None = None
         self.port: int | None = None
+        self.env: dict[str, str] | None = None  # extra environment variables
 
     def start(self, timeout: float = 20.0) -> RelayProcess:
         offset = self.log_path.stat().st_size if self.log_path.exists() else 0
@@ -288,6 +289,7 @@ class RelayProcess:
                 [sys.executable, "-m", "smarthost", "-c", str(self.config_path), "serve"],
                 stderr=log_file,
                 cwd=ROOT,
+                env={**os.environ, **(self.env or {})},
             )
         started = wait_until(
             lambda: self._started_since(offset), timeout, "the relay process to start"

@@ -1,0 +1,148 @@
+"""Operations on the real process: reload, log rotation, readiness, privilege drop,
+client limits and timeouts."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import signal
+import smtplib
+import socket
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from conftest import Sink, wait_until, write_config
+
+MESSAGE = b"Subject: ops\r\n\r\nbody\r\n"
+
+
+def send(port: int, rcpt: str = "b@dest.test") -> str:
+    with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+        client.ehlo("client.test")
+        client.mail("a@client.test")
+        client.rcpt(rcpt)
+        code, msg = client.data(MESSAGE)
+    assert code == 250, msg
+    return msg.decode().rsplit(" ", 1)[-1]
+
+
+def events_named(proc, name: str) -> list[dict]:
+    return [r for r in proc.records() if r.get("event") == name]
+
+
+def test_sighup_reloads_upstreams_without_dropping_a_session(tmp_path, sink, relay_process):
+    other = Sink().start()
+    try:
+        path = write_config(tmp_path, sink.port)
+        proc = relay_process(path).start()
+        held = smtplib.SMTP("127.0.0.1", proc.port, timeout=10)  # open across the reload
+        held.ehlo("client.test")
+        send(proc.port)
+        sink.wait_for(1)
+        path.write_text(path.read_text().replace(f"port = {sink.port}", f"port = {other.port}"))
+        proc.proc.send_signal(signal.SIGHUP)
+        reloaded = wait_until(lambda: events_named(proc, "config_reloaded"), what="reload")
+        assert reloaded[0]["ok"] is True
+        # The session opened before the reload still works, and uses the new upstream.
+        held.sendmail("a@client.test", ["c@dest.test"], MESSAGE)
+        held.quit()
+        assert other.wait_for(1)[0].rcpt_tos == ["c@dest.test"]
+        assert len(sink.messages) == 1
+        assert proc.stop() == 0
+    finally:
+        other.stop()
+
+
+def test_a_bad_config_on_sighup_is_refused_and_the_old_one_kept(tmp_path, sink, relay_process):
+    path = write_config(tmp_path, sink.port)
+    proc = relay_process(path).start()
+    good = path.read_text()
+    path.write_text(good.replace("[smtp]\n", "[smtp]\nmax_client = 3\n", 1))
+    proc.proc.send_signal(signal.SIGHUP)
+    refused = wait_until(lambda: events_named(proc, "config_reloaded"), what="refusal")
+    assert refused[0]["ok"] is False and refused[0]["level"] == "error"
+    assert any("smtp.max_client" in error for error in refused[0]["errors"])
+    send(proc.port)  # still relaying with the old config
+    sink.wait_for(1)
+    assert proc.stop() == 0
+
+
+def test_log_file_is_reopened_after_rotation(tmp_path, sink, relay_process):
+    log_file = tmp_path / "smarthost.log"
+    path = write_config(tmp_path, sink.port)
+    path.write_text(path.read_text().replace("[log]\n", f'[log]\nfile = "{log_file}"\n'))
+    proc = relay_process(path)
+    proc.log_path = log_file
+    proc.start()
+    rotated = tmp_path / "smarthost.log.1"
+    os.rename(log_file, rotated)  # what logrotate does, then it sends SIGHUP
+    proc.proc.send_signal(signal.SIGHUP)
+    wait_until(log_file.exists, what="a new log file")
+    queue_id = send(proc.port)
+    wait_until(
+        lambda: any(r.get("queue_id") == queue_id for r in proc.records()),
+        what="the message's events in the new file",
+    )
+    assert '"started"' in rotated.read_text() and queue_id not in rotated.read_text()
+    assert proc.stop() == 0
+
+
+def test_systemd_readiness_is_notified(tmp_path, sink, relay_process):
+    address = str(tmp_path / "notify.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as listener:
+        listener.bind(address)
+        listener.settimeout(20)
+        proc = relay_process(write_config(tmp_path, sink.port))
+        proc.env = {"NOTIFY_SOCKET": address}
+        proc.start()
+        assert listener.recv(100) == b"READY=1"
+        proc.proc.send_signal(signal.SIGHUP)
+        assert listener.recv(100) == b"RELOADING=1"
+        assert listener.recv(100) == b"READY=1"
+        proc.proc.send_signal(signal.SIGTERM)
+        assert listener.recv(100) == b"STOPPING=1"
+        assert proc.stop() == 0
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="dropping privileges needs root")
+def test_privileges_are_dropped_after_binding(sink, relay_process):
+    account = pwd.getpwnam("nobody")
+    # A spool the unprivileged user can reach: tmp_path's parents are private to root.
+    base = Path(tempfile.mkdtemp(prefix="smarthost-user-", dir="/var/tmp"))
+    base.chmod(0o755)
+    try:
+        path = write_config(base, sink.port)
+        path.write_text('user = "nobody"\n' + path.read_text())
+        proc = relay_process(path)
+        proc.log_path = base / "relay.log"
+        proc.start()
+        status = Path(f"/proc/{proc.proc.pid}/status").read_text()
+        uids = next(line for line in status.splitlines() if line.startswith("Uid:")).split()
+        assert {int(u) for u in uids[1:]} == {account.pw_uid}
+        send(proc.port)
+        sink.wait_for(1)
+        spool = base / "spool"
+        assert os.stat(spool).st_uid == account.pw_uid
+        assert os.stat(spool / "queue").st_uid == account.pw_uid
+        assert proc.stop() == 0
+    finally:
+        import shutil
+
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_an_idle_client_is_timed_out(tmp_path, sink, relay_process):
+    path = write_config(tmp_path, sink.port)
+    path.write_text(path.read_text().replace("[smtp]\n", '[smtp]\ntimeout = "1s"\n', 1))
+    proc = relay_process(path).start()
+    with socket.create_connection(("127.0.0.1", proc.port), timeout=10) as slow:
+        assert slow.recv(100).startswith(b"220")
+        slow.sendall(b"EHLO slow")  # half a command, then nothing: a slowloris
+        started = time.monotonic()
+        while slow.recv(100):
+            pass  # until the server closes
+        assert time.monotonic() - started < 8  # generous: the timeout is 1 s
+    send(proc.port)  # a normal client is still served
+    assert proc.stop() == 0
