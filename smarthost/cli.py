@@ -111,7 +111,7 @@ def passwd(user: str | None) -> int:
 
 
 def queue(path: str, args: argparse.Namespace) -> int:
-    from .queuectl import QueueControl
+    from .queuectl import QueueControl, QueueError
 
     try:
         config = load_config(path)
@@ -130,6 +130,9 @@ def queue(path: str, args: argparse.Namespace) -> int:
         if action == "show":
             return control.show(args.id)
         return getattr(control, action)(args.ids)
+    except QueueError as exc:
+        print(f"{getattr(args, 'id', '')}: {exc}", file=sys.stderr)
+        return 1
     except OSError as exc:
         print(f"smarthost: queue {action}: {exc}", file=sys.stderr)
         return EX_TEMPFAIL

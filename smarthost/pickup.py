@@ -23,7 +23,7 @@ from email.utils import formatdate
 from . import log
 from .config import Config
 from .sendmail import DROP_MAGIC, UsageError, check_address
-from .spool import CORRUPT, DROP, Envelope, Recipient, Spool, SpoolError, new_id
+from .spool import DROP, Envelope, Recipient, Spool, SpoolError, new_id
 from .submission import prepare
 
 _DROP_NAME = re.compile(r"^[0-9a-f]{32}\.drop$")
@@ -86,10 +86,11 @@ class Pickup:
         try:
             data, owner = self._read(path, name)
             env, content = self._parse(data, owner)
-        except ValueError as exc:
-            self._quarantine(name, str(exc))
-            return False
+            env.to_bytes()  # an envelope that cannot be stored is bad input, found now
         except FileNotFoundError:
+            return False
+        except Exception as exc:  # untrusted input: whatever is wrong, set it aside
+            self._quarantine(name, str(exc) or type(exc).__name__)
             return False
         try:
             self.spool.commit(env, content)
@@ -141,11 +142,12 @@ class Pickup:
             raise ValueError("truncated drop record")
         try:
             record = json.loads(data[len(DROP_MAGIC) : line_end])
-            sender = str(record["sender"])
-            recipients = [str(r) for r in record["recipients"]]
+            sender, recipients = record["sender"], record["recipients"]
+            if not isinstance(sender, str) or not isinstance(recipients, list):
+                raise TypeError("sender must be a string and recipients a list")
             for address in [*recipients, sender or "x"]:
                 check_address(address)
-        except (ValueError, KeyError, TypeError, UsageError) as exc:
+        except (ValueError, KeyError, TypeError, RecursionError, UsageError) as exc:
             raise ValueError(f"bad drop record: {exc}") from None
         if not recipients:
             raise ValueError("no recipients")
@@ -168,7 +170,7 @@ class Pickup:
 
     def _quarantine(self, name: str, reason: str) -> None:
         source = os.path.join(self.spool.dir(DROP), name)
-        target = os.path.join(self.spool.dir(CORRUPT), f"drop-{int(time.time())}-{name[:64]}")
+        target = self.spool.corrupt_name(f"drop-{int(time.time())}-{name[:64]}")
         try:
             os.rename(source, target)  # renames a link or FIFO itself, never its target
         except OSError as exc:

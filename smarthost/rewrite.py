@@ -8,6 +8,7 @@ message; the caller logs what changed.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from email.utils import formataddr, getaddresses
 
 from . import headers
 from .config import RewriteConfig
@@ -45,6 +46,10 @@ def rewrite(
         masqueraded = f"{local_part(sender)}@{config.masquerade}"
         result.changes.append(f"sender {sender} -> {masqueraded} (masquerade)")
         result.sender = masqueraded
+    if config.masquerade:
+        result.content = masquerade_header_from(
+            result.content, config.masquerade, hostname, result.changes
+        )
     if config.force_from:
         if result.sender and result.sender != config.force_from:
             result.changes.append(f"sender {result.sender} -> {config.force_from} (force_from)")
@@ -61,6 +66,25 @@ def _alias(aliases: dict[str, str], hostname: str, address: str, changes: list[s
         return address
     changes.append(f"recipient {address} -> {target} (alias)")
     return target
+
+
+def masquerade_header_from(content: bytes, domain: str, hostname: str, changes: list[str]) -> bytes:
+    """Local addresses in `From:` get the masquerade domain, as the envelope sender does
+    (Postfix's masquerade_classes include header_sender)."""
+    froms = headers.find(content, "from")
+    if not froms:
+        return content
+    field = froms[0]
+    addresses = getaddresses([field.text])
+    if not any(addr and is_local(addr, hostname) for _, addr in addresses):
+        return content
+    rewritten = [
+        (name, f"{local_part(addr)}@{domain}" if addr and is_local(addr, hostname) else addr)
+        for name, addr in addresses
+    ]
+    value = ", ".join(formataddr(pair) for pair in rewritten)
+    changes.append(f"header From: {field.text} -> {value} (masquerade)")
+    return content[: field.start] + f"From: {value}\r\n".encode() + content[field.end :]
 
 
 def force_header_from(content: bytes, address: str, changes: list[str]) -> bytes:

@@ -16,7 +16,7 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from email.utils import formatdate, getaddresses
+from email.utils import formataddr, formatdate, getaddresses
 
 from . import headers
 from .config import Config, ConfigError, default_config_path, load_config
@@ -91,20 +91,33 @@ def parse_args(argv: Sequence[str]) -> Options:
         raise UsageError(f"unknown option {arg}")
     for address in [*opts.recipients, opts.sender or "x"]:
         check_address(address)
+    if opts.full_name is not None and _unsafe(opts.full_name):
+        raise UsageError("invalid full name (-F)")
     return opts
 
 
-def check_address(address: str) -> None:
+def check_address(address: object) -> None:
     """No header or option injection through an address."""
-    if any(c in address for c in "\r\n\0") or address.startswith("-") or len(address) > 998:
+    if not isinstance(address, str) or _unsafe(address) or address.startswith("-"):
         raise UsageError(f"invalid address {address!r}")
+
+
+def _unsafe(text: str) -> bool:
+    """Line breaks or NUL (header injection), too long, or not encodable as UTF-8."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return any(c in text for c in "\r\n\0") or len(text) > 998
 
 
 def read_message(stream, dot_ends: bool, limit: int) -> bytes:
     """stdin up to EOF (or a lone "." line), with CRLF line ends, at most `limit` bytes."""
     lines, size = [], 0
-    for raw in stream:
+    for number, raw in enumerate(stream):
         line = raw.rstrip(b"\r\n")
+        if number == 0 and line.startswith(b"From "):
+            continue  # an mbox separator, as sendmail and Postfix drop it
         if dot_ends and line == b".":
             break
         size += len(line) + 2
@@ -126,7 +139,8 @@ def complete_headers(content: bytes, sender: str, full_name: str | None, hostnam
     present = {f.name for f in headers.fields(content)}
     added = []
     if "from" not in present:
-        added.append(f"From: {full_name} <{sender}>" if full_name else f"From: {sender}")
+        address = sender if "@" in sender else f"{sender}@{hostname}"
+        added.append(f"From: {formataddr((full_name, address)) if full_name else address}")
     if "date" not in present:
         added.append(f"Date: {formatdate(localtime=True)}")
     if "message-id" not in present:

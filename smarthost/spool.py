@@ -375,7 +375,7 @@ class Spool:
             sources.insert(0, (self.path(state, queue_id), "envelope"))
         for src, suffix in sources:
             if os.path.lexists(src):
-                dst = self._free_corrupt_name(f"{queue_id}.{suffix}")
+                dst = self.corrupt_name(f"{queue_id}.{suffix}")
                 os.rename(src, dst)
                 moved.append(os.path.basename(dst))
         log.event(
@@ -387,7 +387,8 @@ class Spool:
             files=moved,
         )
 
-    def _free_corrupt_name(self, name: str) -> str:
+    def corrupt_name(self, name: str) -> str:
+        """A path in corrupt/ that no earlier file has: quarantine never overwrites."""
         candidate = os.path.join(self.dir(CORRUPT), name)
         n = 1
         while os.path.lexists(candidate):

@@ -61,7 +61,7 @@ class Watcher:
             _DropEvents(on_drop),
             spool.dir(DROP),
             recursive=False,
-            event_filter=[FileMovedEvent, FileClosedEvent],
+            event_filter=[FileCreatedEvent, FileMovedEvent, FileClosedEvent],
         )
         # Only what can make a message due: arrivals (a rename is a move) and mtime
         # changes (`touch` on a queue file asks for a retry). The kernel filters the rest.
