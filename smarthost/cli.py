@@ -164,6 +164,13 @@ def check(path: str, connect: bool) -> int:
         for error in exc.errors:
             print(error, file=sys.stderr)
         return 1
+    from .receiver import check_listener_files
+
+    file_errors = check_listener_files(config)
+    for error in file_errors:
+        print(error, file=sys.stderr)
+    if file_errors:
+        return 1
     print(summary(config))
     for warning in config_warnings(config):
         print(f"warning: {warning}", file=sys.stderr)
@@ -198,6 +205,10 @@ def serve(path: str) -> int:
         log.event("config_warning", level=logging.WARNING, warning=warning)
     try:
         return run(config)
+    except ConfigError as exc:  # files the config names: certificate, users
+        for error in exc.errors:
+            print(f"smarthost: {error}", file=sys.stderr)
+        return EX_CONFIG
     except PrivilegeError as exc:
         print(f"smarthost: {exc}", file=sys.stderr)
         return EX_CONFIG

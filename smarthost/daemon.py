@@ -15,10 +15,9 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 from . import __version__, log, privileges, systemd
-from .auth import load_users
 from .config import Config, ConfigError, load_config
 from .pickup import Pickup
-from .receiver import Listener, Receiver, start_listeners
+from .receiver import Listener, Receiver, auth_users, start_listeners
 from .scheduler import Scheduler
 from .sender import Sender
 from .spool import Spool
@@ -86,6 +85,10 @@ class Relay:
                 ("user", self.config.user, config.user),
                 ("delivery.workers", self.config.delivery.workers, config.delivery.workers),
                 ("smtp.tls_cert", self.config.smtp.tls_cert, config.smtp.tls_cert),
+                ("smtp.tls_key", self.config.smtp.tls_key, config.smtp.tls_key),
+                ("smtp.max_clients", self.config.smtp.max_clients, config.smtp.max_clients),
+                ("smtp.timeout", self.config.smtp.timeout, config.smtp.timeout),
+                ("hostname", self.config.hostname, config.hostname),
                 (
                     "smtp.max_message_size",
                     self.config.smtp.max_message_size,
@@ -94,7 +97,7 @@ class Relay:
             )
             if old != new
         ]
-        users = load_users(config.smtp.auth_users) if config.smtp.auth_users else {}
+        users = auth_users(config)  # a bad users file refuses the whole reload
         upstreams = Upstreams(config)
         old_upstreams, self.upstreams = self.upstreams, upstreams
         self.sender.use(config, upstreams)
@@ -172,11 +175,10 @@ def reload(relay: Relay) -> None:
     file is reopened either way (after logrotate)."""
     systemd.notify("RELOADING=1")
     try:
-        config = load_config(relay.config.path)
+        needs_restart = relay.reload(load_config(relay.config.path))
     except ConfigError as exc:
         log.reopen()
         log.event("config_reloaded", level=logging.ERROR, ok=False, errors=exc.errors)
     else:
-        needs_restart = relay.reload(config)
         log.event("config_reloaded", ok=True, needs_restart=needs_restart or None)
     systemd.notify("READY=1")

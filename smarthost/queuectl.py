@@ -9,6 +9,7 @@ command waits for that attempt to end, then acts on what is left.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -31,6 +32,9 @@ from .spool import (
 
 BUSY_WAIT = 30.0  # how long to wait for an attempt in flight to end
 CANCELLED = "550 5.0.0 delivery cancelled by the administrator"
+
+
+_STATE_WORDS = {QUEUE: "waiting", ACTIVE: "being delivered", HOLD: "held", FAILED: "failed"}
 
 
 class QueueError(Exception):
@@ -142,7 +146,8 @@ class QueueControl:
     def _flush_one(self, queue_id: str) -> str:
         state = self._locate(queue_id)
         if state != QUEUE:
-            raise QueueError(f"is {state}, not waiting" + (": release it" if state == HOLD else ""))
+            hint = ": release it first" if state == HOLD else ""
+            raise QueueError(f"is {_STATE_WORDS[state]}, not waiting{hint}")
         now = time.time()
         # The mtime is the due time; the relay's watcher sees the change at once.
         os.utime(self.spool.path(QUEUE, queue_id), (now, now))
@@ -179,6 +184,15 @@ class QueueControl:
         now = time.time()
         for rcpt in cancelled:
             rcpt.state, rcpt.reply, rcpt.status, rcpt.updated = FAILED_RCPT, CANCELLED, "5.0.0", now
+            log.event(
+                "failed",
+                level=logging.WARNING,
+                queue_id=queue_id,
+                recipient=rcpt.address,
+                sender=env.sender,
+                reply=CANCELLED,
+                status="5.0.0",
+            )
         bouncer = Bouncer(self.config, self.spool, submit=lambda notice: None)
         if not env.sender:
             bouncer.double_bounce(env, cancelled)
@@ -208,7 +222,7 @@ class QueueControl:
             if state is None:
                 raise QueueError("not in the queue (delivered or removed)")
             if state != ACTIVE:
-                raise QueueError(f"is {state}")
+                raise QueueError(f"is {_STATE_WORDS[state]}")
             if time.monotonic() > deadline:
                 raise QueueError("is still being delivered; try again")
             time.sleep(0.05)  # an attempt in flight: it ends within the upstream timeouts

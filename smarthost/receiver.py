@@ -27,12 +27,22 @@ from aiosmtpd.smtp import Envelope as SMTPEnvelope
 
 from . import __version__, log
 from .auth import FailureBrake, load_users, verify_password
-from .config import Config
+from .config import Config, ConfigError
 from .dsn import xtext_decode
 from .spool import Envelope, Recipient, Spool, SpoolError, new_id
 from .submission import prepare
 
 IDENT = f"ESMTP smarthost {__version__}"
+
+
+class _QuietDeprecations(logging.Filter):
+    """aiosmtpd warns about its own deprecated attribute on every successful login."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "login_data is deprecated" not in record.getMessage()
+
+
+logging.getLogger("mail.log").addFilter(_QuietDeprecations())
 
 # RFC 2034: with ENHANCEDSTATUSCODES advertised, replies carry a status code. aiosmtpd's
 # own replies do not, so the subclass adds the usual one for the basic code.
@@ -313,7 +323,7 @@ class Receiver:
         self.spool = spool
         self.on_commit = on_commit
         self.writers = writers
-        self.users = load_users(config.smtp.auth_users) if config.smtp.auth_users else {}
+        self.users = auth_users(config)
         self.brake = FailureBrake()
         self._commits = 0
         self._closing = False
@@ -534,5 +544,29 @@ def server_tls_context(config: Config) -> ssl.SSLContext | None:
     if not (config.smtp.tls_cert and config.smtp.tls_key):
         return None
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(config.smtp.tls_cert, config.smtp.tls_key)
+    try:
+        context.load_cert_chain(config.smtp.tls_cert, config.smtp.tls_key)
+    except (OSError, ValueError) as exc:
+        raise ConfigError([f"smtp.tls_cert: cannot load the certificate and key: {exc}"]) from None
     return context
+
+
+def auth_users(config: Config) -> dict[str, str]:
+    """The `smtp.auth_users` file, read now; a bad one is a configuration error."""
+    if not config.smtp.auth_users:
+        return {}
+    try:
+        return load_users(config.smtp.auth_users)
+    except (OSError, ValueError) as exc:
+        raise ConfigError([f"smtp.auth_users: {exc}"]) from None
+
+
+def check_listener_files(config: Config) -> list[str]:
+    """For `smarthost check`: the TLS certificate and the users file can be read."""
+    errors = []
+    for load in (server_tls_context, auth_users):
+        try:
+            load(config)
+        except ConfigError as exc:
+            errors += exc.errors
+    return errors

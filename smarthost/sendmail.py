@@ -168,6 +168,7 @@ def drop(spool: Spool, sender: str, recipients: list[str], content: bytes) -> st
     # else can find it: drop/ cannot be listed, and the name is 128 random bits.
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
     try:
+        os.fchmod(fd, 0o644)  # whatever the caller's umask
         with os.fdopen(fd, "wb", closefd=False) as out:
             out.write(DROP_MAGIC + record.encode() + b"\n" + content)
         os.fsync(fd)
@@ -178,18 +179,29 @@ def drop(spool: Spool, sender: str, recipients: list[str], content: bytes) -> st
     os.close(fd)
     final = name + DROP_SUFFIX
     os.rename(tmp, os.path.join(directory, final))
-    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    _fsync_directory(directory)
+    return final
+
+
+def _fsync_directory(directory: str) -> None:
+    """Make the new name durable. A local user may not open drop/ (it cannot be listed,
+    on purpose): then the file's own fsync and the journal's next commit must do."""
+    try:
+        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    except PermissionError:
+        return
     try:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
-    return final
 
 
 def submit(opts: Options, config: Config, stdin) -> str:
     content = read_message(stdin, opts.dot_ends, config.smtp.max_message_size)
-    sender = opts.sender if opts.sender is not None else f"{invoking_user()}@{config.hostname}"
+    sender = opts.sender if opts.sender is not None else invoking_user()
     sender = "" if sender == "<>" else sender
+    if sender and "@" not in sender:
+        sender = f"{sender}@{config.hostname}"  # a local name: this host's (then masqueraded)
     recipients = list(opts.recipients)
     if opts.from_headers:
         recipients += recipients_from_headers(content)

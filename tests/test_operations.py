@@ -146,3 +146,113 @@ def test_an_idle_client_is_timed_out(tmp_path, sink, relay_process):
         assert time.monotonic() - started < 8  # generous: the timeout is 1 s
     send(proc.port)  # a normal client is still served
     assert proc.stop() == 0
+
+
+def test_a_bad_users_file_is_a_config_error_at_start_and_on_reload(tmp_path, sink, relay_process):
+    import subprocess
+    import sys
+
+    import trustme
+
+    cert = trustme.CA().issue_cert("127.0.0.1")
+    cert.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "server.pem"))
+    users = tmp_path / "users"
+    users.write_text("not a users line\n")
+    path = write_config(tmp_path, sink.port)
+    smtp = (
+        f'tls_cert = "{tmp_path / "server.pem"}"\ntls_key = "{tmp_path / "server.pem"}"\n'
+        f'auth_users = "{users}"\n'
+    )
+    path.write_text(path.read_text().replace("[smtp]\n", f"[smtp]\n{smtp}", 1))
+    done = subprocess.run(
+        [sys.executable, "-m", "smarthost", "-c", str(path), "serve"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 78 and "smtp.auth_users" in done.stderr
+    assert "Traceback" not in done.stderr
+    checked = subprocess.run(
+        [sys.executable, "-m", "smarthost", "-c", str(path), "check"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert checked.returncode == 1 and "smtp.auth_users" in checked.stderr
+    # With a good file it starts; a broken one on SIGHUP is refused, the relay lives on.
+    from smarthost.auth import hash_password
+
+    users.write_text(f"alice:{hash_password('x')}\n")
+    proc = relay_process(path).start()
+    users.write_text("broken\n")
+    proc.proc.send_signal(signal.SIGHUP)
+    refused = wait_until(lambda: events_named(proc, "config_reloaded"), what="refusal")
+    assert refused[0]["ok"] is False
+    assert proc.proc.poll() is None
+    assert proc.stop() == 0
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="submitting as another user needs root")
+def test_any_local_user_can_submit_and_the_relay_can_read_it(sink):
+    import shutil
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    from smarthost.config import load_config
+    from smarthost.spool import DROP, Spool
+
+    account = pwd.getpwnam("nobody")
+    interpreter = Path(os.path.realpath(sys.executable))
+    if any(not d.stat().st_mode & 0o001 for d in interpreter.parents):
+        pytest.skip(f"other users cannot reach this Python ({interpreter})")
+    base = Path(tempfile.mkdtemp(prefix="smarthost-drop-", dir="/var/tmp"))
+    base.chmod(0o755)
+    try:
+        path = write_config(base, sink.port)
+        path.chmod(0o644)
+        Spool(load_config(path).spool.dir).create()
+
+        def as_nobody() -> None:
+            os.setgroups([])
+            os.setgid(account.pw_gid)
+            os.setuid(account.pw_uid)
+            os.umask(0o077)  # a strict umask must not make the file unreadable
+
+        done = subprocess.run(
+            [sys.executable, "-m", "smarthost", "-c", str(path), "sendmail", "b@dest.test"],
+            input=b"Subject: from nobody\n\nhi\n",
+            capture_output=True,
+            preexec_fn=as_nobody,
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            timeout=30,
+        )
+        assert done.returncode == 0, done.stderr
+        (dropped,) = [p for p in (base / "spool" / DROP).iterdir()]
+        assert dropped.stat().st_uid == account.pw_uid
+        assert dropped.stat().st_mode & 0o777 == 0o644
+        # Nobody else can list the drop area.
+        assert (base / "spool" / DROP).stat().st_mode & 0o7777 == 0o1733
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_a_strict_umask_still_leaves_the_drop_file_readable_by_the_relay(tmp_path, sink):
+    import subprocess
+    import sys
+
+    from smarthost.spool import DROP
+
+    path = write_config(tmp_path, sink.port)
+    done = subprocess.run(
+        [sys.executable, "-m", "smarthost", "-c", str(path), "sendmail", "b@dest.test"],
+        input=b"Subject: umask\n\nhi\n",
+        capture_output=True,
+        preexec_fn=lambda: os.umask(0o077),
+        timeout=30,
+    )
+    assert done.returncode == 0, done.stderr
+    (dropped,) = list((tmp_path / "spool" / DROP).iterdir())
+    assert dropped.stat().st_mode & 0o777 == 0o644
