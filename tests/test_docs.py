@@ -70,3 +70,12 @@ def test_man_pages_render_without_warnings(name):
         check=False,
     )
     assert done.returncode == 0 and done.stderr == "", done.stderr
+
+
+EXAMPLES = sorted((MAN.parent / "examples").rglob("*.toml"))
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
+def test_every_example_config_is_valid(path):
+    loaded = config.load_config(path)
+    assert loaded.backends, path
