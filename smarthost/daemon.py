@@ -98,6 +98,12 @@ class Relay:
             if old != new
         ]
         users = auth_users(config)  # a bad users file refuses the whole reload
+        try:
+            log.setup(config.log.level, config.log.file, config.log.format)
+        except OSError as exc:
+            raise ConfigError(
+                [f"log.file: cannot open {config.log.file}: {exc.strerror}"]
+            ) from None
         upstreams = Upstreams(config)
         old_upstreams, self.upstreams = self.upstreams, upstreams
         self.sender.use(config, upstreams)
@@ -107,7 +113,6 @@ class Relay:
             self.pickup.config = config
         self.config = config
         old_upstreams.retire()
-        log.setup(config.log.level, config.log.file, config.log.format)
         return needs_restart
 
     def stop(self) -> None:
@@ -177,7 +182,10 @@ def reload(relay: Relay) -> None:
     try:
         needs_restart = relay.reload(load_config(relay.config.path))
     except ConfigError as exc:
-        log.reopen()
+        try:
+            log.reopen()
+        except OSError as reopen_error:  # keep writing to the old file rather than die
+            exc.errors.append(f"log.file: cannot reopen: {reopen_error.strerror}")
         log.event("config_reloaded", level=logging.ERROR, ok=False, errors=exc.errors)
     else:
         log.event("config_reloaded", ok=True, needs_restart=needs_restart or None)

@@ -129,8 +129,10 @@ class ReopenableFileHandler(logging.StreamHandler):
         return open(self.path, "a", encoding="utf-8", buffering=1)
 
     def reopen(self) -> None:
+        """A new file at the same path; if it cannot be opened, the old one stays."""
         with self._reopen_lock:
-            old, self.stream = self.stream, self._open()
+            new = self._open()
+            old, self.stream = self.stream, new
             old.close()
 
 

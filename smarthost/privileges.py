@@ -32,8 +32,12 @@ def service_account(user: str | None) -> pwd.struct_passwd | None:
 
 
 def hand_over(account: pwd.struct_passwd, spool_root: str, log_file: str | None) -> None:
-    """chown the spool tree (not through links) and the log file to the account."""
-    for path in _spool_paths(spool_root):
+    """chown the spool tree (not through links) and the log file to the account.
+
+    The whole tree is listed first: once a directory belongs to the account, root
+    without CAP_DAC_OVERRIDE (a hardened unit) could no longer look inside it.
+    """
+    for path in reversed(list(_spool_paths(spool_root))):
         os.chown(path, account.pw_uid, account.pw_gid, follow_symlinks=False)
     if log_file and os.path.exists(log_file):
         os.chown(log_file, account.pw_uid, account.pw_gid)
