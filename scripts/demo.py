@@ -106,7 +106,11 @@ def main() -> int:
     queue_ids = {r.get("queue_id") for r in records if r.get("message_id") == message_id}
     print("\n6. its life in the JSON log (jq 'select(.queue_id == \"ID\")'):\n")
     for record in records:
-        if record.get("queue_id") in queue_ids or record.get("event") in ("started", "stopping", "stopped"):
+        if record.get("queue_id") in queue_ids or record.get("event") in (
+            "started",
+            "stopping",
+            "stopped",
+        ):
             print("   " + json.dumps(record))
     delivered = any(r.get("event") == "delivered" for r in records)
     print("\ndemo: OK" if delivered and code == 0 else "\ndemo: FAILED")
