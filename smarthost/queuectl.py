@@ -178,7 +178,15 @@ class QueueControl:
         return "deleted"
 
     def _bounce_one(self, queue_id: str) -> str:
-        self._take(queue_id, (QUEUE, HOLD), ACTIVE)
+        source = self._take(queue_id, (QUEUE, HOLD), ACTIVE)
+        try:
+            return self._bounce_claimed(queue_id)
+        except BaseException:
+            # Not left in active/, where nothing would ever look at it again.
+            self.spool.move(queue_id, ACTIVE, source)
+            raise
+
+    def _bounce_claimed(self, queue_id: str) -> str:
         env = self.spool.read_envelope(ACTIVE, queue_id)
         cancelled = env.unfinished()
         now = time.time()

@@ -54,7 +54,7 @@ def rewrite(
         if result.sender and result.sender != config.force_from:
             result.changes.append(f"sender {result.sender} -> {config.force_from} (force_from)")
             result.sender = config.force_from
-        result.content = force_header_from(content, config.force_from, result.changes)
+        result.content = force_header_from(result.content, config.force_from, result.changes)
     return result
 
 

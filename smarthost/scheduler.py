@@ -31,6 +31,7 @@ from .spool import ACTIVE, DEFERRED, FAILED_RCPT, QUEUE, Envelope, Spool
 from .upstream import Backend, Upstreams
 
 RESCAN_INTERVAL = 10.0
+STRAY_ACTIVE_AGE = 120.0  # longer than a queue command waits for an attempt
 HISTORY_KEPT = 20
 # A queue file's mtime is its due time; allow for the coarse clock file times use.
 _CLOCK_SLACK = 0.05
@@ -47,6 +48,8 @@ class Scheduler:
         self.bouncer = Bouncer(config, spool, self.submit)
         self.upstreams.on_up = self.release
         self._waiting: dict[str, set[str]] = {}  # group -> queue IDs waiting for it
+        self._claimed: set[str] = set()  # in active/ because a worker of ours took it
+        self._rescued: dict[str, tuple[Envelope, int]] = {}  # see _rescue
         self._probes: list[threading.Thread] = []
         self._rebuilder: threading.Thread | None = None
         self._heap: list[tuple[float, str]] = []
@@ -118,7 +121,7 @@ class Scheduler:
         with self._cond:
             self._cond.notify_all()
         if self._thread is not None:
-            self._thread.join()
+            self._thread.join(grace)
         for _ in self._workers:
             self._work.put(None)
         deadline = time.monotonic() + grace
@@ -134,16 +137,39 @@ class Scheduler:
     def _run(self) -> None:
         next_scan = 0.0
         while not self._stopping.is_set():
-            now = time.time()
-            if self._scan_requested or now >= next_scan:
-                self._scan_requested = False
-                self._scan()
-                self.upstreams.close_idle()
-                next_scan = now + RESCAN_INTERVAL
-            self._start_probes(now)
+            try:
+                next_scan = self._run_once(next_scan)
+            except Exception as exc:  # EMFILE, EIO...: never let dispatch die for good
+                log.event("spool_error", level=logging.ERROR, error=f"scheduler: {exc!r}")
+                self._stopping.wait(1.0)
+
+    def _run_once(self, next_scan: float) -> float:
+        now = time.time()
+        if self._scan_requested or now >= next_scan:
+            self._scan_requested = False
+            self._scan()
+            self._reclaim_stray_active(now)
+            self.upstreams.close_idle()
+            next_scan = now + RESCAN_INTERVAL
+        self._start_probes(now)
+        with self._cond:
+            self._dispatch_due(now)
+            self._cond.wait(self._sleep_time(now, next_scan))
+        return next_scan
+
+    def _reclaim_stray_active(self, now: float) -> None:
+        """An envelope in active/ that no worker of ours holds (a queue command killed
+        half-way) goes back to the queue once it is clearly abandoned."""
+        for queue_id, _ in list(self.spool.scan(ACTIVE)):
             with self._cond:
-                self._dispatch_due(now)
-                self._cond.wait(self._sleep_time(now, next_scan))
+                if queue_id in self._claimed:
+                    continue
+            try:
+                moved_in = os.stat(self.spool.path(ACTIVE, queue_id)).st_ctime  # the rename
+            except FileNotFoundError:
+                continue
+            if now - moved_in > STRAY_ACTIVE_AGE:
+                self.spool.move(queue_id, ACTIVE, QUEUE)
 
     def _dispatch_due(self, now: float) -> None:
         while self._idle > 0 and self._heap and self._heap[0][0] <= now:
@@ -174,21 +200,24 @@ class Scheduler:
                 return
             try:
                 self._process(queue_id)
-            except Exception as exc:  # a bug or a disk fault must not kill the worker
-                log.event("spool_error", level=logging.ERROR, queue_id=queue_id, error=repr(exc))
-                self._rescue(queue_id)
             finally:
                 with self._cond:
                     self._idle += 1
                     self._cond.notify()
 
-    def _rescue(self, queue_id: str) -> None:
-        """Put a message whose attempt broke back in the queue, to be tried again later.
+    def _rescue(self, queue_id: str, env: Envelope | None, error: BaseException) -> None:
+        """Put back a message whose attempt broke (a full disk, a bug), to try later.
 
-        Its envelope may predate the attempt, so a recipient delivered just now may be
-        sent twice: at-least-once, never lost.
+        The envelope as this attempt left it stays in memory, so recipients delivered
+        meanwhile are not sent again and failures not yet reported are reported next
+        time; repeated breaks back off like deferrals.
         """
-        due = time.time() + self.config.delivery.retry_min
+        log.event("spool_error", level=logging.ERROR, queue_id=queue_id, error=repr(error))
+        count = self._rescued.get(queue_id, (None, 0))[1] + 1
+        if env is not None:
+            self._rescued[queue_id] = (env, count)
+        delivery = self.config.delivery
+        due = time.time() + retry.backoff(count, delivery.retry_min, delivery.retry_max)
         try:
             # Stamp the due time first: once in queue/ it must not look due at once.
             os.utime(self.spool.path(ACTIVE, queue_id), (due, due))
@@ -211,15 +240,27 @@ class Scheduler:
         if due > time.time() + _CLOCK_SLACK:
             self.notify(queue_id, due)  # a stale hint: not due yet
             return
-        env = self.spool.claim(queue_id)
-        if env is None:
-            return
+        with self._cond:
+            self._claimed.add(queue_id)
+        env = None
         try:
-            attempt = self.sender.attempt(env)
-        except FileNotFoundError:
-            self.spool.quarantine(env.id, "active", "message content is missing")
-            return
-        self.settle(env, attempt)
+            env = self.spool.claim(queue_id)
+            if env is None:
+                return
+            # A message whose last attempt broke: what that attempt learned is newer.
+            env = self._rescued.get(queue_id, (env, 0))[0] or env
+            try:
+                attempt = self.sender.attempt(env)
+            except FileNotFoundError:
+                self.spool.quarantine(env.id, "active", "message content is missing")
+                return
+            self.settle(env, attempt)
+            self._rescued.pop(queue_id, None)
+        except Exception as exc:  # a full disk or a bug must not kill the worker
+            self._rescue(queue_id, env, exc)
+        finally:
+            with self._cond:
+                self._claimed.discard(queue_id)
 
     def settle(self, env: Envelope, attempt: Attempt) -> None:
         """Record an attempt on disk and in the log, tell whoever must be told, then
@@ -228,15 +269,13 @@ class Scheduler:
         if attempt.progressed:
             env.attempts += 1
             self._log_attempt(env, attempt, now)
-        failed = list(attempt.failed)
         unfinished = env.unfinished()
         due = self._next_due(env, attempt, now) if unfinished else None
         if unfinished and due is None:
             self._expire(env, unfinished, now)
-            failed += unfinished
         # Reports are committed before the message moves on: a crash in between
         # repeats a report, never loses one.
-        self._report_failures(env, failed)
+        self._report_failures(env)
         if attempt.relayed:
             self.bouncer.report(env, dsn.RELAYED, attempt.relayed, now)
         if due is not None:
@@ -246,13 +285,18 @@ class Scheduler:
         else:
             self.spool.finish(env)
 
-    def _report_failures(self, env: Envelope, failed: list) -> None:
+    def _report_failures(self, env: Envelope) -> None:
+        """One DSN for every failure not yet reported (this attempt's, or a broken
+        earlier attempt's), or a double bounce for a `<>` message."""
+        failed = [r for r in env.recipients if r.state == FAILED_RCPT and not r.reported]
         if not failed:
             return
         if env.sender:
             self.bouncer.report(env, dsn.FAILED, failed)
         else:
             self.bouncer.double_bounce(env, failed)
+        for rcpt in failed:
+            rcpt.reported = True
 
     def _next_due(self, env: Envelope, attempt: Attempt, now: float) -> float | None:
         """A rate-limit slot if one is booked, else the backoff; None once expired."""
@@ -292,6 +336,8 @@ class Scheduler:
             env.warned = True
         self.spool.requeue(env)
         self._wait_for_groups(env.id, attempt.waiting_groups)
+        if self._group_came_back(attempt):
+            self.release_one(env.id)  # a probe succeeded while this was being settled
         if attempt.progressed:
             log.event(
                 "deferred",
@@ -314,6 +360,14 @@ class Scheduler:
         with self._cond:
             for group in groups:
                 self._waiting.setdefault(group, set()).add(queue_id)
+
+    def release_one(self, queue_id: str) -> None:
+        now = time.time()
+        try:
+            os.utime(self.spool.path(QUEUE, queue_id), (now, now))
+        except FileNotFoundError:
+            return
+        self.notify(queue_id, now)
 
     def release(self, group: str) -> None:
         """A backend of `group` answers again: mail that waited only for it goes now."""

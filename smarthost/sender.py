@@ -237,14 +237,16 @@ class Sender:
                 self._settle_one(rcpt, outcome, code, msg, backend, result)
         if not accepted:
             return
+        data_refused = False
         try:
             code, msg = smtp.data(content)
         except smtplib.SMTPDataError as exc:  # the DATA command itself was refused
-            code, msg = exc.smtp_code, exc.smtp_error
+            code, msg, data_refused = exc.smtp_code, exc.smtp_error, True
         outcome = classify("data", code)
         if outcome is Outcome.BACKEND_FAILURE:
             raise BackendFailure(format_reply(code, msg))
-        session.clean = True
+        # Refused before 354, the transaction is still open upstream: RSET before reuse.
+        session.clean = not data_refused
         for rcpt in accepted:
             self._settle_one(rcpt, outcome, code, msg, backend, result)
         if outcome is Outcome.OK and not smtp.has_extn("dsn"):

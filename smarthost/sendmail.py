@@ -185,10 +185,11 @@ def drop(spool: Spool, sender: str, recipients: list[str], content: bytes) -> st
 
 def _fsync_directory(directory: str) -> None:
     """Make the new name durable. A local user may not open drop/ (it cannot be listed,
-    on purpose): then the file's own fsync and the journal's next commit must do."""
+    on purpose), so cannot fsync it: then sync(2) flushes it, slower but sure."""
     try:
         dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     except PermissionError:
+        os.sync()  # the only way left to make the rename durable
         return
     try:
         os.fsync(dir_fd)

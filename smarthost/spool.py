@@ -81,6 +81,7 @@ class Recipient:
     remote_mta: str | None = None  # host name of that backend, for DSNs
     notify: str | None = None  # RFC 3461 NOTIFY, as given
     orcpt: str | None = None  # RFC 3461 ORCPT, as given
+    reported: bool = False  # its failure went into a DSN (or a double-bounce alert)
     updated: float | None = None
 
     @property

@@ -350,8 +350,13 @@ def close_session(smtp: smtplib.SMTP) -> None:
         smtp.close()
 
 
+QUIT_TIMEOUT = 2.0  # an idle session's QUIT must not hold up dispatch or a stop
+
+
 def quit_session(smtp: smtplib.SMTP) -> None:
     try:
+        if smtp.sock is not None:
+            smtp.sock.settimeout(QUIT_TIMEOUT)
         smtp.quit()
     except (OSError, smtplib.SMTPException):
         close_session(smtp)
