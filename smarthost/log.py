@@ -8,6 +8,7 @@ message's whole life can be followed with `jq 'select(.queue_id == "...")'`.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import threading
 from datetime import datetime, timezone
@@ -126,7 +127,10 @@ class ReopenableFileHandler(logging.StreamHandler):
         super().__init__(self._open())
 
     def _open(self):
-        return open(self.path, "a", encoding="utf-8", buffering=1)
+        # Not through a link: the relay may open it as root, in a directory the service
+        # user can write.
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o640)
+        return open(fd, "a", encoding="utf-8", buffering=1)
 
     def reopen(self) -> None:
         """A new file at the same path; if it cannot be opened, the old one stays."""

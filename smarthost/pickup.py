@@ -9,6 +9,7 @@ moved to corrupt/ with a log line; a bad file never stops the others.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -29,6 +30,12 @@ from .submission import prepare
 _DROP_NAME = re.compile(r"^[0-9a-f]{32}\.drop$")
 STALE_TMP = 3600.0  # a sendmail that never finished its write: it never exited 0
 RESCAN_INTERVAL = 10.0
+POISON_LIMIT = 5  # a file that fails this often for no reason of its own is set aside
+HEADER_ROOM = 64 * 1024  # the headers sendmail adds after checking the size
+
+
+class BadDrop(ValueError):
+    """The file is not a valid submission: it goes to corrupt/."""
 
 
 class Pickup:
@@ -41,8 +48,9 @@ class Pickup:
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
-        # The record and the header add a little to what SMTP would accept.
-        self.limit = config.smtp.max_message_size + 64 * 1024
+        # The message, plus a record that may list many recipients.
+        self.limit = 2 * config.smtp.max_message_size + 1024 * 1024
+        self._failures: dict[str, int] = {}
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="pickup", daemon=True)
@@ -89,9 +97,14 @@ class Pickup:
             env.to_bytes()  # an envelope that cannot be stored is bad input, found now
         except FileNotFoundError:
             return False
-        except Exception as exc:  # untrusted input: whatever is wrong, set it aside
-            self._quarantine(name, str(exc) or type(exc).__name__)
+        except BadDrop as exc:
+            self._quarantine(name, str(exc))
             return False
+        except Exception as exc:
+            # Not the file's fault as far as we know (EMFILE, EIO, a bug): it was
+            # acknowledged to its sender, so it stays, and is set aside only if it
+            # keeps failing.
+            return self._failed_again(name, exc)
         try:
             self.spool.commit(env, content)
         except SpoolError as exc:
@@ -111,23 +124,32 @@ class Pickup:
         self.submit(env)
         return True
 
+    def _failed_again(self, name: str, error: Exception) -> bool:
+        count = self._failures.get(name, 0) + 1
+        self._failures[name] = count
+        log.event("spool_error", level=logging.ERROR, file=f"drop/{name[:64]}", error=repr(error))
+        if count >= POISON_LIMIT:
+            del self._failures[name]
+            self._quarantine(name, f"failed {count} times: {error!r}")
+        return False
+
     def _read(self, path: str, name: str) -> tuple[bytes, str]:
         if not _DROP_NAME.match(name):
-            raise ValueError("not a drop file name")
+            raise BadDrop("not a drop file name")
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
         except OSError as exc:
-            if isinstance(exc, FileNotFoundError):
-                raise
-            raise ValueError(f"cannot open: {exc.strerror}") from None
+            if exc.errno in (errno.ELOOP, errno.ENXIO, errno.EACCES, errno.EPERM):
+                raise BadDrop(f"cannot open: {exc.strerror}") from None
+            raise
         try:
             info = os.fstat(fd)
             if not stat.S_ISREG(info.st_mode):
-                raise ValueError("not a regular file")
+                raise BadDrop("not a regular file")
             if info.st_nlink != 1:
-                raise ValueError("a file with other names (hard links)")
+                raise BadDrop("a file with other names (hard links)")
             if info.st_size > self.limit:
-                raise ValueError(f"larger than {self.limit} bytes")
+                raise BadDrop(f"larger than {self.limit} bytes")
             with os.fdopen(fd, "rb", closefd=False) as f:
                 data = f.read(self.limit + 1)
         finally:
@@ -136,10 +158,10 @@ class Pickup:
 
     def _parse(self, data: bytes, owner: str) -> tuple[Envelope, list[bytes]]:
         if not data.startswith(DROP_MAGIC):
-            raise ValueError("no drop record")
+            raise BadDrop("no drop record")
         line_end = data.find(b"\n", len(DROP_MAGIC))
         if line_end < 0:
-            raise ValueError("truncated drop record")
+            raise BadDrop("truncated drop record")
         try:
             record = json.loads(data[len(DROP_MAGIC) : line_end])
             sender, recipients = record["sender"], record["recipients"]
@@ -148,9 +170,11 @@ class Pickup:
             for address in [*recipients, sender or "x"]:
                 check_address(address)
         except (ValueError, KeyError, TypeError, RecursionError, UsageError) as exc:
-            raise ValueError(f"bad drop record: {exc}") from None
+            raise BadDrop(f"bad drop record: {exc}") from None
         if not recipients:
-            raise ValueError("no recipients")
+            raise BadDrop("no recipients")
+        if len(data) - line_end > self.config.smtp.max_message_size + HEADER_ROOM:
+            raise BadDrop("message larger than smtp.max_message_size")
         queue_id = new_id()
         submitted = Envelope(
             id=queue_id,

@@ -32,26 +32,23 @@ def service_account(user: str | None) -> pwd.struct_passwd | None:
 
 
 def hand_over(account: pwd.struct_passwd, spool_root: str, log_file: str | None) -> None:
-    """chown the spool tree (not through links) and the log file to the account.
+    """chown the spool tree and the log file to the account, never through a link.
 
-    The whole tree is listed first: once a directory belongs to the account, root
-    without CAP_DAC_OVERRIDE (a hardened unit) could no longer look inside it.
+    Bottom-up, by file descriptor: a directory already handed over cannot be swapped
+    for a link to somewhere else, and root without CAP_DAC_OVERRIDE (a hardened unit)
+    never needs to enter a directory it has given away.
     """
-    for path in reversed(list(_spool_paths(spool_root))):
-        os.chown(path, account.pw_uid, account.pw_gid, follow_symlinks=False)
-    if log_file and os.path.exists(log_file):
-        os.chown(log_file, account.pw_uid, account.pw_gid)
-
-
-def _spool_paths(root: str):
-    yield root
-    for directory, subdirs, files in os.walk(root):
+    uid, gid = account.pw_uid, account.pw_gid
+    for directory, subdirs, files, dir_fd in os.fwalk(spool_root, topdown=False):
         # The drop area's files belong to the local users who submitted them.
-        if os.path.basename(directory) == DROP:
-            subdirs.clear()
-            continue
-        for name in subdirs + files:
-            yield os.path.join(directory, name)
+        names = subdirs if os.path.basename(directory) == DROP else subdirs + files
+        for name in names:
+            os.chown(name, uid, gid, dir_fd=dir_fd, follow_symlinks=False)
+    os.chown(spool_root, uid, gid, follow_symlinks=False)
+    if log_file and os.path.lexists(log_file):
+        if os.path.islink(log_file):
+            raise PrivilegeError(f"log.file: {log_file} is a symbolic link; refusing to chown it")
+        os.chown(log_file, uid, gid, follow_symlinks=False)
 
 
 def drop_to(account: pwd.struct_passwd) -> None:

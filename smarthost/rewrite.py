@@ -82,9 +82,16 @@ def masquerade_header_from(content: bytes, domain: str, hostname: str, changes: 
         (name, f"{local_part(addr)}@{domain}" if addr and is_local(addr, hostname) else addr)
         for name, addr in addresses
     ]
-    value = ", ".join(formataddr(pair) for pair in rewritten)
+    value = ", ".join(_format(name, addr) for name, addr in rewritten)
     changes.append(f"header From: {field.text} -> {value} (masquerade)")
     return content[: field.start] + f"From: {value}\r\n".encode() + content[field.end :]
+
+
+def _format(name: str, address: str) -> str:
+    try:
+        return formataddr((name, address))
+    except UnicodeEncodeError:  # an RFC 6532 (UTF-8) address: keep it as it is
+        return f'"{name}" <{address}>' if name else address
 
 
 def force_header_from(content: bytes, address: str, changes: list[str]) -> bytes:

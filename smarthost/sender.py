@@ -69,6 +69,8 @@ def format_reply(code: int, message: bytes | str) -> str:
     return f"{code} {' '.join(text.split())}".strip()
 
 
+_NOT_ASCII = b"5.6.7 this address cannot be sent to the upstream without SMTPUTF8"
+
 # What a broken session raises: the network, TLS (ssl errors are OSErrors; a bad TLS
 # set-up is a ValueError) and the protocol.
 SESSION_ERRORS = (OSError, ValueError, smtplib.SMTPException)
@@ -183,13 +185,6 @@ class Sender:
                     pending = [r for r in rcpts if r.unfinished]
                     self._transaction(session, backend, env, pending, content, result)
                 return
-            except UnicodeEncodeError:
-                # An address the next hop cannot take in ASCII: the message's problem, not
-                # the backend's (and never a reason to mark it down).
-                reply = b"5.6.7 an address cannot be sent to this upstream without SMTPUTF8"
-                pending = [r for r in rcpts if r.unfinished]
-                self._settle_all(pending, Outcome.FAIL_MESSAGE, 553, reply, backend, result)
-                return
             except smtplib.SMTPServerDisconnected as exc:
                 # An idle session the server has since closed is no fault of the backend.
                 if session is None or not session.reused or session.used_now:
@@ -217,7 +212,14 @@ class Sender:
             self._settle_all(rcpts, Outcome.FAIL_MESSAGE, 553, reply, backend, result)
             return
         session.clean = False
-        code, msg = smtp.mail(env.sender, self._mail_options(smtp, env, content))
+        try:
+            code, msg = smtp.mail(env.sender, self._mail_options(smtp, env, content))
+        except UnicodeEncodeError:
+            # An address this upstream cannot take without SMTPUTF8: the message's
+            # problem, not the backend's (and never a reason to mark it down).
+            self._settle_all(rcpts, Outcome.FAIL_MESSAGE, 553, _NOT_ASCII, backend, result)
+            session.clean = False
+            return
         session.used_now = True
         outcome = classify("mail", code)
         if outcome is Outcome.BACKEND_FAILURE:
@@ -227,7 +229,10 @@ class Sender:
             return
         accepted = []
         for rcpt in rcpts:
-            code, msg = smtp.rcpt(rcpt.address, _rcpt_options(smtp, rcpt))
+            try:
+                code, msg = smtp.rcpt(rcpt.address, _rcpt_options(smtp, rcpt))
+            except UnicodeEncodeError:
+                code, msg = 553, _NOT_ASCII
             outcome = classify("rcpt", code)
             if outcome is Outcome.BACKEND_FAILURE:
                 raise BackendFailure(format_reply(code, msg))
@@ -333,6 +338,12 @@ class Sender:
             if backend.username:
                 mechanism = self._login(smtp, backend)
                 note("auth", f"{mechanism} as {backend.username}: accepted")
+        except UnicodeEncodeError:
+            close_session(smtp)
+            # Never the text: it would show part of the secret.
+            raise BackendFailure(
+                f"{backend.name}: the hostname, user name or secret is not ASCII"
+            ) from None
         except BaseException:
             close_session(smtp)
             raise
