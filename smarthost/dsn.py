@@ -240,7 +240,9 @@ def _recipient_fields(
     if rcpt.remote_mta:
         fields.append(("Remote-MTA", f"dns; {_field_text(rcpt.remote_mta)}"))
     if rcpt.reply:
-        fields.append(("Diagnostic-Code", f"smtp; {_field_text(rcpt.reply)}"))
+        # RFC 3464 §2.3.6: "smtp" only for an SMTP reply; a local error is our own type.
+        kind = "smtp" if re.match(r"[2-5]\d\d([\s-]|$)", rcpt.reply) else "X-Smarthost"
+        fields.append(("Diagnostic-Code", f"{kind}; {_field_text(rcpt.reply)}"))
     fields.append(("Last-Attempt-Date", _date(rcpt.updated if rcpt.updated else now)))
     if action == DELAYED and will_retry_until is not None:
         fields.append(("Will-Retry-Until", _date(will_retry_until)))

@@ -25,7 +25,7 @@ from . import log
 from .config import Config
 from .sendmail import DROP_MAGIC, UsageError, check_address
 from .spool import DROP, Envelope, Recipient, Spool, SpoolError, new_id
-from .submission import prepare
+from .submission import MailLoop, prepare
 
 _DROP_NAME = re.compile(r"^[0-9a-f]{32}\.drop$")
 STALE_TMP = 3600.0  # a sendmail that never finished its write: it never exited 0
@@ -190,7 +190,10 @@ class Pickup:
             f"Received: by {self.config.hostname} (smarthost, from userid {owner})\r\n"
             f"\tid {queue_id}; {formatdate(localtime=True)}\r\n"
         ).encode()
-        return prepare(self.config, submitted, received, data[line_end + 1 :])
+        try:
+            return prepare(self.config, submitted, received, data[line_end + 1 :])
+        except MailLoop as exc:
+            raise BadDrop(str(exc)) from None
 
     def _quarantine(self, name: str, reason: str) -> None:
         source = os.path.join(self.spool.dir(DROP), name)

@@ -30,7 +30,7 @@ from .auth import FailureBrake, load_users, verify_password
 from .config import Config, ConfigError
 from .dsn import xtext_decode
 from .spool import Envelope, Recipient, Spool, SpoolError, new_id
-from .submission import prepare
+from .submission import MailLoop, prepare
 
 IDENT = f"ESMTP smarthost {__version__}"
 
@@ -387,7 +387,10 @@ class Receiver:
         return "250 2.1.5 Ok"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: SMTPEnvelope) -> str:
-        env, content = self.build(session, envelope)
+        try:
+            env, content = self.build(session, envelope)
+        except MailLoop:
+            return "554 5.4.6 Error: too many hops, a mail loop"
         loop = asyncio.get_running_loop()
         with self._committing:
             if self._closing:

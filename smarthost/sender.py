@@ -153,7 +153,11 @@ class Sender:
             reply, status = f"no backend of group {group!r} is available", "4.4.1"
         for rcpt in rcpts:
             if rcpt.unfinished:
-                _settle(rcpt, DEFERRED, reply, status, None, result)
+                # Keep the last word an upstream said: it is what a DSN must quote.
+                said = (
+                    rcpt.reply if _is_smtp_reply(rcpt.reply) and not _is_smtp_reply(reply) else None
+                )
+                _settle(rcpt, DEFERRED, said or reply, status, None, result)
         result.waiting_groups.add(group)
 
     def _deliver_via(
@@ -498,6 +502,10 @@ def _settle(
     {DELIVERED: result.delivered, DEFERRED: result.deferred, FAILED_RCPT: result.failed}[
         state
     ].append(rcpt)
+
+
+def _is_smtp_reply(text: str | None) -> bool:
+    return bool(text) and text[:3].isdigit()
 
 
 def _is_ascii(env: Envelope) -> bool:

@@ -21,6 +21,13 @@ def scan_headers(content: bytes) -> tuple[bool, str | None]:
     return any(f.name == "date" for f in found), message_ids[0] if message_ids else None
 
 
+MAX_HOPS = 50  # Received: fields beyond this mean a loop (Postfix's hopcount_limit)
+
+
+class MailLoop(ValueError):
+    """Too many Received: fields: the message is going round in circles."""
+
+
 def prepare(
     config: Config, env: Envelope, received: bytes, content: bytes
 ) -> tuple[Envelope, list[bytes]]:
@@ -29,6 +36,9 @@ def prepare(
     `env` carries the envelope as submitted (its id, sender, recipients with their
     DSN parameters, client details); the result is what goes into the spool.
     """
+    hops = sum(1 for f in headers.fields(content) if f.name == "received")
+    if hops > MAX_HOPS:
+        raise MailLoop(f"{hops} Received: fields: a mail loop")
     changed = rewrite(
         config.rewrite, config.hostname, env.sender, [r.address for r in env.recipients], content
     )

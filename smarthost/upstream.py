@@ -198,16 +198,15 @@ class Upstreams:
                     if b.config.backup and not b.is_down(now) and b.name not in tried
                 ]
             wait_until = None
-            booked: list[Backend] = []
             while pool:
                 backend = _smooth_weighted_pick(pool)
                 slot = self._rate_slot(backend, queue_id, now)
                 if slot <= now:
-                    # Going elsewhere: give back the slots booked on the way here.
-                    for other in booked:
-                        self._cancel_slot(other, queue_id)
+                    # Going here: give back the slots booked elsewhere, now or before.
+                    for other in self.backends:
+                        if other is not backend:
+                            self._cancel_slot(other, queue_id)
                     return Choice(backend)
-                booked.append(backend)
                 wait_until = slot if wait_until is None else min(wait_until, slot)
                 pool.remove(backend)
             return Choice(None, wait_until)

@@ -323,6 +323,13 @@ def test_replies_cannot_break_the_report():
     assert "Injected" not in block
 
 
+def test_a_local_error_is_not_called_an_smtp_reply():
+    reply = "ConnectionRefusedError: [Errno 111] Connection refused"
+    data = build(envelope(), [recipient(FAILED, reply=reply)], FAILED)
+    _, (block,) = report(parse(data))
+    assert block["Diagnostic-Code"] == f"X-Smarthost; {reply}"
+
+
 def test_long_fields_are_folded_and_unfold_to_the_same_text():
     reply = "550 5.1.1 " + " ".join(f"word{i}" for i in range(60))
     data = build(envelope(), [recipient(FAILED, reply=reply)], FAILED)

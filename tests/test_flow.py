@@ -152,3 +152,16 @@ def test_smtputf8_addresses_pass_through(relay, sink):
     assert msg.rcpt_tos == ["用户@dest.test"]
     assert "SMTPUTF8" in msg.mail_options
     assert msg.content.endswith(content)
+
+
+def test_a_mail_loop_is_refused(relay, sink):
+    looped = b"".join(
+        b"Received: from hop%d by x; Wed, 25 Nov 2026 10:00:00 +0000\r\n" % i for i in range(51)
+    )
+    with relay.client() as client:
+        client.ehlo("client.test")
+        client.mail("a@client.test")
+        client.rcpt("b@dest.test")
+        code, msg = client.data(looped + b"Subject: loop\r\n\r\nbody\r\n")
+    assert code == 554 and msg.startswith(b"5.4.6")
+    assert sink.messages == []
