@@ -9,7 +9,14 @@ import sys
 from collections.abc import Sequence
 
 from . import __version__, log
-from .config import ConfigError, config_warnings, default_config_path, load_config, summary
+from .config import (
+    Config,
+    ConfigError,
+    config_warnings,
+    default_config_path,
+    load_config,
+    summary,
+)
 
 # sysexits.h
 EX_OK = 0
@@ -110,14 +117,21 @@ def passwd(user: str | None) -> int:
     return EX_OK
 
 
-def queue(path: str, args: argparse.Namespace) -> int:
-    from .queuectl import QueueControl, QueueError
-
+def _load_or_report(path: str) -> Config | None:
+    """The config, or None after printing every error with its key path."""
     try:
-        config = load_config(path)
+        return load_config(path)
     except ConfigError as exc:
         for error in exc.errors:
             print(f"smarthost: {error}", file=sys.stderr)
+        return None
+
+
+def queue(path: str, args: argparse.Namespace) -> int:
+    from .queuectl import QueueControl, QueueError
+
+    config = _load_or_report(path)
+    if config is None:
         return EX_CONFIG
     if config.log.file:
         # Changes made here belong in the relay's log, next to the message's life.
@@ -188,11 +202,8 @@ def serve(path: str) -> int:
     from .privileges import PrivilegeError
     from .spool import SpoolError
 
-    try:
-        config = load_config(path)
-    except ConfigError as exc:
-        for error in exc.errors:
-            print(f"smarthost: {error}", file=sys.stderr)
+    config = _load_or_report(path)
+    if config is None:
         return EX_CONFIG
     try:
         log.setup(config.log.level, config.log.file, config.log.format)

@@ -361,29 +361,24 @@ class Scheduler:
             for group in groups:
                 self._waiting.setdefault(group, set()).add(queue_id)
 
-    def release_one(self, queue_id: str) -> None:
+    def release_one(self, queue_id: str) -> bool:
+        """Make a waiting message due now; False if it is not waiting (being tried, gone)."""
         now = time.time()
         try:
+            # The file's mtime is its due time: without this the hint looks stale.
             os.utime(self.spool.path(QUEUE, queue_id), (now, now))
         except FileNotFoundError:
-            return
+            return False
         self.notify(queue_id, now)
+        return True
 
     def release(self, group: str) -> None:
         """A backend of `group` answers again: mail that waited only for it goes now."""
         with self._cond:
             waiting = self._waiting.pop(group, set())
-        if not waiting:
-            return
-        now = time.time()
         for queue_id in waiting:
-            try:
-                # The file's mtime is its due time: without this the hint looks stale.
-                os.utime(self.spool.path(QUEUE, queue_id), (now, now))
-            except FileNotFoundError:
-                continue  # already being tried, or gone
-            self.notify(queue_id, now)
-            log.event("released", queue_id=queue_id, group=group)
+            if self.release_one(queue_id):
+                log.event("released", queue_id=queue_id, group=group)
 
     def _probe(self, backend: Backend) -> None:
         """Open a session to a down backend; its success releases the waiting mail."""
