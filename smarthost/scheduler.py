@@ -59,7 +59,6 @@ class Scheduler:
         self._workers: list[threading.Thread] = []
         self._idle = 0
         self._stopping = threading.Event()
-        self._scan_requested = True
         self._thread: threading.Thread | None = None
 
     def use(self, config: Config, upstreams: Upstreams) -> None:
@@ -93,11 +92,6 @@ class Scheduler:
     def submit(self, env: Envelope) -> None:
         """A newly committed message: send it now."""
         self.notify(env.id, 0.0)
-
-    def request_scan(self) -> None:
-        with self._cond:
-            self._scan_requested = True
-            self._cond.notify()
 
     # -- life cycle ------------------------------------------------------------
 
@@ -145,8 +139,7 @@ class Scheduler:
 
     def _run_once(self, next_scan: float) -> float:
         now = time.time()
-        if self._scan_requested or now >= next_scan:
-            self._scan_requested = False
+        if now >= next_scan:
             self._scan()
             self._reclaim_stray_active(now)
             self.upstreams.close_idle()

@@ -20,7 +20,7 @@ from email.utils import formataddr, formatdate, getaddresses
 
 from . import headers
 from .config import Config, ConfigError, default_config_path, load_config
-from .spool import DROP, Spool
+from .spool import DROP, Spool, fsync_dir
 
 EX_OK, EX_USAGE, EX_DATAERR, EX_TEMPFAIL, EX_CONFIG = 0, 64, 65, 75, 78
 DROP_MAGIC = b"SMARTHOST-DROP 1\n"
@@ -187,14 +187,9 @@ def _fsync_directory(directory: str) -> None:
     """Make the new name durable. A local user may not open drop/ (it cannot be listed,
     on purpose), so cannot fsync it: then sync(2) flushes it, slower but sure."""
     try:
-        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        fsync_dir(directory)
     except PermissionError:
         os.sync()  # the only way left to make the rename durable
-        return
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def submit(opts: Options, config: Config, stdin) -> str:

@@ -154,7 +154,8 @@ def is_queue_id(name: str) -> bool:
     return len(name) == 16 and all(c in _ALPHABET for c in name)
 
 
-def _fsync_dir(path: str) -> None:
+def fsync_dir(path: str) -> None:
+    """Make the names in a directory durable (after a rename into or out of it)."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -255,8 +256,8 @@ class Spool:
             written[0] = self.message_path(env.id)
             os.rename(written[1], self.path(QUEUE, env.id))
             queued = True
-            _fsync_dir(self.dir(MSG))
-            _fsync_dir(self.dir(QUEUE))
+            fsync_dir(self.dir(MSG))
+            fsync_dir(self.dir(QUEUE))
         except OSError as exc:
             if not queued or self._uncommit(env.id):
                 for path in written:
@@ -286,7 +287,7 @@ class Spool:
         except OSError:
             _unlink_quietly(tmp)
             raise
-        _fsync_dir(self.dir(state))
+        fsync_dir(self.dir(state))
 
     def move(self, queue_id: str, src: str, dst: str, *, durable: bool = True) -> bool:
         """Rename an envelope from one state to another; False if it was not in `src`."""
@@ -295,8 +296,8 @@ class Spool:
         except FileNotFoundError:
             return False
         if durable:
-            _fsync_dir(self.dir(dst))
-            _fsync_dir(self.dir(src))
+            fsync_dir(self.dir(dst))
+            fsync_dir(self.dir(src))
         return True
 
     # -- reading -------------------------------------------------------------
@@ -405,8 +406,8 @@ class Spool:
             if self.move(queue_id, ACTIVE, QUEUE, durable=False):
                 counts["requeued"] += 1
         counts["orphans"] = self._quarantine_orphans()
-        _fsync_dir(self.dir(QUEUE))
-        _fsync_dir(self.dir(ACTIVE))
+        fsync_dir(self.dir(QUEUE))
+        fsync_dir(self.dir(ACTIVE))
         return counts
 
     def _clear_dead_tmp(self) -> int:
