@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 MANS   := man/smarthost.8 man/smarthost-sendmail.8 man/smarthost.toml.5
 
-.PHONY: all demo test lint manlint pytest bench clean
+.PHONY: all demo test lint manlint pytest bench torture clean
 
 all: test
 
@@ -38,5 +38,13 @@ test: lint manlint pytest
 bench: $(BIN)/smarthost
 	$(BIN)/python bench/bench.py
 
+# The torture suite at full size: every fault scenario, long rounds, then the report.
+TORTURE_REPORT := torture-report.jsonl
+torture: $(BIN)/smarthost
+	rm -f $(TORTURE_REPORT)
+	SMARTHOST_TORTURE_REPORT=$(CURDIR)/$(TORTURE_REPORT) $(BIN)/pytest --torture \
+	  tests/test_torture_*.py; status=$$?; \
+	  $(BIN)/python scripts/torture_report.py $(TORTURE_REPORT) && exit $$status
+
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache torture-report.jsonl

@@ -27,7 +27,7 @@ setup(
         'tomli>=1.1; python_version < "3.11"',
     ],
     extras_require={
-        "dev": ["pytest>=7", "ruff", "vermin", "trustme", "flufl.bounce"],
+        "dev": ["pytest>=7", "ruff", "vermin", "trustme", "flufl.bounce", "hypothesis"],
     },
     entry_points={
         "console_scripts": [

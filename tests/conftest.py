@@ -375,3 +375,67 @@ def spool_files(root: Path) -> dict[str, list[str]]:
 
 def env_value(name: str, default: str) -> str:
     return os.environ.get(name, default)
+
+
+# -- torture: fault scenarios with counted outcomes -----------------------------------
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--torture",
+        action="store_true",
+        help="run the long torture rounds (tests marked torture) and use their full sizes",
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--torture"):
+        return
+    skip = pytest.mark.skip(reason="long torture round: run with --torture (make torture)")
+    for item in items:
+        if "torture" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def torture_size(request: pytest.FixtureRequest) -> Callable[[int, int], int]:
+    """`torture_size(small, large)`: `large` under --torture, else `small` (make test)."""
+    full = request.config.getoption("--torture")
+    return lambda small, large: large if full else small
+
+
+@dataclass
+class TortureOutcome:
+    """What one scenario did to the messages it sent: the counts of the torture report."""
+
+    scenario: str
+    rounds: int = 0
+    acknowledged: int = 0  # answered 250 (or accepted by smarthost-sendmail)
+    delivered: int = 0  # distinct messages the upstream got
+    bounced: int = 0  # distinct messages whose sender got a DSN instead
+    lost: int = 0  # acknowledged, neither delivered nor bounced: must be 0
+    duplicated: int = 0  # extra copies the upstream got
+    in_flight: int = 0  # messages an attempt was on when the fault hit (bounds duplicated)
+    note: str = ""
+
+
+@pytest.fixture
+def torture_report() -> Iterator[Callable[..., TortureOutcome]]:
+    """`torture_report(scenario, **counts)` records one line of the `make torture` report.
+
+    Lines go to the JSON-lines file named by $SMARTHOST_TORTURE_REPORT (make torture sets
+    it; scripts/torture_report.py prints the table). The test itself asserts the counts.
+    """
+    outcomes: list[TortureOutcome] = []
+
+    def record(scenario: str, **counts: Any) -> TortureOutcome:
+        outcome = TortureOutcome(scenario, **counts)
+        outcomes.append(outcome)
+        return outcome
+
+    yield record
+    target = os.environ.get("SMARTHOST_TORTURE_REPORT")
+    if target and outcomes:
+        with open(target, "a", encoding="utf-8") as f:
+            for outcome in outcomes:
+                f.write(json.dumps(outcome.__dict__) + "\n")
