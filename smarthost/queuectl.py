@@ -168,6 +168,7 @@ class QueueControl:
             raise QueueError("is not held") from None
         if not self.spool.move(queue_id, HOLD, QUEUE):
             raise QueueError("is not held")
+        self.spool.announce(queue_id)
         log.event("released", queue_id=queue_id, by="administrator")
         return "released"
 
@@ -183,7 +184,8 @@ class QueueControl:
             return self._bounce_claimed(queue_id)
         except BaseException:
             # Not left in active/, where nothing would ever look at it again.
-            self.spool.move(queue_id, ACTIVE, source)
+            if self.spool.move(queue_id, ACTIVE, source) and source == QUEUE:
+                self.spool.announce(queue_id)
             raise
 
     def _bounce_claimed(self, queue_id: str) -> str:
@@ -201,7 +203,9 @@ class QueueControl:
                 reply=CANCELLED,
                 status="5.0.0",
             )
-        bouncer = Bouncer(self.config, self.spool, submit=lambda notice: None)
+        bouncer = Bouncer(
+            self.config, self.spool, submit=lambda notice: self.spool.announce(notice.id)
+        )
         if not env.sender:
             bouncer.double_bounce(env, cancelled)
             self.spool.park_failed(env)

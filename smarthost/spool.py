@@ -289,6 +289,17 @@ class Spool:
             raise
         fsync_dir(self.dir(state))
 
+    def announce(self, queue_id: str) -> None:
+        """Tell a running relay that a message appeared in queue/ (for writers outside
+        it: queue commands). Its watcher sees attribute changes, not renames, so that
+        the relay's own renames cost it nothing; the times are set to what they were."""
+        path = self.path(QUEUE, queue_id)
+        try:
+            st = os.stat(path)
+            os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+        except FileNotFoundError:
+            pass  # already taken by the relay: it knows
+
     def move(self, queue_id: str, src: str, dst: str, *, durable: bool = True) -> bool:
         """Rename an envelope from one state to another; False if it was not in `src`."""
         try:

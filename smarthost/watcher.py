@@ -1,9 +1,9 @@
-"""Filesystem hints: watchdog tells the scheduler that something arrived in queue/.
+"""Filesystem hints: watchdog wakes the scheduler when a message in queue/ is touched
+and the pickup when something lands in the drop area.
 
-Events only wake the scheduler; they are never the truth. inotify drops events when
-its queue overflows and watchdog does not say so (watchdog issue #654), and a rename
-into a watched directory may arrive as "created". So the scheduler also rescans the
-spool on a timer, and every event is answered by looking at the file itself.
+Events only wake; they are never the truth. inotify drops events when its queue
+overflows and watchdog does not say so (watchdog issue #654), so the scheduler also
+rescans the spool on a timer, and every event is answered by looking at the file itself.
 """
 
 from __future__ import annotations
@@ -63,13 +63,17 @@ class Watcher:
             recursive=False,
             event_filter=[FileCreatedEvent, FileMovedEvent, FileClosedEvent],
         )
-        # Only what can make a message due: arrivals (a rename is a move) and mtime
-        # changes (`touch` on a queue file asks for a retry). The kernel filters the rest.
+        # Only attribute and content changes: `touch` (a queue command's flush, or
+        # Spool.announce after it renamed a message in) and files written in place.
+        # Not renames: the relay's own, a commit and a claim per message, would cost a
+        # thread hop each, and IN_MOVED_FROM events wait in watchdog's move grouper,
+        # which every later rename searches. The relay hands its own commits to the
+        # scheduler directly; anything else the rescan finds.
         self._observer.schedule(
             _QueueEvents(on_queue_file),
             spool.dir(QUEUE),
             recursive=False,
-            event_filter=[FileCreatedEvent, FileMovedEvent, FileModifiedEvent, FileAttribEvent],
+            event_filter=[FileModifiedEvent, FileAttribEvent],
         )
 
     def start(self) -> None:

@@ -34,6 +34,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, Received, Sink, wait_until, write_config
 
+import smarthost.scheduler
 from smarthost.config import load_config
 from smarthost.spool import Spool
 
@@ -697,8 +698,10 @@ def test_queue_list_and_show(tmp_path: Path, sink: Sink, relay_factory, events) 
 
 
 def test_queue_hold_survives_flush_release_delivers(
-    tmp_path: Path, sink: Sink, relay_factory, events
+    tmp_path: Path, sink: Sink, relay_factory, events, monkeypatch
 ) -> None:
+    # No rescan during the test: only the watcher can explain a prompt delivery.
+    monkeypatch.setattr(smarthost.scheduler, "RESCAN_INTERVAL", 3600.0)
     cfg = deferring_config(tmp_path, sink)
     relay = relay_factory(load_config(cfg))
     sink.handler.rcpt_replies["later@dest.test"] = LATER
@@ -730,8 +733,10 @@ def test_queue_hold_survives_flush_release_delivers(
 
 
 def test_queue_delete_without_dsn_and_bounce_with_dsn(
-    tmp_path: Path, sink: Sink, relay_factory, events
+    tmp_path: Path, sink: Sink, relay_factory, events, monkeypatch
 ) -> None:
+    # No rescan during the test: only the watcher can explain a prompt delivery.
+    monkeypatch.setattr(smarthost.scheduler, "RESCAN_INTERVAL", 3600.0)
     cfg = deferring_config(tmp_path, sink)
     relay = relay_factory(load_config(cfg))
     sink.handler.rcpt_replies["later@dest.test"] = LATER
