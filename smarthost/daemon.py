@@ -1,17 +1,31 @@
 """The composition root: start the parts in order, stop them in reverse, handle signals.
 
-Start: spool (lock, recovery) → scheduler and senders → watcher → listeners; only then
-is the relay announced as started. Stop: listeners first (no new mail), then the
-commits in flight, then the senders (attempts in flight get a few seconds; an
-unfinished message simply stays spooled and is retried at the next start).
+Two halves: receiving (listeners, commits) and delivery (scheduler and senders, pickup
+of the drop area, watcher). `serve` runs the delivery half in a process of its own, a
+second interpreter, so the two don't take turns on one GIL: the receiver hands it each
+committed queue ID through a pipe. In-process (tests, `Relay(config)`) both halves
+share the process.
+
+Start: spool (lock, recovery) → listeners → privileges dropped → delivery; only then is
+the relay announced as started. Stop: listeners first (no new mail), then the commits
+in flight, then delivery (attempts in flight get a few seconds; an unfinished message
+simply stays spooled and is retried at the next start).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import os
+import pickle
+import select
 import signal
+import struct
+import subprocess
+import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 from . import __version__, log, privileges, systemd
@@ -20,29 +34,287 @@ from .pickup import Pickup
 from .receiver import Listener, Receiver, auth_users, start_listeners
 from .scheduler import Scheduler
 from .sender import Sender
-from .spool import Spool
+from .spool import Envelope, Spool
 from .upstream import Upstreams
 from .watcher import Watcher
 
 STOP_GRACE = 5.0
 # Spool commits run here so the event loop never waits on fsync.
 COMMIT_THREADS = 8
+RESTART_DELAY = 1.0  # before a delivery process that died is started again
+START_TIMEOUT = 60.0  # for a delivery process to say it runs
+
+
+class Delivery:
+    """The delivery half: scheduler and sender pool, pickup of the drop area, watcher."""
+
+    def __init__(self, config: Config, spool: Spool) -> None:
+        self.config = config
+        self.spool = spool
+        self.upstreams = Upstreams(config)
+        self.sender = Sender(config, spool, self.upstreams)
+        self.scheduler = Scheduler(config, spool, self.sender)
+        self.watcher: Watcher | None = None
+        self.pickup: Pickup | None = None
+
+    def submit(self, env: Envelope) -> None:
+        self.scheduler.submit(env)
+
+    def start(self) -> None:
+        self.scheduler.start()
+        self.pickup = Pickup(self.config, self.spool, self.scheduler.submit)
+        self.pickup.start()
+        self.watcher = Watcher(self.spool, self.scheduler.notify, self.pickup.wake)
+        self.watcher.start()
+
+    def reload(self, config: Config) -> None:
+        upstreams = Upstreams(config)
+        old_upstreams, self.upstreams = self.upstreams, upstreams
+        self.sender.use(config, upstreams)
+        self.scheduler.use(config, upstreams)
+        if self.pickup is not None:
+            self.pickup.config = config
+        self.config = config
+        old_upstreams.retire()
+
+    def stop(self, grace: float) -> bool:
+        """Stop; True if every attempt in flight ended within `grace` seconds."""
+        if self.watcher is not None:
+            self.watcher.stop()
+        if self.pickup is not None:
+            self.pickup.stop()
+        clean = self.scheduler.stop(grace)
+        self.upstreams.close_all()
+        return clean
+
+    def healthy(self) -> bool:
+        return True
+
+
+class DeliveryProcess:
+    """The delivery half in a child process, fed through a pipe.
+
+    Frames on the pipe: `Q` + queue ID (a committed message) or `C` + a pickled Config
+    (at start and on reload), each with a 4-byte length. The child holds the spool lock
+    with us; the pipe's end tells it we are gone, and it then exits at once, as a
+    kill -9 of the whole relay would: what it had claimed goes back at the next start.
+    """
+
+    def __init__(self, config: Config, spool: Spool) -> None:
+        self.config = config
+        self.spool = spool
+        self.proc: subprocess.Popen | None = None
+        self._pipe: int | None = None
+        self._pipe_lock = threading.Lock()
+        self._started_at = 0.0
+
+    def start(self) -> None:
+        lock_fd = self.spool.lock_fd
+        assert lock_fd is not None, "the spool is locked before delivery starts"
+        read_end, write_end = os.pipe()
+        ready_read, ready_write = os.pipe()
+        child_fds = (read_end, ready_write, lock_fd)
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-c", _CHILD_MAIN, *map(str, child_fds)],
+                pass_fds=child_fds,
+                stdin=subprocess.DEVNULL,
+            )
+        except BaseException:
+            os.close(write_end)
+            os.close(ready_read)
+            raise
+        finally:
+            os.close(read_end)
+            os.close(ready_write)
+        self._started_at = time.monotonic()
+        with self._pipe_lock:
+            self._pipe = write_end
+        self._send(b"C", pickle.dumps(self.config))
+        self._wait_until_ready(ready_read)
+
+    def _wait_until_ready(self, ready_read: int) -> None:
+        """Block until the child says it delivers (one byte), or fail the start."""
+        try:
+            readable, _, _ = select.select([ready_read], [], [], START_TIMEOUT)
+            if not readable or os.read(ready_read, 1) != b"1":
+                assert self.proc is not None
+                code = self.proc.poll()
+                raise OSError(
+                    errno.ECHILD,
+                    "the delivery process did not start"
+                    + (f" (exit status {code})" if code is not None else ""),
+                )
+        finally:
+            os.close(ready_read)
+
+    def submit(self, env: Envelope) -> None:
+        self._send(b"Q", env.id.encode())
+
+    def reload(self, config: Config) -> None:
+        self.config = config
+        self._send(b"C", pickle.dumps(config))
+
+    def _send(self, kind: bytes, payload: bytes) -> None:
+        frame = kind + struct.pack(">I", len(payload)) + payload
+        with self._pipe_lock:
+            if self._pipe is None:
+                return
+            # If it died, the next one starts with a scan of the queue.
+            with contextlib.suppress(OSError):
+                _write_all(self._pipe, frame)
+
+    def healthy(self) -> bool:
+        """False once the child has died; a new one is started after RESTART_DELAY."""
+        if self.proc is None or self.proc.poll() is None:
+            return True
+        if time.monotonic() - self._started_at < RESTART_DELAY:
+            return False
+        log.event(
+            "internal_error",
+            level=logging.ERROR,
+            error=f"delivery process {self.proc.pid} exited with {self.proc.returncode}; "
+            "starting a new one",
+        )
+        self._close_pipe()
+        try:
+            self.start()
+        except OSError as exc:
+            log.event("internal_error", level=logging.ERROR, error=f"{exc}; trying again")
+            self._started_at = time.monotonic()
+            return False
+        return True
+
+    def stop(self, grace: float) -> bool:
+        if self.proc is None:
+            return True
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            code = self.proc.wait(grace + 5.0)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            code = self.proc.wait()
+        self._close_pipe()
+        return code == 0
+
+    def _close_pipe(self) -> None:
+        with self._pipe_lock:
+            if self._pipe is not None:
+                os.close(self._pipe)
+                self._pipe = None
+
+
+_CHILD_MAIN = "from smarthost.daemon import delivery_main; delivery_main()"
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _read_exactly(fd: int, size: int) -> bytes | None:
+    chunks, left = [], size
+    while left:
+        chunk = os.read(fd, left)
+        if not chunk:
+            return None
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+def _read_frame(fd: int) -> tuple[bytes, bytes] | None:
+    head = _read_exactly(fd, 5)
+    if head is None:
+        return None
+    payload = _read_exactly(fd, struct.unpack(">I", head[1:])[0])
+    return None if payload is None else (head[:1], payload)
+
+
+def _die_with_parent() -> None:
+    """Linux: the kernel kills us when the relay dies (the pipe's EOF is the fallback)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def delivery_main() -> None:
+    """The delivery process: `python -c _CHILD_MAIN PIPE_FD LOCK_FD`."""
+    pipe_fd, ready_fd, lock_fd = (int(arg) for arg in sys.argv[1:4])
+    first = _read_frame(pipe_fd)
+    if first is None or first[0] != b"C":
+        os._exit(1)  # the relay died before it could say anything
+    config: Config = pickle.loads(first[1])
+    account = privileges.service_account(config.user)
+    if account is not None and os.geteuid() == 0:
+        "localhost".encode("idna")  # loaded on first use: maybe unreachable once dropped
+        privileges.drop_to(account)
+    _die_with_parent()  # after the drop: a change of credentials clears it
+    log.setup(config.log.level, config.log.file, config.log.format)
+    spool = Spool(config.spool.dir)
+    spool.adopt_lock(lock_fd)
+    delivery = Delivery(config, spool)
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: object) -> None:
+        stop.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, on_signal)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the relay forwards reloads as frames
+    delivery.start()
+    os.write(ready_fd, b"1")
+    os.close(ready_fd)
+    reader = threading.Thread(
+        target=_follow_relay, args=(pipe_fd, delivery, stop), name="relay-pipe", daemon=True
+    )
+    reader.start()
+    stop.wait()
+    sys.exit(0 if delivery.stop(STOP_GRACE) else 1)
+
+
+def _follow_relay(pipe_fd: int, delivery: Delivery, stop: threading.Event) -> None:
+    while True:
+        frame = _read_frame(pipe_fd)
+        if frame is None:
+            if not stop.is_set():
+                os._exit(1)  # the relay is gone: so are we, at once
+            return
+        kind, payload = frame
+        if kind == b"Q":
+            delivery.scheduler.notify(payload.decode(), 0.0)
+        elif kind == b"C":
+            config = pickle.loads(payload)
+            log.setup(config.log.level, config.log.file, config.log.format)
+            delivery.reload(config)
 
 
 class Relay:
-    """One running relay: receiver, spool, watcher, scheduler and sender pool."""
+    """One running relay: receiver, spool and the delivery half (in a child process
+    with `delivery_process`, as `serve` runs it; else in this one)."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, *, delivery_process: bool = False) -> None:
         self.config = config
         self.spool = Spool(config.spool.dir)
-        self.upstreams = Upstreams(config)
-        self.sender = Sender(config, self.spool, self.upstreams)
-        self.scheduler = Scheduler(config, self.spool, self.sender)
+        self.delivery: Delivery | DeliveryProcess = (
+            DeliveryProcess(config, self.spool)
+            if delivery_process
+            else Delivery(config, self.spool)
+        )
         self.writers = ThreadPoolExecutor(COMMIT_THREADS, thread_name_prefix="commit")
-        self.receiver = Receiver(config, self.spool, self.scheduler.submit, self.writers)
-        self.watcher: Watcher | None = None
-        self.pickup: Pickup | None = None
+        self.receiver = Receiver(config, self.spool, self.delivery.submit, self.writers)
         self.listeners: list[Listener] = []
+
+    @property
+    def scheduler(self) -> Scheduler:
+        assert isinstance(self.delivery, Delivery), "delivery runs in another process"
+        return self.delivery.scheduler
 
     def start(self) -> None:
         self.spool.create()
@@ -51,20 +323,24 @@ class Relay:
         account = privileges.service_account(self.config.user)
         if account is not None:
             privileges.hand_over(account, self.spool.root, self.config.log.file)
-        # Ports first (port 25 needs root), then no more root; the scheduler picks
-        # up what the listeners commit in between.
+        # Ports first (port 25 needs root), then no more root; delivery picks up what
+        # the listeners commit in between. A delivery process is started before the
+        # drop, so that it can still reach the interpreter, and drops its rights itself.
         self.listeners = start_listeners(self.config, self.receiver)
+        in_child = isinstance(self.delivery, DeliveryProcess)
+        if in_child:
+            self.delivery.start()
         if account is not None:
             privileges.drop_to(account)
-        self.scheduler.start()
-        self.pickup = Pickup(self.config, self.spool, self.scheduler.submit)
-        self.pickup.start()
-        self.watcher = Watcher(self.spool, self.scheduler.notify, self.pickup.wake)
-        self.watcher.start()
+        if not in_child:
+            self.delivery.start()
         log.event(
             "started",
             version=__version__,
             pid=os.getpid(),
+            delivery_pid=self.delivery.proc.pid
+            if isinstance(self.delivery, DeliveryProcess) and self.delivery.proc
+            else None,
             listen=[listener.address for listener in self.listeners],
             spool=self.spool.root,
             workers=self.config.delivery.workers,
@@ -104,15 +380,9 @@ class Relay:
             raise ConfigError(
                 [f"log.file: cannot open {config.log.file}: {exc.strerror}"]
             ) from None
-        upstreams = Upstreams(config)
-        old_upstreams, self.upstreams = self.upstreams, upstreams
-        self.sender.use(config, upstreams)
-        self.scheduler.use(config, upstreams)
+        self.delivery.reload(config)
         self.receiver.config, self.receiver.users = config, users
-        if self.pickup is not None:
-            self.pickup.config = config
         self.config = config
-        old_upstreams.retire()
         return needs_restart
 
     def stop(self) -> None:
@@ -125,12 +395,7 @@ class Relay:
         for listener in self.listeners:
             listener.stop()
         self.writers.shutdown(wait=True)
-        if self.watcher is not None:
-            self.watcher.stop()
-        if self.pickup is not None:
-            self.pickup.stop()
-        clean = self.scheduler.stop(STOP_GRACE)
-        self.upstreams.close_all()
+        clean = self.delivery.stop(STOP_GRACE)
         self.spool.unlock()
         log.event("stopped", pid=os.getpid(), clean=clean)
 
@@ -138,18 +403,14 @@ class Relay:
         """Undo a start that failed half-way (a port in use, an unwritable spool)."""
         for listener in self.listeners:
             listener.stop()
-        if self.watcher is not None:
-            self.watcher.stop()
-        if self.pickup is not None:
-            self.pickup.stop()
-        self.scheduler.stop(0.0)
+        self.delivery.stop(0.0)
         self.writers.shutdown(wait=False)
         self.spool.unlock()
 
 
 def serve(config: Config) -> int:
     """Run until SIGTERM or SIGINT; SIGHUP reloads the config and reopens the log file."""
-    relay = Relay(config)
+    relay = Relay(config, delivery_process=True)
     stop, hup = threading.Event(), threading.Event()
     wake = threading.Event()
 
@@ -166,8 +427,9 @@ def serve(config: Config) -> int:
         relay.abort_start()
         raise
     while not stop.is_set():
-        wake.wait(3600)
+        wake.wait(1.0)  # also the pace of checks on the delivery process
         wake.clear()
+        relay.delivery.healthy()
         if hup.is_set() and not stop.is_set():
             hup.clear()
             reload(relay)

@@ -54,6 +54,7 @@ FAILED_RCPT = "failed"  # permanent failure or expiry
 UNFINISHED = frozenset({PENDING, DEFERRED})
 
 ENVELOPE_VERSION = 1
+LOCK_WAIT = 3.0  # seconds a new relay waits for a killed one's delivery process
 _LOCK_NAME = ".lock"
 
 
@@ -193,19 +194,40 @@ class Spool:
             os.chmod(self.dir(name), 0o700)
         os.chmod(self.dir(DROP), DROP_MODE)
 
-    def lock(self) -> None:
-        """Take the spool for this process; a second relay on it would double-send."""
+    def lock(self, wait: float = LOCK_WAIT) -> None:
+        """Take the spool for this process; a second relay on it would double-send.
+
+        A relay that was just killed may leave its delivery process a moment to notice
+        and exit (it shares the lock): `wait` seconds are given for that.
+        """
         import fcntl
 
         fd = os.open(os.path.join(self.root, _LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = os.read(fd, 32).decode(errors="replace").strip() or "another process"
-            os.close(fd)
-            raise SpoolError(errno.EBUSY, f"spool {self.root} is in use by pid {holder}") from None
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError:
+                if time.monotonic() < deadline:
+                    time.sleep(0.05)
+                    continue
+                holder = os.read(fd, 32).decode(errors="replace").strip() or "another process"
+                os.close(fd)
+                raise SpoolError(
+                    errno.EBUSY, f"spool {self.root} is in use by pid {holder}"
+                ) from None
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
+        self._lock_fd = fd
+
+    @property
+    def lock_fd(self) -> int | None:
+        """The descriptor holding the lock, for a process that works on this spool too."""
+        return self._lock_fd
+
+    def adopt_lock(self, fd: int) -> None:
+        """Hold a lock taken by the parent process (see `lock_fd`)."""
         self._lock_fd = fd
 
     def unlock(self) -> None:

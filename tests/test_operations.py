@@ -81,8 +81,11 @@ def test_log_file_is_reopened_after_rotation(tmp_path, sink, relay_process):
     proc.proc.send_signal(signal.SIGHUP)
     wait_until(log_file.exists, what="a new log file")
     queue_id = send(proc.port)
+    # Both processes reopened it: the delivery process logs `delivered` there too.
     wait_until(
-        lambda: any(r.get("queue_id") == queue_id for r in proc.records()),
+        lambda: any(
+            r.get("queue_id") == queue_id and r["event"] == "delivered" for r in proc.records()
+        ),
         what="the message's events in the new file",
     )
     assert '"started"' in rotated.read_text() and queue_id not in rotated.read_text()
@@ -118,9 +121,12 @@ def test_privileges_are_dropped_after_binding(sink, relay_process):
         proc = relay_process(path)
         proc.log_path = base / "relay.log"
         proc.start()
-        status = Path(f"/proc/{proc.proc.pid}/status").read_text()
-        uids = next(line for line in status.splitlines() if line.startswith("Uid:")).split()
-        assert {int(u) for u in uids[1:]} == {account.pw_uid}
+        started = next(r for r in proc.records() if r["event"] == "started")
+        assert started["delivery_pid"] != proc.proc.pid
+        for pid in (proc.proc.pid, started["delivery_pid"]):  # the relay and its delivery
+            status = Path(f"/proc/{pid}/status").read_text()
+            uids = next(line for line in status.splitlines() if line.startswith("Uid:")).split()
+            assert {int(u) for u in uids[1:]} == {account.pw_uid}
         send(proc.port)
         sink.wait_for(1)
         spool = base / "spool"

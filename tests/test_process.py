@@ -379,6 +379,68 @@ def test_kill_9_with_the_upstream_down_delivers_after_restart(tmp_path, sink, re
         upstream.stop()
 
 
+# -- 2b. the delivery process ------------------------------------------------------------
+
+
+def delivery_pid(proc: RelayProcess, offset: int = 0) -> int:
+    started = wait_until(lambda: events_named(proc.records(offset), "started"), what="started")
+    return started[-1]["delivery_pid"]
+
+
+def process_gone(pid: int) -> bool:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return True
+    return "\nState:\tZ" in status  # a zombie has exited; its parent reaps it later
+
+
+def test_a_killed_delivery_process_is_replaced_and_mail_flows(tmp_path, sink, relay_process):
+    proc = relay_process(write_config(tmp_path, sink.port)).start()
+    first = delivery_pid(proc)
+    assert first != proc.proc.pid
+    send(proc.port, "<before@client.test>")
+    sink.wait_for(1)
+    os.kill(first, signal.SIGKILL)
+    replaced = wait_until(
+        lambda: [
+            r
+            for r in events_named(proc.records(), "internal_error")
+            if f"delivery process {first} exited" in r["error"]
+        ],
+        DELIVERY_DEADLINE,
+        "the relay to notice its delivery process died",
+    )
+    assert replaced[0]["level"] == "error"
+    # Mail accepted meanwhile and after is delivered by the new one.
+    send(proc.port, "<after@client.test>")
+    wanted = {"<before@client.test>", "<after@client.test>"}
+    assert eventually(lambda: wanted <= set(arrived(sink)), DELIVERY_DEADLINE), arrived(sink)
+    assert proc.stop() == 0
+
+
+def test_kill_9_of_the_relay_takes_its_delivery_process_along(tmp_path, sink, relay_process):
+    """No orphan keeps sending (or holds the spool) after the relay is gone, and a new
+    relay starts on the same spool at once."""
+    proc = relay_process(write_config(tmp_path, sink.port)).start()
+    child = delivery_pid(proc)
+    proc.kill()
+    assert eventually(lambda: process_gone(child), 10.0), f"delivery process {child} lives on"
+    offset = proc.log_path.stat().st_size
+    proc.start()
+    assert delivery_pid(proc, offset) != child
+    send(proc.port, "<after-restart@client.test>")
+    sink.wait_for(1)
+    assert proc.stop() == 0
+
+
+def test_sigterm_stops_the_delivery_process_too(tmp_path, sink, relay_process):
+    proc = relay_process(write_config(tmp_path, sink.port)).start()
+    child = delivery_pid(proc)
+    assert proc.stop() == 0
+    assert process_gone(child), f"delivery process {child} outlived the relay"
+
+
 # -- 3. stopping on a signal ----------------------------------------------------------
 
 
