@@ -27,7 +27,7 @@ from .sender import (
     describe_failure,
     format_reply,
 )
-from .spool import ACTIVE, DEFERRED, FAILED_RCPT, QUEUE, Envelope, Spool
+from .spool import ACTIVE, DEFERRED, FAILED_RCPT, QUEUE, CorruptEnvelope, Envelope, Spool
 from .upstream import Backend, Upstreams
 
 RESCAN_INTERVAL = 10.0
@@ -246,6 +246,9 @@ class Scheduler:
                 attempt = self.sender.attempt(env)
             except FileNotFoundError:
                 self.spool.quarantine(env.id, "active", "message content is missing")
+                return
+            except CorruptEnvelope as exc:  # content cut short, or not a file
+                self.spool.quarantine(env.id, "active", str(exc))
                 return
             self.settle(env, attempt)
             self._rescued.pop(queue_id, None)

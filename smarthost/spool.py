@@ -336,12 +336,17 @@ class Spool:
     # -- reading -------------------------------------------------------------
 
     def read_envelope(self, state: str, queue_id: str) -> Envelope:
-        with open(self.path(state, queue_id), "rb") as f:
-            return Envelope.from_bytes(f.read())
+        env = Envelope.from_bytes(_read_file(self.path(state, queue_id)))
+        if env.id != queue_id:
+            raise CorruptEnvelope(f"the envelope in {queue_id} names {env.id[:32]!r}")
+        return env
 
-    def read_message(self, queue_id: str) -> bytes:
-        with open(self.message_path(queue_id), "rb") as f:
-            return f.read()
+    def read_message(self, queue_id: str, size: int | None = None) -> bytes:
+        """The content; with `size` (the envelope's), a shorter or longer file is corrupt."""
+        data = _read_file(self.message_path(queue_id))
+        if size and len(data) != size:
+            raise CorruptEnvelope(f"message content is {len(data)} bytes, not {size}")
+        return data
 
     def scan(self, state: str = QUEUE) -> Iterator[tuple[str, float]]:
         """Yield (queue_id, due time) for each envelope in `state`, from stat() only."""
@@ -452,6 +457,18 @@ class Spool:
                 pid = int(parts[1]) if len(parts) == 3 and parts[1].isdigit() else None
                 if pid is not None and pid != os.getpid() and _pid_alive(pid):
                     continue
+                if entry.is_dir(follow_symlinks=False):
+                    # Not a write of ours: set aside, never deleted (nor allowed to stop us).
+                    dst = self.corrupt_name(entry.name)
+                    os.rename(entry.path, dst)
+                    log.event(
+                        "quarantined",
+                        level=logging.WARNING,
+                        state=TMP,
+                        reason="a directory in tmp/",
+                        files=[os.path.basename(dst)],
+                    )
+                    continue
                 _unlink_quietly(entry.path)
                 removed += 1
         return removed
@@ -471,6 +488,15 @@ class Spool:
                 self.quarantine(queue_id, MSG, "message content without an envelope")
                 orphans += 1
         return orphans
+
+
+def _read_file(path: str) -> bytes:
+    """A spool file's bytes; anything but a regular file there is corrupt."""
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except IsADirectoryError:
+        raise CorruptEnvelope(f"{os.path.basename(path)} is a directory") from None
 
 
 def _pid_alive(pid: int) -> bool:
