@@ -203,6 +203,9 @@ class QueueControl:
                 reply=CANCELLED,
                 status="5.0.0",
             )
+        # Recorded before the DSN: a crash from here on repeats the report (recovery
+        # finds failed, unreported recipients), and never delivers what was cancelled.
+        self.spool.rewrite(env, ACTIVE)
         bouncer = Bouncer(
             self.config, self.spool, submit=lambda notice: self.spool.announce(notice.id)
         )

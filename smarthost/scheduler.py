@@ -217,7 +217,10 @@ class Scheduler:
             if self.spool.move(queue_id, ACTIVE, QUEUE):
                 self.notify(queue_id, due)
         except FileNotFoundError:
-            pass  # it never got claimed, or was already settled
+            # Never claimed (the claim itself failed): still in queue/, and no hint is
+            # left for it before the next rescan.
+            if os.path.exists(self.spool.path(QUEUE, queue_id)):
+                self.notify(queue_id, due)
         except OSError as exc:
             log.event("spool_error", level=logging.ERROR, queue_id=queue_id, error=repr(exc))
 

@@ -40,6 +40,10 @@ BACKEND_STAGES = frozenset({"connect", "ehlo", "starttls", "auth"})
 
 def classify(stage: str, code: int) -> Outcome:
     """What an upstream reply `code` at `stage` means for the message (SPEC §5)."""
+    if not 200 <= code < 600:
+        # No reply code at all (smtplib's -1) or one SMTP does not have: the upstream
+        # said neither yes nor no, so the message may not be failed for it.
+        return Outcome.BACKEND_FAILURE
     if 200 <= code < 400:
         return Outcome.OK
     if code == 421 or stage in BACKEND_STAGES:
@@ -120,7 +124,7 @@ class Sender:
 
     def attempt(self, env: Envelope) -> Attempt:
         result = Attempt()
-        content = self.spool.read_message(env.id)
+        content = self.spool.read_message(env.id, env.size)
         for group, rcpts in self.upstreams.partition(env).items():
             self._attempt_group(env, group, rcpts, content, result)
         return result
@@ -193,6 +197,8 @@ class Sender:
                 # An idle session the server has since closed is no fault of the backend.
                 if session is None or not session.reused or session.used_now:
                     raise BackendFailure(_describe(exc)) from exc
+                # Its siblings are likely as dead (an upstream restart): a fresh one next.
+                backend.close_all()
             except SESSION_ERRORS as exc:
                 raise BackendFailure(_describe(exc)) from exc
         raise BackendFailure("connection lost on every reused session")
@@ -251,6 +257,10 @@ class Sender:
             code, msg = smtp.data(content)
         except smtplib.SMTPDataError as exc:  # the DATA command itself was refused
             code, msg, data_refused = exc.smtp_code, exc.smtp_error, True
+            if 200 <= code < 400:
+                # Anything but 354 is no go-ahead: the content was never sent, so a
+                # 2xx here must not count as a delivery.
+                raise BackendFailure(f"DATA answered {format_reply(code, msg)}, not 354") from exc
         outcome = classify("data", code)
         if outcome is Outcome.BACKEND_FAILURE:
             raise BackendFailure(format_reply(code, msg))

@@ -186,13 +186,18 @@ class Spool:
 
     def create(self) -> None:
         """Make the state directories, private to the service user, and the drop area."""
-        os.makedirs(self.root, mode=0o700, exist_ok=True)
-        for name in (*DIRECTORIES, DROP):
-            os.makedirs(self.dir(name), mode=0o700, exist_ok=True)
-        os.chmod(self.root, ROOT_MODE)
-        for name in DIRECTORIES:
-            os.chmod(self.dir(name), 0o700)
-        os.chmod(self.dir(DROP), DROP_MODE)
+        try:
+            os.makedirs(self.root, mode=0o700, exist_ok=True)
+            for name in (*DIRECTORIES, DROP):
+                os.makedirs(self.dir(name), mode=0o700, exist_ok=True)
+            os.chmod(self.root, ROOT_MODE)
+            for name in DIRECTORIES:
+                os.chmod(self.dir(name), 0o700)
+            os.chmod(self.dir(DROP), DROP_MODE)
+        except OSError as exc:  # a read-only file system, a file in the way...
+            raise SpoolError(
+                exc.errno, f"spool {self.root}: cannot set up {exc.filename}: {exc.strerror}"
+            ) from exc
 
     def lock(self, wait: float = LOCK_WAIT) -> None:
         """Take the spool for this process; a second relay on it would double-send.

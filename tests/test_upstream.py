@@ -12,6 +12,7 @@ import json
 import os
 import random
 import smtplib
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -439,6 +440,41 @@ def test_sessions_are_reused_across_messages(tmp_path, sinks, relay_factory):
     assert sorted(m.rcpt_tos[0] for m in got) == sorted(rcpts)
     # max_connections = 4 (default), plus slack for a session the upstream dropped.
     assert 1 <= len(counting.ehlos) <= 4 + 2
+
+
+class SlowDataHandler(EhloCountingHandler):
+    async def handle_DATA(self, server, session, envelope):
+        await asyncio.sleep(0.3)
+        return await super().handle_DATA(server, session, envelope)
+
+
+def test_an_upstream_restart_costs_no_attempt_and_no_backend_down(
+    tmp_path, sinks, relay_factory, events
+):
+    """Every idle session dies with the upstream; the first dead one tells the relay to
+    drop the others and connect afresh, within the same attempt."""
+    slow = SlowDataHandler()
+    upstream = sinks(handler=slow)
+    port = upstream.port
+    config = make_config(tmp_path, [Up("only", port)], workers=8)
+    relay = relay_factory(load_config(config))
+    # Slow replies and four clients at once: the relay opens all four sessions it may.
+    batches = [[f"r{c}.{i}@dest.test" for i in range(4)] for c in range(4)]
+    clients = [threading.Thread(target=send_batch, args=(relay.port, b)) for b in batches]
+    for client in clients:
+        client.start()
+    for client in clients:
+        client.join()
+    upstream.wait_for(16)
+    assert len(slow.ehlos) == 4, slow.ehlos
+    upstream.stop()
+    restarted = sinks(port=port)
+    send_batch(relay.port, ["after@dest.test"])
+    assert restarted.wait_for(1)[0].rcpt_tos == ["after@dest.test"]
+    wait_until(lambda: len(events.events("delivered")) == 17, what="17 delivered events")
+    assert all(e["attempt"] == 1 for e in events.events("delivered"))
+    assert not events.events("backend_down")
+    assert not events.events("deferred")
 
 
 def test_rate_limit_is_held_without_errors(tmp_path, sinks, relay_factory, events):
