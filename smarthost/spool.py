@@ -28,7 +28,7 @@ import os
 import secrets
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 from . import log
@@ -119,7 +119,9 @@ class Envelope:
         return [r for r in self.recipients if r.unfinished]
 
     def to_bytes(self) -> bytes:
-        return json.dumps(asdict(self), separators=(",", ":"), ensure_ascii=False).encode()
+        # vars(), not dataclasses.asdict: no deep copy for a record that is only read.
+        record = {**vars(self), "recipients": [vars(r) for r in self.recipients]}
+        return json.dumps(record, separators=(",", ":"), ensure_ascii=False).encode()
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Envelope:
