@@ -227,7 +227,10 @@ def parse_duration(value: Any, key: str = "duration") -> float:
             raise ValueError(f"{key}: invalid duration {value!r} (use e.g. 30s, 5m, 4h, 5d)")
         seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
     elif isinstance(value, (int, float)) and not isinstance(value, bool):
-        seconds = float(value)
+        try:
+            seconds = float(value)
+        except OverflowError:  # an integer beyond any float
+            raise ValueError(f"{key}: duration must be finite") from None
     else:
         raise ValueError(f"{key}: expected {what}, got {_type_name(value)}")
     if not math.isfinite(seconds):
@@ -247,7 +250,10 @@ def parse_size(value: Any, key: str = "size") -> int:
         match = _SIZE_RE.fullmatch(value.strip())
         if not match:
             raise ValueError(f"{key}: invalid size {value!r} (use e.g. 512K, 25M, 1G)")
-        return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
+        size = float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
+        if not math.isfinite(size):
+            raise ValueError(f"{key}: size too large")
+        return int(size)
     size = _expect(value, int, key, 'a size such as "25M" or integer bytes')
     if size < 0:
         raise ValueError(f"{key}: size must not be negative")

@@ -71,6 +71,8 @@ _DEFAULT_ENHANCED = {
     "555": "5.5.4",
 }
 _HAS_ENHANCED = re.compile(r"^\d{3}[ -]\d\.\d{1,3}\.\d{1,3}(\s|$)")
+# Control characters, and the surrogates aiosmtpd decodes non-UTF-8 bytes to.
+_UNSAFE = re.compile(r"[\x00-\x1f\x7f\udc80-\udcff]")
 
 
 def with_enhanced_code(reply: str) -> str:
@@ -118,7 +120,7 @@ class RelaySMTP(SMTP):
         super().__init__(handler, **kwargs)
         self._slots = slots
         self._holds_slot = False
-        self._plain_replies = False  # EHLO/HELO/HELP answers carry no status code
+        self._plain_replies = ""  # reply classes sent without a status code (EHLO, HELP)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if self._original_transport is None and not self._holds_slot:
@@ -140,10 +142,12 @@ class RelaySMTP(SMTP):
         super().connection_lost(error)
 
     async def push(self, status: Any) -> None:
-        if isinstance(status, str) and not self._plain_replies:
-            status = with_enhanced_code(status)
-            if status[:1] in ("4", "5"):
-                self._log_rejected(status)
+        if isinstance(status, str):
+            status = _UNSAFE.sub("?", status)  # never echo a client's CR, NUL, ESC...
+            if status[:1] not in self._plain_replies:
+                status = with_enhanced_code(status)
+                if status[:1] in ("4", "5"):
+                    self._log_rejected(status)
         await super().push(status)
 
     def _log_rejected(self, reply: str) -> None:
@@ -153,12 +157,12 @@ class RelaySMTP(SMTP):
             "rejected", client=_client_ip(peer), sender=sender, reply=reply, status=reply[4:9]
         )
 
-    async def _without_status_codes(self, coro: Any) -> None:
-        self._plain_replies = True
+    async def _without_status_codes(self, coro: Any, classes: str = "2345") -> None:
+        self._plain_replies = classes
         try:
             await coro
         finally:
-            self._plain_replies = False
+            self._plain_replies = ""
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         """aiosmtpd's parser, stricter: `<a@b` and `a@` are malformed (553), not accepted
@@ -177,6 +181,8 @@ class RelaySMTP(SMTP):
             return None, None
         if address and any(c.isspace() for c in address):
             return None, None  # "<bad address>": the parser keeps the space
+        if address and _UNSAFE.search(address):
+            return None, None  # NUL, CR, ESC or bytes that are not UTF-8
         return address, rest
 
     # -- RFC 3461: aiosmtpd upper-cases parameters and refuses unknown ones (555), so
@@ -212,13 +218,19 @@ class RelaySMTP(SMTP):
             envelope.dsn_rcpt = dsn_rcpt  # type: ignore[attr-defined]
 
     async def smtp_EHLO(self, hostname: str) -> None:
+        if hostname and _UNSAFE.search(hostname):
+            await self._without_status_codes(self.push("501 Syntax: EHLO hostname"))
+            return
         await self._without_status_codes(super().smtp_EHLO(hostname))
 
     async def smtp_HELO(self, hostname: str) -> None:
+        if hostname and _UNSAFE.search(hostname):
+            await self._without_status_codes(self.push("501 Syntax: HELO hostname"))
+            return
         await self._without_status_codes(super().smtp_HELO(hostname))
 
     async def smtp_HELP(self, arg: str) -> None:
-        await self._without_status_codes(super().smtp_HELP(arg))
+        await self._without_status_codes(super().smtp_HELP(arg), classes="2")
 
 
 _DSN_PARAMS = {"MAIL": ("RET", "ENVID"), "RCPT": ("NOTIFY", "ORCPT")}

@@ -34,6 +34,9 @@ _IGNORED = {"-odi", "-odb", "-odq", "-oem", "-oee", "-oep", "-oeq", "-B8BITMIME"
 _IGNORED |= {"-bm", "-oi", "-om", "-U", "-Am", "-Ac"}
 
 
+_SPECIALS = frozenset(' \t,;<>()[]"\\')
+
+
 class UsageError(Exception):
     """Bad command line (exit 64)."""
 
@@ -100,15 +103,19 @@ def check_address(address: object) -> None:
     """No header or option injection through an address."""
     if not isinstance(address, str) or _unsafe(address) or address.startswith("-"):
         raise UsageError(f"invalid address {address!r}")
+    if address != "<>" and any(c in _SPECIALS for c in address):
+        # A display name, comment, list ("a@b, c@d") or quoting: SMTP would carry
+        # another address than the one given (smtplib re-parses it).
+        raise UsageError(f"invalid address {address!r}")
 
 
 def _unsafe(text: str) -> bool:
-    """Line breaks or NUL (header injection), too long, or not encodable as UTF-8."""
+    """Control characters (header or SMTP injection), too long, or not UTF-8."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
         return True
-    return any(c in text for c in "\r\n\0") or len(text) > 998
+    return any(ord(c) < 32 or ord(c) == 127 for c in text) or len(text) > 998
 
 
 def read_message(stream, dot_ends: bool, limit: int) -> bytes:
@@ -140,7 +147,7 @@ def complete_headers(content: bytes, sender: str, full_name: str | None, hostnam
     added = []
     if "from" not in present:
         address = sender if "@" in sender else f"{sender}@{hostname}"
-        added.append(f"From: {formataddr((full_name, address)) if full_name else address}")
+        added.append(f"From: {_from_value(full_name, address) if full_name else address}")
     if "date" not in present:
         added.append(f"Date: {headers.date_now()}")
     if "message-id" not in present:
@@ -150,6 +157,14 @@ def complete_headers(content: bytes, sender: str, full_name: str | None, hostnam
     if not headers.fields(content) and not content.startswith((b"\r\n", b"\n")):
         content = b"\r\n" + content  # no header section at all: the text is all body
     return "".join(f"{line}\r\n" for line in added).encode() + content
+
+
+def _from_value(full_name: str, address: str) -> str:
+    """`Name <address>`; formataddr wants an ASCII address, an SMTPUTF8 one is kept."""
+    try:
+        return formataddr((full_name, address))
+    except UnicodeEncodeError:
+        return formataddr((full_name, "x@x")).replace("<x@x>", f"<{address}>")
 
 
 def recipients_from_headers(content: bytes) -> list[str]:
