@@ -201,7 +201,7 @@ class Spool:
                 exc.errno, f"spool {self.root}: cannot set up {exc.filename}: {exc.strerror}"
             ) from exc
 
-    def lock(self, wait: float = LOCK_WAIT) -> None:
+    def lock(self, wait: float | None = None) -> None:
         """Take the spool for this process; a second relay on it would double-send.
 
         A relay that was just killed may leave its delivery process a moment to notice
@@ -210,7 +210,7 @@ class Spool:
         import fcntl
 
         fd = os.open(os.path.join(self.root, _LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o600)
-        deadline = time.monotonic() + wait
+        deadline = time.monotonic() + (LOCK_WAIT if wait is None else wait)
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -433,7 +433,7 @@ def test_lock_excludes_a_second_relay(spool):
     try:
         other = Spool(spool.root)
         with pytest.raises(SpoolError) as caught:
-            other.lock()
+            other.lock(wait=0.2)
         assert caught.value.errno == errno.EBUSY
         assert str(os.getpid()) in str(caught.value)
     finally:
@@ -441,6 +441,17 @@ def test_lock_excludes_a_second_relay(spool):
     other.lock()
     try:
         with pytest.raises(SpoolError):
-            Spool(spool.root).lock()
+            Spool(spool.root).lock(wait=0.2)
     finally:
         other.unlock()
+
+
+def test_lock_waits_for_a_holder_that_lets_go(spool):
+    """A killed relay's delivery process needs a moment to exit: the next start waits."""
+    import threading
+
+    spool.lock()
+    threading.Timer(0.3, spool.unlock).start()
+    other = Spool(spool.root)
+    other.lock(wait=10.0)  # would raise EBUSY had it not waited
+    other.unlock()
