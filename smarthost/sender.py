@@ -223,7 +223,7 @@ class Sender:
             return
         session.clean = False
         try:
-            code, msg = smtp.mail(env.sender, self._mail_options(smtp, env, content))
+            code, msg = send_mail(smtp, env.sender, self._mail_options(smtp, env, content))
         except UnicodeEncodeError:
             # An address this upstream cannot take without SMTPUTF8: the message's
             # problem, not the backend's (and never a reason to mark it down).
@@ -240,7 +240,7 @@ class Sender:
         accepted = []
         for rcpt in rcpts:
             try:
-                code, msg = smtp.rcpt(rcpt.address, _rcpt_options(smtp, rcpt))
+                code, msg = send_rcpt(smtp, rcpt.address, _rcpt_options(smtp, rcpt))
             except UnicodeEncodeError:
                 code, msg = 553, _NOT_ASCII
             outcome = classify("rcpt", code)
@@ -254,7 +254,7 @@ class Sender:
             return
         data_refused = False
         try:
-            code, msg = smtp.data(content)
+            code, msg = send_data(smtp, content)
         except smtplib.SMTPDataError as exc:  # the DATA command itself was refused
             code, msg, data_refused = exc.smtp_code, exc.smtp_error, True
             if 200 <= code < 400:
@@ -535,3 +535,53 @@ def _describe(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError):
         return "timed out"
     return f"{type(exc).__name__}: {exc}"
+
+
+# -- the transaction's commands --------------------------------------------------------
+# smtplib's mail(), rcpt() and data(), with the costly parts done cheaply: quoteaddr()
+# runs the RFC 2822 parser on every address, data() a regular expression over the whole
+# message. Same bytes on the wire.
+
+_SIMPLE_ADDRESS = re.compile(r"[!#-'*+/-9=?A-Z^-~.-]+@[A-Za-z0-9.-]+\Z")
+
+
+def _path(address: str) -> str:
+    if _SIMPLE_ADDRESS.match(address):
+        return f"<{address}>"
+    return smtplib.quoteaddr(address)
+
+
+def send_mail(smtp: smtplib.SMTP, sender: str, options: list[str]) -> tuple[int, bytes]:
+    """`smtp.mail(sender, options)`."""
+    optionlist = ""
+    if options and smtp.does_esmtp:
+        if any(option.lower() == "smtputf8" for option in options):
+            if not smtp.has_extn("smtputf8"):
+                raise smtplib.SMTPNotSupportedError("SMTPUTF8 not supported by server")
+            smtp.command_encoding = "utf-8"
+        optionlist = " " + " ".join(options)
+    smtp.putcmd("mail", f"FROM:{_path(sender)}{optionlist}")
+    return smtp.getreply()
+
+
+def send_rcpt(smtp: smtplib.SMTP, recipient: str, options: list[str]) -> tuple[int, bytes]:
+    """`smtp.rcpt(recipient, options)`."""
+    optionlist = " " + " ".join(options) if options and smtp.does_esmtp else ""
+    smtp.putcmd("rcpt", f"TO:{_path(recipient)}{optionlist}")
+    return smtp.getreply()
+
+
+def send_data(smtp: smtplib.SMTP, content: bytes) -> tuple[int, bytes]:
+    """`smtp.data(content)`: DATA, then the dot-stuffed content and the final dot in
+    one write (a separate small write for the dot would wait for a delayed ACK)."""
+    smtp.putcmd("data")
+    code, reply = smtp.getreply()
+    if code != 354:
+        raise smtplib.SMTPDataError(code, reply)
+    stuffed = content.replace(b"\n.", b"\n..")
+    if stuffed.startswith(b"."):
+        stuffed = b"." + stuffed
+    if not stuffed.endswith(b"\r\n"):
+        stuffed += b"\r\n"
+    smtp.send(stuffed + b".\r\n")
+    return smtp.getreply()

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import smtplib
 import ssl
 import sys
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from smarthost.config import BackendConfig
 from smarthost.sender import (
@@ -82,3 +85,52 @@ def test_failing_password_command_is_a_backend_failure_without_its_output():
     with pytest.raises(BackendFailure) as info:
         read_secret(BackendConfig(host="h", username="u", password_command=command))
     assert "exited 3" in info.value.reply and "half-secret" not in info.value.reply
+
+
+# -- the transaction's commands say what smtplib's would -----------------------------
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(st.data())
+def test_simple_paths_are_quoted_as_smtplib_quotes_them(data):
+    from smarthost.sender import _SIMPLE_ADDRESS, _path
+
+    address = data.draw(st.from_regex(_SIMPLE_ADDRESS, fullmatch=True))
+    assert _path(address) == smtplib.quoteaddr(address)
+
+
+@pytest.mark.parametrize("address", ["", "<>", '"a b"@c', "é@x", "a@[1.2.3.4]", "Eve <e@x>"])
+def test_other_paths_go_through_smtplib(address):
+    from smarthost.sender import _path
+
+    assert _path(address) == smtplib.quoteaddr(address)
+
+
+class _Recorder:
+    """Enough of smtplib.SMTP for send_data: what goes on the wire."""
+
+    def __init__(self) -> None:
+        self.sent = b""
+        self.replies = [(354, b"go ahead"), (250, b"ok")]
+        self.debuglevel = 0
+
+    def putcmd(self, cmd, args=""):
+        self.sent += f"{cmd}{' ' + args if args else ''}\r\n".encode()
+
+    def getreply(self):
+        return self.replies.pop(0)
+
+    def send(self, data):
+        self.sent += data
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(st.lists(st.sampled_from([b".", b"\r\n", b"\n", b"\r", b"a", b"..", b"\r\n.\r\n"])))
+def test_send_data_puts_smtplibs_bytes_on_the_wire(parts):
+    from smarthost.sender import send_data
+
+    content = b"".join(parts)
+    ours, theirs = _Recorder(), _Recorder()
+    assert send_data(ours, content) == (250, b"ok")
+    assert smtplib.SMTP.data(theirs, content) == (250, b"ok")
+    assert ours.sent == theirs.sent
