@@ -27,68 +27,22 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
-from . import __version__, log, privileges, systemd
+from . import __version__, log, privileges, process, systemd
 from .config import Config, ConfigError, load_config
-from .pickup import Pickup
 from .receiver import Listener, Receiver, auth_users, start_listeners
-from .scheduler import Scheduler
-from .sender import Sender
 from .spool import Envelope, Spool
-from .upstream import Upstreams
-from .watcher import Watcher
+
+if TYPE_CHECKING:
+    from .delivery import Delivery
+    from .scheduler import Scheduler
 
 STOP_GRACE = 5.0
 # Spool commits run here so the event loop never waits on fsync.
 COMMIT_THREADS = 8
 RESTART_DELAY = 1.0  # before a delivery process that died is started again
 START_TIMEOUT = 60.0  # for a delivery process to say it runs
-
-
-class Delivery:
-    """The delivery half: scheduler and sender pool, pickup of the drop area, watcher."""
-
-    def __init__(self, config: Config, spool: Spool) -> None:
-        self.config = config
-        self.spool = spool
-        self.upstreams = Upstreams(config)
-        self.sender = Sender(config, spool, self.upstreams)
-        self.scheduler = Scheduler(config, spool, self.sender)
-        self.watcher: Watcher | None = None
-        self.pickup: Pickup | None = None
-
-    def submit(self, env: Envelope) -> None:
-        self.scheduler.submit(env)
-
-    def start(self) -> None:
-        self.scheduler.start()
-        self.pickup = Pickup(self.config, self.spool, self.scheduler.submit)
-        self.pickup.start()
-        self.watcher = Watcher(self.spool, self.scheduler.notify, self.pickup.wake)
-        self.watcher.start()
-
-    def reload(self, config: Config) -> None:
-        upstreams = Upstreams(config)
-        old_upstreams, self.upstreams = self.upstreams, upstreams
-        self.sender.use(config, upstreams)
-        self.scheduler.use(config, upstreams)
-        if self.pickup is not None:
-            self.pickup.config = config
-        self.config = config
-        old_upstreams.retire()
-
-    def stop(self, grace: float) -> bool:
-        """Stop; True if every attempt in flight ended within `grace` seconds."""
-        if self.watcher is not None:
-            self.watcher.stop()
-        if self.pickup is not None:
-            self.pickup.stop()
-        clean = self.scheduler.stop(grace)
-        self.upstreams.close_all()
-        return clean
-
-    def healthy(self) -> bool:
-        return True
 
 
 class DeliveryProcess:
@@ -205,94 +159,13 @@ class DeliveryProcess:
                 self._pipe = None
 
 
-_CHILD_MAIN = "from smarthost.daemon import delivery_main; delivery_main()"
+_CHILD_MAIN = "from smarthost.delivery import main as delivery_main; delivery_main()"
 
 
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
-
-
-def _read_exactly(fd: int, size: int) -> bytes | None:
-    chunks, left = [], size
-    while left:
-        chunk = os.read(fd, left)
-        if not chunk:
-            return None
-        chunks.append(chunk)
-        left -= len(chunk)
-    return b"".join(chunks)
-
-
-def _read_frame(fd: int) -> tuple[bytes, bytes] | None:
-    head = _read_exactly(fd, 5)
-    if head is None:
-        return None
-    payload = _read_exactly(fd, struct.unpack(">I", head[1:])[0])
-    return None if payload is None else (head[:1], payload)
-
-
-def _die_with_parent() -> None:
-    """Linux: the kernel kills us when the relay dies (the pipe's EOF is the fallback)."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
-def delivery_main() -> None:
-    """The delivery process: `python -c _CHILD_MAIN PIPE_FD LOCK_FD`."""
-    pipe_fd, ready_fd, lock_fd = (int(arg) for arg in sys.argv[1:4])
-    first = _read_frame(pipe_fd)
-    if first is None or first[0] != b"C":
-        os._exit(1)  # the relay died before it could say anything
-    config: Config = pickle.loads(first[1])
-    account = privileges.service_account(config.user)
-    if account is not None and os.geteuid() == 0:
-        "localhost".encode("idna")  # loaded on first use: maybe unreachable once dropped
-        privileges.drop_to(account)
-    _die_with_parent()  # after the drop: a change of credentials clears it
-    log.setup(config.log.level, config.log.file, config.log.format)
-    spool = Spool(config.spool.dir)
-    spool.adopt_lock(lock_fd)
-    delivery = Delivery(config, spool)
-    stop = threading.Event()
-
-    def on_signal(signum: int, frame: object) -> None:
-        stop.set()
-
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, on_signal)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the relay forwards reloads as frames
-    delivery.start()
-    os.write(ready_fd, b"1")
-    os.close(ready_fd)
-    reader = threading.Thread(
-        target=_follow_relay, args=(pipe_fd, delivery, stop), name="relay-pipe", daemon=True
-    )
-    reader.start()
-    stop.wait()
-    sys.exit(0 if delivery.stop(STOP_GRACE) else 1)
-
-
-def _follow_relay(pipe_fd: int, delivery: Delivery, stop: threading.Event) -> None:
-    while True:
-        frame = _read_frame(pipe_fd)
-        if frame is None:
-            if not stop.is_set():
-                os._exit(1)  # the relay is gone: so are we, at once
-            return
-        kind, payload = frame
-        if kind == b"Q":
-            delivery.scheduler.notify(payload.decode(), 0.0)
-        elif kind == b"C":
-            config = pickle.loads(payload)
-            log.setup(config.log.level, config.log.file, config.log.format)
-            delivery.reload(config)
 
 
 class Relay:
@@ -302,11 +175,13 @@ class Relay:
     def __init__(self, config: Config, *, delivery_process: bool = False) -> None:
         self.config = config
         self.spool = Spool(config.spool.dir)
-        self.delivery: Delivery | DeliveryProcess = (
-            DeliveryProcess(config, self.spool)
-            if delivery_process
-            else Delivery(config, self.spool)
-        )
+        self.delivery: Delivery | DeliveryProcess
+        if delivery_process:
+            self.delivery = DeliveryProcess(config, self.spool)
+        else:
+            from .delivery import Delivery  # the relay process needs none of it
+
+            self.delivery = Delivery(config, self.spool)
         self.writers = ThreadPoolExecutor(COMMIT_THREADS, thread_name_prefix="commit")
         self.receiver = Receiver(config, self.spool, self.delivery.submit, self.writers)
         self.listeners: list[Listener] = []
@@ -410,6 +285,7 @@ class Relay:
 
 def serve(config: Config) -> int:
     """Run until SIGTERM or SIGINT; SIGHUP reloads the config and reopens the log file."""
+    process.limit_malloc_arenas()
     relay = Relay(config, delivery_process=True)
     stop, hup = threading.Event(), threading.Event()
     wake = threading.Event()
