@@ -72,7 +72,7 @@ _DEFAULT_ENHANCED = {
 }
 _HAS_ENHANCED = re.compile(r"^\d{3}[ -]\d\.\d{1,3}\.\d{1,3}(\s|$)")
 # Control characters, and the surrogates aiosmtpd decodes non-UTF-8 bytes to.
-_UNSAFE = re.compile(r"[\x00-\x1f\x7f\udc80-\udcff]")
+_UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\udc80-\udcff]")
 
 
 def with_enhanced_code(reply: str) -> str:

@@ -14,6 +14,7 @@ import pwd
 import secrets
 import sys
 import time
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from email.utils import formataddr, getaddresses
@@ -34,7 +35,7 @@ _IGNORED = {"-odi", "-odb", "-odq", "-oem", "-oee", "-oep", "-oeq", "-B8BITMIME"
 _IGNORED |= {"-bm", "-oi", "-om", "-U", "-Am", "-Ac"}
 
 
-_SPECIALS = frozenset(' \t,;<>()[]"\\')
+_SPECIALS = frozenset(' \t,;:<>()[]"\\')
 
 
 class UsageError(Exception):
@@ -103,7 +104,7 @@ def check_address(address: object) -> None:
     """No header or option injection through an address."""
     if not isinstance(address, str) or _unsafe(address) or address.startswith("-"):
         raise UsageError(f"invalid address {address!r}")
-    if address != "<>" and any(c in _SPECIALS for c in address):
+    if address != "<>" and any(c in _SPECIALS or c.isspace() for c in address):
         # A display name, comment, list ("a@b, c@d") or quoting: SMTP would carry
         # another address than the one given (smtplib re-parses it).
         raise UsageError(f"invalid address {address!r}")
@@ -115,7 +116,7 @@ def _unsafe(text: str) -> bool:
         text.encode("utf-8")
     except UnicodeEncodeError:
         return True
-    return any(ord(c) < 32 or ord(c) == 127 for c in text) or len(text) > 998
+    return any(unicodedata.category(c) in ("Cc", "Zl", "Zp") for c in text) or len(text) > 998
 
 
 def read_message(stream, dot_ends: bool, limit: int) -> bytes:

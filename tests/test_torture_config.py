@@ -153,12 +153,23 @@ def names_key(errors: list[str], key: str) -> bool:
 # -- strategies -------------------------------------------------------------------------
 
 TEXT = st.text(st.characters(blacklist_categories=("Cs",)), max_size=30)
-# TOML integers are 64-bit (toml.io: "handled losslessly" up to that); beyond: see the
-# DEFECT tests below.
+# TOML integers are 64-bit (toml.io: "handled losslessly" up to that), but Python's
+# reader takes any size: numbers far beyond any float, as integers and in strings.
 INT64 = st.integers(min_value=-(2**63), max_value=2**63 - 1)
+HUGE = st.one_of(
+    st.integers(),
+    st.integers(min_value=300, max_value=2000).map(lambda n: 10**n),
+    st.integers(min_value=300, max_value=2000).map(lambda n: -(10**n)),
+)
+INTEGER = st.one_of(INT64, HUGE)
 NUMBERISH = st.builds(
     lambda n, unit: f"{n}{unit}",
-    st.one_of(INT64, st.floats(allow_nan=False, allow_infinity=False, width=32)),
+    st.one_of(
+        INTEGER,
+        st.floats(),
+        st.integers(300, 2000).map(lambda n: "9" * n),
+        st.integers(300, 2000).map(lambda n: f"1e{n}"),
+    ),
     st.sampled_from(["", "s", "m", "h", "d", "w", "K", "M", "G", "T", "b", "/s", "/h", "x"]),
 )
 ALMOST = st.sampled_from(
@@ -192,7 +203,7 @@ ALMOST = st.sampled_from(
 )
 SCALAR = st.one_of(
     st.booleans(),
-    INT64,
+    INTEGER,
     st.floats(),
     TEXT,
     NUMBERISH,
@@ -430,7 +441,7 @@ def test_check_and_serve_name_the_key_of_generated_bad_files(tmp_path, torture_s
     assert key in served.stderr and "Traceback" not in served.stderr
 
 
-# -- 5. defects found by the fuzz -------------------------------------------------------
+# -- 5. found by the fuzz: numbers beyond any float ------------------------------------
 
 OVERFLOWS = [
     ("smtp.max_message_size", ("smtp", "max_message_size"), "9" * 400),

@@ -111,11 +111,38 @@ FRAGMENTS = st.sampled_from(
     ["\r\n", "\n", "\r", "\0", "-", "--", "-oQ/tmp", "-X", "<>", "<", ">", '"', "'", " ",
      "\t", ",", ";", ":", "(c)", "\\", "RCPT TO:<spy@evil.test>", "Bcc: spy@evil.test",
      "NOTIFY=NEVER", "ORCPT=rfc822;spy@evil.test", "\u00e9", "\u202e", "@", "@@",
-     "x" * 1000, "spy@evil.test", "evil.test", "%", "!"]
+     "x" * 1000, "spy@evil.test", "evil.test", "%", "!", "\x1b[2J", "\x7f", "\x0b", "\x85",
+     "\udcff", "\udcc3"]
 )  # fmt: skip
-# Control characters other than CR, LF and NUL (which are refused) are the DEFECT test
-# test_control_characters_never_reach_the_upstream: widen TEXT to them once it passes.
-TEXT = st.text(st.characters(blacklist_categories=("Cs", "Cc"), max_codepoint=0x2FFF), max_size=12)
+# Text with every control character (ESC, DEL, VT...); FRAGMENTS adds the surrogate
+# escapes a real argv holds for bytes that are not UTF-8.
+TEXT = st.text(st.characters(blacklist_categories=("Cs",), max_codepoint=0x2FFF), max_size=12)
+
+
+def hostile_text(text: str) -> bool:
+    """A control character, or something that is not UTF-8 (a surrogate escape)."""
+    return any(ord(c) < 32 or 127 <= ord(c) < 160 or 0xD800 <= ord(c) < 0xE000 for c in text)
+
+
+def meant_values(argv: list[str]) -> list[str]:
+    """The arguments sendmail's option syntax makes an address or the full name: the
+    recipients, and the last -f/-r and -F values (-o/-B options are ignored)."""
+    values, sender, name, args = [], None, None, list(argv)
+    while args:
+        arg = args.pop(0)
+        if arg == "--":
+            values += args
+            break
+        if not arg.startswith("-") or arg == "-":
+            values.append(arg)
+        elif arg[:2] in ("-f", "-r", "-F") and (len(arg) > 2 or args):
+            value = arg[2:] or args.pop(0)
+            sender, name = (sender, value) if arg[:2] == "-F" else (value, name)
+    return [*values, *(v for v in (sender, name) if v is not None)]
+
+
+def qualified(address: str) -> str:
+    return address if "@" in address else f"{address}@relay.test"
 
 
 @st.composite
@@ -130,19 +157,16 @@ def addresses(draw: st.DrawFn) -> str:
 
 
 @st.composite
-def invocations(draw: st.DrawFn) -> tuple[list[str], bytes, list[str]]:
-    """(argv, stdin, the recipients the caller meant) for smarthost-sendmail."""
+def invocations(draw: st.DrawFn) -> tuple[list[str], bytes]:
+    """(argv, the header lines of stdin) for smarthost-sendmail."""
     argv: list[str] = []
     full_name = draw(st.booleans())
     if draw(st.booleans()):
         sender = draw(addresses())
-        if full_name:
-            # -F with a non-ASCII sender is the DEFECT test
-            # test_full_name_with_a_non_ascii_sender_is_no_traceback: widen once it passes.
-            sender = sender.encode("ascii", "ignore").decode()
         argv += ["-f", sender] if draw(st.booleans()) else ["-f" + sender]
     if full_name:
-        argv += ["-F", draw(st.one_of(TEXT, FRAGMENTS))]
+        name = draw(st.one_of(TEXT, FRAGMENTS))
+        argv += ["-F", name]
     header_lines: list[str] = []
     use_t = draw(st.booleans())
     if use_t:
@@ -153,10 +177,9 @@ def invocations(draw: st.DrawFn) -> tuple[list[str], bytes, list[str]]:
             header_lines.append(f"{name}: {value}{fold}{draw(addresses()) if fold else ''}")
     if draw(st.booleans()):
         argv.append("--")
-    rcpts = draw(st.lists(addresses(), max_size=3))
-    argv += rcpts
+    argv += draw(st.lists(addresses(), max_size=3))
     body_headers = "".join(f"{h}\n" for h in header_lines)
-    return argv, body_headers.encode(), rcpts
+    return argv, body_headers.encode("utf-8", "surrogateescape")
 
 
 # -- 1. sendmail arguments and -t headers ---------------------------------------------------
@@ -168,16 +191,24 @@ def test_fuzzed_sendmail_arguments_never_inject(request, local_relay, sink, even
     accepted: list[tuple[str, list[str], bytes]] = []  # (token, argv, stdin)
 
     @given(call=invocations())
-    @example(call=(["x@dest.test\r\nRCPT TO:<spy@evil.test>"], b"", []))
-    @example(call=(["-f", "a@b\nBcc: spy@evil.test", "x@dest.test"], b"", []))
-    @example(call=(["-t"], b"To: x@dest.test\nBcc: spy@evil.test,\n other@evil.test\n", []))
-    @example(call=(["-t"], b"To: x@dest.test\r\nBcc: <spy@evil.test\r\n>\r\n", []))
-    @example(call=(["--", "-oQ/tmp"], b"", []))
-    @example(call=(["-F", "Eve\r\nBcc: spy@evil.test", "x@dest.test"], b"", []))
-    @example(call=(["x" * 5000 + "@dest.test"], b"", []))
-    @example(call=(["x\0@dest.test"], b"", []))
-    def inner(call: tuple[list[str], bytes, list[str]]) -> None:
-        argv, header_block, _ = call
+    @example(call=(["x@dest.test\r\nRCPT TO:<spy@evil.test>"], b""))
+    @example(call=(["-f", "a@b\nBcc: spy@evil.test", "x@dest.test"], b""))
+    @example(call=(["-t"], b"To: x@dest.test\nBcc: spy@evil.test,\n other@evil.test\n"))
+    @example(call=(["-t"], b"To: x@dest.test\r\nBcc: <spy@evil.test\r\n>\r\n"))
+    @example(call=(["--", "-oQ/tmp"], b""))
+    @example(call=(["-F", "Eve\r\nBcc: spy@evil.test", "x@dest.test"], b""))
+    @example(call=(["x" * 5000 + "@dest.test"], b""))
+    @example(call=(["x\0@dest.test"], b""))
+    @example(call=(["x\x1b[2J@dest.test"], b""))
+    @example(call=(["-f", "a\x7f@b.test", "x@dest.test"], b""))
+    @example(call=(["x\udcff@dest.test"], b""))
+    @example(call=(["-F", "Zo\u00e9", "-f", "zo\u00e9@client.test", "x@dest.test"], b""))
+    @example(call=(["x@dest.test, spy@evil.test"], b""))
+    @example(call=(["Eve <spy@evil.test>"], b""))
+    @example(call=(["a<b@c@d>"], b""))
+    @example(call=(["-t"], b"To: x\x11@dest.test\n"))
+    def inner(call: tuple[list[str], bytes]) -> None:
+        argv, header_block = call
         counts["rounds"] += 1
         token = f"tok{secrets.token_hex(8)}"
         # The token's Message-ID first: hostile header lines cannot hide it.
@@ -186,6 +217,10 @@ def test_fuzzed_sendmail_arguments_never_inject(request, local_relay, sink, even
         code, err = run_sendmail(cfg, argv, stdin)
         assert code in (0, EX_USAGE, EX_DATAERR), (code, err)
         assert "Traceback" not in err
+        if any(hostile_text(value) for value in meant_values(argv)):
+            # A control character or non-UTF-8 in an address or the full name: a usage
+            # error, and nothing written to the drop area.
+            assert code == EX_USAGE, (argv, code, err)
         if code == 0:
             accepted.append((token, argv, stdin))
         else:
@@ -212,26 +247,39 @@ def test_fuzzed_sendmail_arguments_never_inject(request, local_relay, sink, even
         time.sleep(0.05)
     assert not unsettled(), unsettled()
     for token, argv, stdin in accepted:
+        opts = sendmail.parse_args(argv)
+        from_args = set(opts.recipients)
+        header_text = squash(stdin.decode("utf-8", "replace"))
+        # Spooled as given: an argument's address exactly, -f's sender likewise (but
+        # qualified with the relay's hostname when it has no domain); with -t, the header
+        # block's addresses as RFC 5322 reads them (unfolded, comments dropped), and
+        # never anything conjured from elsewhere.
+        (received,) = events.events("received", message_id=f"<{token}@local.test>")
+        spooled = set(received["recipients"])
+        for rcpt in spooled:
+            assert rcpt in from_args or (opts.from_headers and squash(rcpt) in header_text), (
+                rcpt,
+                argv,
+                stdin,
+            )
+        if not opts.from_headers:
+            assert spooled == from_args, (argv, spooled)
+        if opts.sender is not None:
+            want = "" if opts.sender == "<>" else qualified(opts.sender)
+            assert received["sender"] == want, (argv, received["sender"])
         for got in with_token(sink, token):
             if DSN_MARK in got.content:
                 continue  # a DSN quoting the original: not the original's envelope
-            # Nothing smuggled into SMTP: no control characters in the envelope, and
-            # every recipient the upstream saw was written by the caller (in an argument
-            # or, with -t, in the header block), never conjured from elsewhere.
+            # Nothing smuggled into SMTP: no control character or non-UTF-8 in the
+            # envelope, only what was spooled.
             envelope = [got.mail_from, *got.rcpt_tos]
-            assert not [a for a in envelope if any(ord(c) < 32 for c in a)], (argv, envelope)
-            # (Addresses are read as RFC 5322 does: unfolded, quoted, comments dropped;
-            # compare without those. That the result is not the address given is the
-            # DEFECT test test_a_recipient_is_relayed_as_given_or_refused.)
-            given_text = squash("\n".join(argv) + stdin.decode("utf-8", "replace"))
-            for rcpt in got.rcpt_tos:
-                if rcpt == "<>":
-                    continue  # "a<b@c@d>" relayed as RCPT TO:<>: the DEFECT test below
-                assert squash(rcpt) in given_text, (rcpt, argv, stdin)
+            assert not [a for a in envelope if hostile_text(a)], (argv, envelope)
+            assert set(got.rcpt_tos) <= spooled, (argv, got.rcpt_tos, spooled)
+            assert got.mail_from == received["sender"], (argv, got.mail_from)
             # -t removes Bcc: no reader of the delivered message finds one in its header
             # section (as the relay reads it, and as Python's parser does). A "Bcc:" line
             # after a line that is not a header field is body text, as with sendmail -t.
-            if "-t" in argv:
+            if opts.from_headers:
                 fields = headers.fields(got.content)
                 assert not [f for f in fields if f.name == "bcc"], (argv, got.content[:400])
                 parsed = email.message_from_bytes(got.content, policy=email.policy.compat32)
@@ -273,7 +321,7 @@ def test_hostile_arguments_to_the_real_command_exit_64(tmp_path, torture_size):
 def test_a_recipient_is_relayed_as_given_or_refused(local_relay, sink):
     cfg, _ = local_relay
     cases = ["x@dest.test, spy@evil.test", "Eve <spy@evil.test>", "x@dest.test (note)"]
-    for rcpt in [*cases, "a<b@c@d>"]:  # the last one goes out as RCPT TO:<>
+    for rcpt in [*cases, "a<b@c@d>"]:  # the last one once went out as RCPT TO:<>
         token = f"tok{secrets.token_hex(8)}"
         code, err = run_sendmail(cfg, [rcpt], f"Subject: {token}\n\nbody\n".encode())
         if code != 0:
@@ -299,6 +347,21 @@ def test_control_characters_never_reach_the_upstream(local_relay, sink):
             assert not [a for a in envelope if any(ord(c) < 32 or ord(c) == 127 for c in a)]
         else:
             assert code == EX_USAGE and "invalid address" in err, (code, err)
+
+
+def test_unicode_space_c1_controls_and_colons_in_addresses_exit_64(local_relay, sink):
+    cfg, _ = local_relay
+    cases = [
+        ["-f", "a\u00a0b@client.test", "x@dest.test"],  # NO-BREAK SPACE
+        ["x\u2028y@dest.test"],  # LINE SEPARATOR
+        ["x\u3000y@dest.test"],  # IDEOGRAPHIC SPACE
+        ["x\x85y@dest.test"],  # NEL, a C1 control and a line break to Python
+        ["x\x9b2Jy@dest.test"],  # CSI, a C1 control (terminal escapes)
+        ["@evil.test:x@dest.test"],  # RCPT TO:<@evil.test:x@dest.test>: a source route
+        [":loca:l"],  # read by aiosmtpd as RCPT TO:<l>
+    ]
+    codes = [run_sendmail(cfg, argv, b"Subject: x\n\nhi\n")[0] for argv in cases]
+    assert codes == [EX_USAGE] * len(cases), list(zip(cases, codes))
 
 
 def test_full_name_with_a_non_ascii_sender_is_no_traceback(tmp_path):
