@@ -188,7 +188,7 @@ class Relay:
 
     @property
     def scheduler(self) -> Scheduler:
-        assert isinstance(self.delivery, Delivery), "delivery runs in another process"
+        assert not isinstance(self.delivery, DeliveryProcess), "delivery runs in another process"
         return self.delivery.scheduler
 
     def start(self) -> None:
