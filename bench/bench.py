@@ -10,7 +10,9 @@ throw-away config (spool in a temp dir, `[delivery] workers = 8`, one backend: t
 sink), and for each scenario starts the relay with `python -m smarthost -c CFG serve`,
 sends a warm-up (not counted), then the load, waits until every accepted message
 reached the sink, reads the relay's peak memory, stops it with SIGTERM and prints one
-block of figures.
+block of figures. `serve` is two processes: the relay (listeners, spool commits; called
+"receiver" below) and the delivery process it starts (scheduler, senders; `delivery_pid`
+in its `started` event): memory and CPU figures are the sum of both, each shown too.
 
 Scenarios:
   flat out  --n messages of --size bytes over --clients sessions, as fast as they go:
@@ -20,6 +22,28 @@ Scenarios:
             relay's forwarding delay at a steady load below its capacity. Several
             sessions, so that one slow commit does not hold up the timetable (one
             lock-step session cannot offer more than 1 / its transaction time).
+  backlog   --backlog messages (100,000) waiting in the spool for an upstream that is
+            down. First the fixture: written straight into a spool (msg/ID, then
+            queue/ID with the spool's own Envelope: 1 attempt, next attempt an hour
+            away, waiting for group "default", as a relay leaves mail when every backend
+            was down; no fsync, no relay running), then `sync`. The sink's port is bound
+            but not listening (connections refused) until the drain; the config has it
+            as the only backend, with `fail_timeout = "1s"` (so that the relay tries it
+            again a second after it failed, not 30 s). Then:
+            empty queue: the same config on an empty spool, --backlog-new messages
+              (1000) flat out over --clients sessions after the warm-up: the reference
+            start: Popen -> a client connecting to the listen port reads a 220 greeting
+              (polled every 5 ms); when `started` was logged; when the relay settled
+              (both processes under 10 % of a core for 0.5 s: its queue is loaded)
+            loaded: RSS (VmRSS) of both processes once settled, and the peak so far
+            new mail: warm-up, then --backlog-new messages as for the empty queue, while
+              the backlog waits (deferred too: the upstream is down); `accepted` and its
+              ratio to the empty queue's (and to flat out's when it ran: that one
+              forwarded at the same time, so the empty-queue ratio is the fair one)
+            drain: the sink starts listening; msgs/s from then until every message
+              (backlog and new) arrived, or nothing arrived for --wait s; when the first,
+              10 %, 50 %, 90 % arrived; the peak RSS of the drain (VmHWM reset just
+              before, through /proc/PID/clear_refs); the relay's CPU during the drain
 
 Figures (times are time.time() of this machine, which the processes share):
   on time      paced: messages whose MAIL went out within 10 ms of their slot; fewer
@@ -37,10 +61,13 @@ Figures (times are time.time() of this machine, which the processes share):
   duplicates   arrivals beyond the first of a Message-ID (delivery is at-least-once)
   refused      messages not answered 250: a 4xx/5xx reply, a broken session, or never
                sent because every session gave up
-  CPU          user+system time of the relay, the load generator (this process) and the
-               sink, from the start of the load until the last arrival; ms/msg is the
-               relay's per accepted message
-  peak RSS     the relay's VmHWM, read just before SIGTERM (warm-up included)
+  CPU          user+system time of the relay (both processes, read live from
+               /proc/PID/stat: the delivery process's time reaches the relay's cutime
+               only when it is reaped, at the very end), the load generator (this
+               process) and the sink, from the start of the load until the last
+               arrival; ms/msg is the relay's per accepted message
+  peak RSS     the sum of the two processes' VmHWM, read just before SIGTERM (warm-up
+               included; two peaks that may not coincide, so at most their sum)
   SIGTERM      the relay's exit status and how long it took to exit; `log` counts the
                relay's log events; lines marked `!` are its log records at warning level
                or above (or non-JSON stderr), and the load generator's session errors
@@ -55,8 +82,9 @@ The load generator (~0.3 ms CPU per message) and the sink (~1.5 ms: aiosmtpd) sh
 machine's cores with the relay, as they would with any relay under test.
 
 A benchmark, not a test: it asserts nothing about speed. It exits 1 when something went
-wrong: the relay did not start, logged a warning or an error, refused or lost a message,
-or did not exit 0 on SIGTERM.
+wrong: the relay did not start, logged a warning or an error (in the backlog scenario
+but `backend_down`, which it causes), refused or lost a message, or did not exit 0 on
+SIGTERM.
 """
 
 from __future__ import annotations
@@ -80,9 +108,13 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
+from datetime import datetime
 from email.utils import formatdate
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import Any, Callable
+
+from smarthost.config import DEFAULT_GROUP
+from smarthost.spool import DEFERRED, QUEUE, Envelope, Recipient, Spool, new_id
 
 HOST = "127.0.0.1"
 SENDER = "load@client.example"
@@ -153,6 +185,35 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def proc_status_kib(pid: int, key: str) -> int:
+    """A size line of /proc/PID/status (`VmRSS`, `VmHWM`) in KiB; 0 once the process is gone."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def reset_peak_rss(pid: int) -> bool:
+    """Set a process's VmHWM back to its current RSS (Linux 4.0+: "5" to clear_refs)."""
+    try:
+        with open(f"/proc/{pid}/clear_refs", "w", encoding="ascii") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return True
+
+
+def free_port() -> int:
+    """A port nothing listens on now (the relay binds it a moment later)."""
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
+
+
 def durable_writes(directory: str, seconds: float = 1.0) -> tuple[float, float]:
     """(ops/s, p50 ms) of one loop of: write 4 KiB, fsync, rename, fsync the directory.
 
@@ -202,8 +263,10 @@ class SinkHandler:
 
 
 def sink_main(conn: Connection) -> None:
-    """Child process: serve SMTP on a free port and send the port, then answer requests:
-    "poll" -> the arrivals since the last poll; anything else (or EOF) -> exit."""
+    """Child process: bind a free port and send it, then answer requests: "listen" ->
+    serve SMTP on it, then say "listening" (until then a connection is refused: an
+    upstream that is down); "poll" -> the arrivals since the last poll; anything else
+    (or EOF) -> exit."""
     import logging
 
     from aiosmtpd.smtp import SMTP
@@ -214,13 +277,23 @@ def sink_main(conn: Connection) -> None:
 
     async def serve() -> None:
         loop = asyncio.get_running_loop()
-        server = await loop.create_server(
-            lambda: SMTP(handler, hostname="bench-sink", data_size_limit=None),
-            HOST,
-            0,
-            backlog=1024,
-        )
+        # Bound but not listening: the port is ours, and a connection to it is refused.
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((HOST, 0))
+        servers: list[asyncio.AbstractServer] = []
+        starting: list[asyncio.Task[None]] = []
         stopped = loop.create_future()
+
+        async def listen() -> None:
+            servers.append(
+                await loop.create_server(
+                    lambda: SMTP(handler, hostname="bench-sink", data_size_limit=None),
+                    sock=sock,
+                    backlog=1024,
+                )
+            )
+            conn.send("listening")
 
         def on_request() -> None:
             try:
@@ -230,22 +303,29 @@ def sink_main(conn: Connection) -> None:
             if request == "poll":
                 conn.send(handler.arrivals)
                 handler.arrivals = []
+            elif request == "listen" and not starting:
+                starting.append(loop.create_task(listen()))
             elif not stopped.done():
                 stopped.set_result(None)
 
         loop.add_reader(conn.fileno(), on_request)
-        conn.send(server.sockets[0].getsockname()[1])
+        conn.send(sock.getsockname()[1])
         await stopped
         loop.remove_reader(conn.fileno())
-        server.close()
+        for server in servers:
+            server.close()
+        sock.close()
 
     asyncio.run(serve())
 
 
 class Sink:
-    """The parent's handle on the sink process; accumulates arrivals by Message-ID."""
+    """The parent's handle on the sink process; accumulates arrivals by Message-ID.
 
-    def __init__(self) -> None:
+    With `listening=False` the sink's port refuses connections until `listen()`.
+    """
+
+    def __init__(self, listening: bool = True) -> None:
         ctx = multiprocessing.get_context("spawn")
         self.conn, child = ctx.Pipe()
         self.process = ctx.Process(target=sink_main, args=(child,), name="bench-sink")
@@ -256,20 +336,45 @@ class Sink:
             raise RuntimeError("the sink did not start")
         self.port: int = self.conn.recv()
         self.arrivals: dict[str, list[float]] = {}
+        if listening:
+            self.listen()
 
-    def poll(self) -> None:
+    def listen(self) -> float:
+        """Start serving; returns the time.time() from which connections are accepted."""
+        self.conn.send("listen")
+        if not self.conn.poll(START_TIMEOUT) or self.conn.recv() != "listening":
+            raise RuntimeError("the sink did not start listening")
+        return time.time()
+
+    def poll(self) -> list[str]:
+        """Collect the arrivals since the last poll; returns their Message-IDs."""
         self.conn.send("poll")
-        for message_id, when in self.conn.recv():
+        new = self.conn.recv()
+        for message_id, when in new:
             self.arrivals.setdefault(message_id, []).append(when)
+        return [message_id for message_id, _ in new]
 
-    def wait_for(self, message_ids: set[str], timeout: float) -> None:
-        """Poll until every one of `message_ids` arrived, or `timeout` seconds passed."""
-        deadline = time.monotonic() + timeout
-        missing = set(message_ids)
-        while True:
-            self.poll()
-            missing.difference_update(self.arrivals)
-            if not missing or time.monotonic() > deadline:
+    def wait_for(
+        self,
+        message_ids: set[str],
+        timeout: float,
+        idle: float | None = None,
+        on_poll: Callable[[], None] | None = None,
+    ) -> None:
+        """Poll until every one of `message_ids` arrived, `timeout` seconds passed, or
+        (with `idle`) nothing new arrived for `idle` seconds."""
+        now = time.monotonic()
+        deadline, last_new = now + timeout, now
+        missing = set(message_ids).difference(self.arrivals)
+        while missing:
+            arrived = self.poll()
+            now = time.monotonic()
+            if arrived:
+                missing.difference_update(arrived)
+                last_new = now
+            if on_poll is not None:
+                on_poll()
+            if not missing or now > deadline or (idle is not None and now - last_new > idle):
                 return
             time.sleep(POLL_INTERVAL)
 
@@ -288,18 +393,30 @@ class Sink:
 # -- the relay under test ------------------------------------------------------------------
 
 
-def write_config(directory: str, label: str, sink_port: int, workers: int) -> str:
+def spool_dir(directory: str, label: str) -> str:
+    return os.path.join(directory, f"spool-{label}")
+
+
+def write_config(
+    directory: str,
+    label: str,
+    sink_port: int,
+    workers: int,
+    listen_port: int = 0,
+    fail_timeout: str | None = None,
+) -> str:
     """A config for one relay: its own spool, log level info, the sink as the backend."""
     path = os.path.join(directory, f"smarthost-{label}.toml")
-    spool = json.dumps(os.path.join(directory, f"spool-{label}"))  # a TOML basic string
+    spool = json.dumps(spool_dir(directory, label))  # a TOML basic string
     with open(path, "w", encoding="utf-8") as f:
         f.write(
             f'hostname = "bench.smarthost.test"\n\n'
-            f'[smtp]\nlisten = ["{HOST}:0"]\n\n'
+            f'[smtp]\nlisten = ["{HOST}:{listen_port}"]\n\n'
             f"[spool]\ndir = {spool}\n\n"
             f"[delivery]\nworkers = {workers}\n\n"
             f'[log]\nlevel = "info"\n\n'
             f'[[backend]]\nname = "sink"\nhost = "{HOST}"\nport = {sink_port}\ntls = "none"\n'
+            + (f'fail_timeout = "{fail_timeout}"\n' if fail_timeout else "")
         )
     return path
 
@@ -308,7 +425,7 @@ def write_config(directory: str, label: str, sink_port: int, workers: int) -> st
 class RelayEnd:
     """What the relay looked like at the end of a scenario."""
 
-    peak_rss_kib: int
+    peak_rss_kib: list[int]  # VmHWM of the relay process, then of its delivery process
     exit_code: int | None  # None: did not exit within STOP_TIMEOUT (then killed)
     stop_seconds: float
     events: Counter[str]
@@ -316,32 +433,61 @@ class RelayEnd:
 
 
 class Relay:
-    """`python -m smarthost -c CFG serve` as a subprocess, its stderr (the log) to a file."""
+    """`python -m smarthost -c CFG serve` as a subprocess, its stderr (the log) to a file.
 
-    def __init__(self, config: str, directory: str, label: str) -> None:
+    `serve` runs as two processes: this one (listeners, spool commits) and a delivery
+    process it starts (scheduler, senders), named `delivery_pid` in its `started` event.
+    Memory and CPU figures are the sum of both.
+    """
+
+    def __init__(
+        self,
+        config: str,
+        directory: str,
+        label: str,
+        port: int = 0,
+        timeout: float = START_TIMEOUT,
+    ) -> None:
+        """With `port` (the config's listen port), `accept_seconds` is the time from
+        Popen until a client connecting there was greeted."""
         self.log_path = os.path.join(directory, f"relay-{label}.log")
+        self.delivery_pid = 0
+        self.started_at = 0.0  # time.time() of its `started` event
+        self.accept_seconds = math.nan
         with open(self.log_path, "wb") as log:
+            self.popen_time = time.time()
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "smarthost", "-c", config, "serve"],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
             )
-        self.port = self._wait_started()
+        if port:
+            self.accept_seconds = self.wait_accepting(port, timeout)
+        self.port = self._wait_started(timeout)
 
-    def _wait_started(self) -> int:
-        deadline = time.monotonic() + START_TIMEOUT
+    def _wait_started(self, timeout: float) -> int:
+        deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             for record in self._records():
                 if record.get("event") == "started":
+                    self.delivery_pid = int(record.get("delivery_pid") or 0)
+                    with contextlib.suppress(KeyError, TypeError, ValueError):
+                        self.started_at = datetime.fromisoformat(record["time"]).timestamp()
                     return int(record["listen"][0].rsplit(":", 1)[1])
             if self.process.poll() is not None:
                 break
             time.sleep(POLL_INTERVAL)
-        self.process.kill()
-        self.process.wait()
+        self.kill()
         log = "\n".join(self._lines()[-20:])
         raise RuntimeError(f"the relay did not start (exit {self.process.returncode}):\n{log}")
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.wait()
+        if self.delivery_pid:  # it dies with us (PR_SET_PDEATHSIG); this is in case not
+            with contextlib.suppress(OSError):
+                os.kill(self.delivery_pid, signal.SIGKILL)
 
     def _lines(self) -> list[str]:
         with open(self.log_path, encoding="utf-8", errors="replace") as f:
@@ -357,35 +503,59 @@ class Relay:
             records.append(record if isinstance(record, dict) else {"level": "stderr", "": line})
         return records
 
-    def peak_rss_kib(self) -> int:
-        try:
-            with open(f"/proc/{self.process.pid}/status", encoding="ascii") as f:
-                for line in f:
-                    if line.startswith("VmHWM:"):
-                        return int(line.split()[1])
-        except OSError:
-            pass
-        return 0
+    def pids(self) -> list[int]:
+        """The relay process, then its delivery process (0: not known)."""
+        return [self.process.pid, self.delivery_pid]
 
-    def cpu_seconds(self) -> float:
-        return cpu_seconds(self.process.pid)
+    def memory_kib(self, key: str) -> list[int]:
+        """`VmRSS` (now) or `VmHWM` (peak) of each process, read from /proc."""
+        return [proc_status_kib(pid, key) if pid else 0 for pid in self.pids()]
 
-    def stop(self) -> RelayEnd:
-        rss = self.peak_rss_kib()
+    def reset_peak_rss(self) -> bool:
+        return all(reset_peak_rss(pid) for pid in self.pids() if pid)
+
+    def cpu_seconds(self) -> list[float]:
+        """User + system CPU time of each process so far. The delivery process is read
+        live: its time reaches the relay's cutime only once reaped, at the very end."""
+        return [cpu_seconds(pid) if pid else 0.0 for pid in self.pids()]
+
+    def wait_accepting(self, port: int, timeout: float) -> float:
+        """Connect to `port` until the relay greets with 220; seconds since its Popen."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with socket.create_connection((HOST, port), timeout=timeout) as sock:
+                    greeting = sock.makefile("rb").readline()
+                    greeted = time.time()
+                    with contextlib.suppress(OSError):
+                        sock.sendall(b"QUIT\r\n")
+            except OSError as exc:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    self.kill()
+                    raise RuntimeError(f"the relay did not accept a client: {exc}") from None
+                time.sleep(0.005)
+                continue
+            if not greeting.startswith(b"220"):
+                self.kill()
+                raise RuntimeError(f"the relay greeted with {greeting!r}")
+            return greeted - self.popen_time
+
+    def stop(self, expected: frozenset[str] = frozenset()) -> RelayEnd:
+        """SIGTERM, wait, and read the log; warnings of `expected` events are no problem."""
+        rss = self.memory_kib("VmHWM")
         started = time.monotonic()
         self.process.send_signal(signal.SIGTERM)
         try:
             code: int | None = self.process.wait(STOP_TIMEOUT)
         except subprocess.TimeoutExpired:
             code = None
-            self.process.kill()
-            self.process.wait()
+            self.kill()
         stop_seconds = time.monotonic() - started
         events: Counter[str] = Counter()
         problems = []
         for record in self._records():
             events[str(record.get("event", "-"))] += 1
-            if record.get("level") not in ("debug", "info"):
+            if record.get("level") not in ("debug", "info") and record.get("event") not in expected:
                 record.pop("time", None)
                 problems.append(" ".join(f"{k}={v}" if k else str(v) for k, v in record.items()))
         return RelayEnd(rss, code, stop_seconds, events, problems)
@@ -527,16 +697,27 @@ class Load:
 
 @dataclass
 class Cpu:
-    relay: float
+    receiver: float  # the relay process
+    delivery: float  # its delivery process
     load: float
     sink: float
 
     @classmethod
     def now(cls, relay: Relay, sink: Sink) -> Cpu:
-        return cls(relay.cpu_seconds(), time.process_time(), sink.cpu_seconds())
+        receiver, delivery = relay.cpu_seconds()
+        return cls(receiver, delivery, time.process_time(), sink.cpu_seconds())
+
+    @property
+    def relay(self) -> float:
+        return self.receiver + self.delivery
 
     def __sub__(self, other: Cpu) -> Cpu:
-        return Cpu(self.relay - other.relay, self.load - other.load, self.sink - other.sink)
+        return Cpu(
+            self.receiver - other.receiver,
+            self.delivery - other.delivery,
+            self.load - other.load,
+            self.sink - other.sink,
+        )
 
 
 @dataclass
@@ -606,6 +787,30 @@ def warmup_line(warmup: Load, arrivals: dict[str, list[float]]) -> str:
     )
 
 
+def accepted_rate(load: Load) -> float:
+    """msgs/s answered 250, from the start of the load to the last 250."""
+    accepted = load.accepted()
+    return per_second(len(accepted), load.start, max((s.t_reply for s in accepted), default=0.0))
+
+
+def end_to_end_rate(load: Load, arrivals: dict[str, list[float]]) -> float:
+    """msgs/s of accepted messages that arrived, from the start of the load to the last."""
+    ids = [load.message_id(s.seq) for s in load.accepted()]
+    times = [arrivals[i][0] for i in ids if i in arrivals]
+    return per_second(len(times), load.start, max(times, default=0.0))
+
+
+def refused_detail(loads: list[Load]) -> tuple[int, str]:
+    """How many messages were not answered 250, and why ("3 x 451, 1 x broken session")."""
+    refused: Counter[int] = Counter()
+    for load in loads:
+        refused.update(s.code for s in load.sent if s.code != 250)
+        refused[-1] += load.n - len(load.sent)  # never sent: every session gave up
+    kinds = {-1: "never sent", 0: "broken session"}
+    detail = ", ".join(f"{n} x {kinds.get(c, c)}" for c, n in sorted(refused.items()) if n)
+    return sum(refused.values()), detail
+
+
 def load_lines(load: Load, arrivals: dict[str, list[float]]) -> tuple[list[str], bool]:
     """The throughput and latency lines of a load; False when a message was lost or refused."""
     accepted = load.accepted()
@@ -614,23 +819,17 @@ def load_lines(load: Load, arrivals: dict[str, list[float]]) -> tuple[list[str],
         for s in accepted
         if load.message_id(s.seq) in arrivals
     ]
-    last_reply = max((s.t_reply for s in accepted), default=0.0)
-    last_arrival = max((times[0] for _, times in arrived), default=0.0)
     duplicates = sum(len(times) - 1 for _, times in arrived)
     lost = len(accepted) - len(arrived)
-    refused = Counter(s.code for s in load.sent if s.code != 250)
-    refused[-1] = load.n - len(load.sent)  # never sent: every session gave up
-    kinds = {-1: "never sent", 0: "broken session"}
-    detail = ", ".join(f"{n} x {kinds.get(c, c)}" for c, n in sorted(refused.items()) if n)
+    refused, detail = refused_detail([load])
     lines = [
-        f"accepted    {per_second(len(accepted), load.start, last_reply):7.1f} msgs/s"
+        f"accepted    {accepted_rate(load):7.1f} msgs/s"
         f"   (start -> last 250; {len(accepted)} of {load.n})",
-        f"end-to-end  {per_second(len(arrived), load.start, last_arrival):7.1f} msgs/s"
-        "   (start -> last arrival)",
+        f"end-to-end  {end_to_end_rate(load, arrivals):7.1f} msgs/s   (start -> last arrival)",
         f"DATA->250   {spread_ms([s.t_reply - s.t_data for s in accepted])}",
         f"forward     {spread_ms([times[0] - s.t_reply for s, times in arrived])}"
         "   (client's 250 -> sink has it)",
-        f"lost {lost}   duplicates {duplicates}   refused {sum(refused.values())}"
+        f"lost {lost}   duplicates {duplicates}   refused {refused}"
         + (f" ({detail})" if detail else ""),
     ]
     if load.rate > 0:
@@ -642,18 +841,34 @@ def load_lines(load: Load, arrivals: dict[str, list[float]]) -> tuple[list[str],
     return lines, lost == 0 and not detail
 
 
-def relay_lines(result: Result) -> list[str]:
-    end, cpu = result.relay, result.cpu
-    per_msg = cpu.relay / max(1, len(result.load.accepted())) * 1000
+def mib(kib: list[int]) -> str:
+    """Total and each process's share: "52.1 MiB (receiver 30.2 + delivery 21.9)"."""
+    return (
+        f"{sum(kib) / 1024:.1f} MiB (receiver {kib[0] / 1024:.1f} + delivery {kib[1] / 1024:.1f})"
+    )
+
+
+def cpu_line(cpu: Cpu, messages: int, what: str = "") -> str:
+    per_msg = cpu.relay / max(1, messages) * 1000
+    return (
+        f"CPU         relay {cpu.relay:.2f} s = {per_msg:.2f} ms/msg{what}   "
+        f"(receiver {cpu.receiver:.2f} s + delivery {cpu.delivery:.2f} s; "
+        f"load generator {cpu.load:.2f} s, sink {cpu.sink:.2f} s)"
+    )
+
+
+def end_lines(end: RelayEnd) -> list[str]:
     status = "did not exit, killed" if end.exit_code is None else f"exit {end.exit_code}"
     events = ", ".join(f"{name} {n}" for name, n in sorted(end.events.items()))
     return [
-        f"CPU         relay {cpu.relay:.2f} s = {per_msg:.2f} ms/msg   "
-        f"(load generator {cpu.load:.2f} s, sink {cpu.sink:.2f} s)",
-        f"relay       peak RSS {end.peak_rss_kib / 1024:.1f} MiB   "
+        f"relay       peak RSS {mib(end.peak_rss_kib)}   "
         f"SIGTERM -> {status} in {end.stop_seconds:.2f} s",
         f"relay log   {events}",
     ]
+
+
+def relay_lines(result: Result) -> list[str]:
+    return [cpu_line(result.cpu, len(result.load.accepted())), *end_lines(result.relay)]
 
 
 def report(result: Result) -> bool:
@@ -671,6 +886,255 @@ def report(result: Result) -> bool:
     return delivered and result.relay.exit_code == 0 and not problems
 
 
+# -- the backlog scenario -------------------------------------------------------------------
+
+BACKLOG_DUE = 3600.0  # the fixture's next attempt: an hour from now
+BACKLOG_AGE = 600.0  # its arrival: ten minutes ago (far from retry_for and warn_after)
+# How soon the relay tries a down upstream again (default 30s): it bounds the wait from
+# the sink's return to the first arrival, which the drain rate then includes.
+BACKLOG_FAIL_TIMEOUT = "1s"
+BACKLOG_START_TIMEOUT = 300.0  # for the first 220, and for the relay to settle
+DRAIN_LIMIT = 3600.0
+IDLE_CPU = 0.1  # settled: relay and delivery process use less than this share of a core ...
+IDLE_WINDOW = 0.5  # ... over this many seconds
+EXPECTED_WHILE_DOWN = frozenset({"backend_down"})  # warnings that the scenario causes
+
+
+def _write_new(path: str, data: bytes, mtime: float | None = None) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        if mtime is not None:
+            os.utime(fd, (mtime, mtime))
+    finally:
+        os.close(fd)
+
+
+def build_backlog(root: str, messages: Messages, n: int) -> list[str]:
+    """Spool `n` messages as a relay leaves them after one attempt while every backend of
+    group "default" was down; returns their Message-IDs.
+
+    Written straight into the spool of a relay that does not run, with the spool's own
+    types: msg/ID, then queue/ID whose mtime (the next attempt) is BACKLOG_DUE away.
+    Not fsynced: the fixture is not what is measured.
+    """
+    spool = Spool(root)
+    spool.create()
+    now = time.time()
+    due = now + BACKLOG_DUE
+    error = "sink: ConnectionRefusedError: [Errno 111] Connection refused"
+    message_ids = []
+    for seq in range(n):
+        content = messages.text("backlog", seq)[:-3]  # without the terminating "."
+        while True:
+            queue_id = new_id()
+            try:
+                _write_new(spool.message_path(queue_id), content)
+                break
+            except FileExistsError:
+                continue
+        message_id = messages.message_id("backlog", seq)
+        env = Envelope(
+            id=queue_id,
+            sender=SENDER,
+            recipients=[
+                Recipient(RECIPIENT, state=DEFERRED, reply=error, status="4.4.1", updated=now)
+            ],
+            arrival=now - BACKLOG_AGE,
+            size=len(content),
+            client=HOST,
+            helo="load.bench",
+            message_id=message_id,
+            attempts=1,
+            next_attempt=due,
+            last_error=error,
+            waiting_groups=[DEFAULT_GROUP],
+        )
+        _write_new(spool.path(QUEUE, queue_id), env.to_bytes(), due)
+        message_ids.append(message_id)
+    return message_ids
+
+
+def wait_until_settled(relay: Relay, limit: float) -> float:
+    """Seconds from Popen until the relay's two processes together used less than
+    IDLE_CPU of a core over IDLE_WINDOW (the start of that window): its queue is loaded."""
+    deadline = time.monotonic() + limit
+    before = sum(relay.cpu_seconds())
+    while True:
+        time.sleep(IDLE_WINDOW)
+        now = sum(relay.cpu_seconds())
+        if now - before < IDLE_CPU * IDLE_WINDOW or time.monotonic() > deadline:
+            return time.time() - IDLE_WINDOW - relay.popen_time
+        before = now
+
+
+def send_new_mail(
+    args: argparse.Namespace, messages: Messages, scenario: str, port: int
+) -> list[Load]:
+    """The warm-up (not counted) and the counted load, flat out; the upstream is down,
+    so nothing is waited for."""
+    loads = []
+    if args.warmup > 0:
+        loads.append(Load(messages, f"{scenario}-warmup", args.warmup, args.clients))
+    loads.append(Load(messages, scenario, args.backlog_new, args.clients))
+    for load in loads:
+        load.run(port)
+    return loads
+
+
+def ratio(value: float, reference: float | None) -> str:
+    if reference is None or not reference > 0 or math.isnan(value):
+        return "-"
+    return f"{value / reference:.2f}"
+
+
+def run_backlog(
+    args: argparse.Namespace, directory: str, messages: Messages, flat: Result | None
+) -> bool:
+    """Print the backlog block, line by line as it goes; True when nothing went wrong."""
+    n, new = args.backlog, args.backlog_new
+    print(
+        f"backlog: {n} msgs x {args.size} B queued while the upstream is down; "
+        f"{new} new msgs over {args.clients} clients; then the upstream returns",
+        flush=True,
+    )
+
+    def line(text: str) -> None:
+        print(f"  {text}", flush=True)
+
+    problems: list[str] = []
+    ok = True
+    sink = Sink(listening=False)  # the backend's port refuses connections until listen()
+    try:
+        began = time.monotonic()
+        backlog_ids = build_backlog(spool_dir(directory, "backlog"), messages, n)
+        took = time.monotonic() - began
+        began = time.monotonic()
+        os.sync()  # its writeback must not slow the commits measured next
+        synced = time.monotonic() - began
+        line(
+            f"fixture     {n} msgs spooled in {took:.1f} s ({n / took:.0f} msgs/s; "
+            f"files written directly, no relay running), then sync {synced:.1f} s"
+        )
+
+        # The same relay and load on an empty queue, for reference.
+        port = free_port()
+        config = write_config(
+            directory, "backlog-empty", sink.port, args.workers, port, BACKLOG_FAIL_TIMEOUT
+        )
+        relay = Relay(config, directory, "backlog-empty", port)
+        try:
+            empty_loads = send_new_mail(args, messages, "backlog-empty", relay.port)
+        finally:
+            empty_end = relay.stop(EXPECTED_WHILE_DOWN)
+        empty = empty_loads[-1]
+        empty_accept = accepted_rate(empty)
+        problems += [p for load in empty_loads for p in load.session_errors]
+        problems += [f"empty queue: {p}" for p in empty_end.problems]
+        ok &= empty_end.exit_code == 0 and refused_detail(empty_loads)[0] == 0
+        line(
+            f"empty queue first client's 220 after {relay.accept_seconds:.2f} s; "
+            f"peak RSS {mib(empty_end.peak_rss_kib)}"
+        )
+        line(
+            f"            new mail accepted {empty_accept:.1f} msgs/s, "
+            f"DATA->250 {spread_ms([s.t_reply - s.t_data for s in empty.accepted()])}"
+        )
+
+        # (a) start, (b) memory with the backlog loaded.
+        port = free_port()
+        config = write_config(
+            directory, "backlog", sink.port, args.workers, port, BACKLOG_FAIL_TIMEOUT
+        )
+        relay = Relay(config, directory, "backlog", port, BACKLOG_START_TIMEOUT)
+        try:
+            settled = wait_until_settled(relay, BACKLOG_START_TIMEOUT)
+            line(
+                f"start       first client's 220 after {relay.accept_seconds:.2f} s "
+                f"(from Popen); `started` logged after {relay.started_at - relay.popen_time:.2f} s;"
+                f" settled after {settled:.2f} s (CPU < {IDLE_CPU:.0%} of a core)"
+            )
+            line(
+                f"loaded      RSS {mib(relay.memory_kib('VmRSS'))}, "
+                f"peak so far {mib(relay.memory_kib('VmHWM'))}"
+            )
+
+            # (c) new mail while the backlog waits.
+            loads = send_new_mail(args, messages, "backlog-new", relay.port)
+            load = loads[-1]
+            accept = accepted_rate(load)
+            flat_accept = accepted_rate(flat.load) if flat else None
+            line(
+                f"new mail    accepted {accept:.1f} msgs/s   (start -> last 250; "
+                f"{len(load.accepted())} of {load.n}) = {ratio(accept, empty_accept)} x the "
+                f"empty queue's {empty_accept:.1f}"
+                + (f", {ratio(accept, flat_accept)} x flat out's {flat_accept:.1f}" if flat else "")
+            )
+            line(f"DATA->250   {spread_ms([s.t_reply - s.t_data for s in load.accepted()])}")
+
+            # (d) the upstream returns: the drain.
+            expected = set(backlog_ids)
+            expected.update(ld.message_id(s.seq) for ld in loads for s in ld.accepted())
+            start_peak = relay.memory_kib("VmHWM")
+            peak_reset = relay.reset_peak_rss()
+            before = Cpu.now(relay, sink)
+            back = sink.listen()
+            sink.wait_for(expected, DRAIN_LIMIT, idle=args.wait)
+            cpu = Cpu.now(relay, sink) - before
+            drain_peak = relay.memory_kib("VmHWM")
+        finally:
+            end = relay.stop(EXPECTED_WHILE_DOWN)
+        # The whole run's peak, each process's: its VmHWM was reset for the drain.
+        end.peak_rss_kib = [max(a, b) for a, b in zip(start_peak, end.peak_rss_kib)]
+        sink.poll()
+        firsts = sorted(sink.arrivals[i][0] for i in expected if i in sink.arrivals)
+        duplicates = sum(len(sink.arrivals[i]) - 1 for i in expected if i in sink.arrivals)
+        lost = len(expected) - len(firsts)
+        drain = per_second(len(firsts), back, firsts[-1] if firsts else 0.0)
+        flat_e2e = end_to_end_rate(flat.load, flat.arrivals) if flat else None
+
+        def after(q: float) -> str:
+            return f"{firsts[max(0, math.ceil(q * len(firsts)) - 1)] - back:.1f} s"
+
+        line(
+            f"drain       {drain:.1f} msgs/s   (upstream back -> last arrival; "
+            f"{len(firsts)} of {len(expected)} msgs in {after(1.0) if firsts else '-'})"
+            + (
+                f" = {ratio(drain, flat_e2e)} x flat out's end-to-end {flat_e2e:.1f}"
+                if flat
+                else ""
+            )
+        )
+        if firsts:
+            line(
+                f"            first arrival after {after(0.0)}, 10 % after {after(0.1)}, "
+                f"50 % after {after(0.5)}, 90 % after {after(0.9)}; first -> last arrival "
+                f"{per_second(len(firsts), firsts[0], firsts[-1]):.1f} msgs/s"
+            )
+        line(
+            f"drain RSS   peak {mib(drain_peak)}"
+            + ("" if peak_reset else "   (VmHWM could not be reset: the whole run's peak)")
+        )
+        refused, detail = refused_detail(loads)
+        line(
+            f"lost {lost}   duplicates {duplicates}   refused {refused}"
+            + (f" ({detail})" if detail else "")
+        )
+        line(cpu_line(cpu, len(firsts), " during the drain"))
+        for text in end_lines(end):
+            line(text)
+        problems += [p for ld in loads for p in ld.session_errors] + end.problems
+        for problem in problems[:SHOWN_PROBLEMS]:
+            line(f"! {problem}")
+        if len(problems) > SHOWN_PROBLEMS:
+            line(f"! ... and {len(problems) - SHOWN_PROBLEMS} more")
+        return ok and lost == 0 and refused == 0 and end.exit_code == 0 and not problems
+    finally:
+        sink.stop()
+
+
 # -- main ---------------------------------------------------------------------------------
 
 
@@ -678,25 +1142,57 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n", type=int, default=2000, help="flat out: messages (2000)")
     p.add_argument("--size", type=int, default=4096, help="bytes per message (4096)")
-    p.add_argument("--clients", type=int, default=8, help="flat out: client sessions (8)")
+    p.add_argument(
+        "--clients", type=int, default=8, help="flat out and backlog: client sessions (8)"
+    )
     p.add_argument("--rate", type=float, default=100.0, help="paced: offered msgs/s (100)")
     p.add_argument("--duration", type=float, default=10.0, help="paced: seconds (10)")
     p.add_argument("--paced-clients", type=int, default=4, help="paced: client sessions (4)")
     p.add_argument("--warmup", type=int, default=100, help="messages before each scenario (100)")
     p.add_argument("--workers", type=int, default=8, help="the relay's delivery.workers (8)")
-    p.add_argument("--only", choices=("flat", "paced"), help="run one scenario only")
-    p.add_argument("--wait", type=float, default=120.0, help="seconds to wait for arrivals (120)")
+    p.add_argument("--backlog", type=int, default=100_000, help="backlog: messages queued (100000)")
+    p.add_argument(
+        "--backlog-new",
+        type=int,
+        default=1000,
+        help="backlog: new messages sent while it waits (1000)",
+    )
+    p.add_argument("--only", choices=SCENARIOS, help="run one scenario only")
+    p.add_argument(
+        "--wait",
+        type=float,
+        default=120.0,
+        help="seconds to wait for arrivals; backlog: without a new arrival (120)",
+    )
     p.add_argument("--dir", help="where to make the temp dir (the spool's disk matters)")
     p.add_argument("--keep", action="store_true", help="keep the temp dir: config, spool, logs")
     args = p.parse_args(argv)
-    if min(args.n, args.size, args.clients, args.paced_clients, args.workers) < 1:
-        p.error("--n, --size, --clients, --paced-clients and --workers must be positive")
+    if (
+        min(
+            args.n,
+            args.size,
+            args.clients,
+            args.paced_clients,
+            args.workers,
+            args.backlog,
+            args.backlog_new,
+        )
+        < 1
+    ):
+        p.error(
+            "--n, --size, --clients, --paced-clients, --workers, --backlog and "
+            "--backlog-new must be positive"
+        )
     if args.rate <= 0 or args.duration <= 0:
         p.error("--rate and --duration must be positive")
     return args
 
 
+SCENARIOS = ("flat", "paced", "backlog")
+
+
 def scenarios(args: argparse.Namespace, messages: Messages) -> list[tuple[Load, str]]:
+    """The flat out and paced loads chosen (the backlog scenario runs on its own)."""
     chosen = []
     if args.only in (None, "flat"):
         title = f"flat out: {args.n} msgs x {args.size} B, {args.clients} clients"
@@ -714,23 +1210,32 @@ def scenarios(args: argparse.Namespace, messages: Messages) -> list[tuple[Load, 
 def run_all(args: argparse.Namespace, directory: str) -> bool:
     """Print the header and every chosen scenario's block; True when nothing went wrong."""
     messages = Messages(f"b{os.getpid()}x{int(time.time())}", args.size)
-    sink = Sink()
-    try:
-        ops, p50 = durable_writes(directory)
-        print(
-            f"smarthost bench: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}, "
-            f"Python {sys.version.split()[0]}\n"
-            f"  spool in {directory}: {ops:.0f} durable 4 KiB writes/s, p50 {p50:.1f} ms "
-            "(write, fsync, rename, fsync dir; one loop)",
-            flush=True,
-        )
-        ok = True
-        for load, title in scenarios(args, messages):
-            print()
-            ok &= report(run_scenario(args, directory, sink, load, title))
-        return ok
-    finally:
-        sink.stop()
+    ops, p50 = durable_writes(directory)
+    print(
+        f"smarthost bench: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}, "
+        f"Python {sys.version.split()[0]}\n"
+        f"  spool in {directory}: {ops:.0f} durable 4 KiB writes/s, p50 {p50:.1f} ms "
+        "(write, fsync, rename, fsync dir; one loop)",
+        flush=True,
+    )
+    ok = True
+    flat = None
+    chosen = scenarios(args, messages)
+    if chosen:
+        sink = Sink()
+        try:
+            for load, title in chosen:
+                print()
+                result = run_scenario(args, directory, sink, load, title)
+                ok &= report(result)
+                if load.scenario == "flat":
+                    flat = result
+        finally:
+            sink.stop()
+    if args.only in (None, "backlog"):
+        print()
+        ok &= run_backlog(args, directory, messages, flat)
+    return ok
 
 
 def main(argv: list[str] | None = None) -> int:
