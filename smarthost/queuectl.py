@@ -179,14 +179,16 @@ class QueueControl:
         return "deleted"
 
     def _bounce_one(self, queue_id: str) -> str:
-        source = self._take(queue_id, (QUEUE, HOLD), ACTIVE)
-        try:
-            return self._bounce_claimed(queue_id)
-        except BaseException:
-            # Not left in active/, where nothing would ever look at it again.
-            if self.spool.move(queue_id, ACTIVE, source) and source == QUEUE:
-                self.spool.announce(queue_id)
-            raise
+        # The relay hands back any claim in active/ that no live command holds.
+        with self.spool.command_claims():
+            source = self._take(queue_id, (QUEUE, HOLD), ACTIVE)
+            try:
+                return self._bounce_claimed(queue_id)
+            except BaseException:
+                # Not left in active/, where nothing would ever look at it again.
+                if self.spool.move(queue_id, ACTIVE, source) and source == QUEUE:
+                    self.spool.announce(queue_id)
+                raise
 
     def _bounce_claimed(self, queue_id: str) -> str:
         env = self.spool.read_envelope(ACTIVE, queue_id)

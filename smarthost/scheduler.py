@@ -152,18 +152,22 @@ class Scheduler:
         return next_scan
 
     def _reclaim_stray_active(self, now: float) -> None:
-        """An envelope in active/ that no worker of ours holds (a queue command killed
-        half-way) goes back to the queue once it is clearly abandoned."""
-        for queue_id, _ in list(self.spool.scan(ACTIVE)):
-            with self._cond:
-                if queue_id in self._claimed:
+        """An envelope in active/ that no worker of ours holds goes back to the queue:
+        at once while no queue command may be holding it (a delivery process that
+        died left it there), else once it is clearly abandoned."""
+        with self.spool.no_command_claims() as nobody_else:
+            for queue_id, _ in list(self.spool.scan(ACTIVE)):
+                with self._cond:
+                    if queue_id in self._claimed:
+                        continue
+                try:
+                    moved_in = os.stat(self.spool.path(ACTIVE, queue_id)).st_ctime  # the rename
+                except FileNotFoundError:
                     continue
-            try:
-                moved_in = os.stat(self.spool.path(ACTIVE, queue_id)).st_ctime  # the rename
-            except FileNotFoundError:
-                continue
-            if now - moved_in > STRAY_ACTIVE_AGE:
-                self.spool.move(queue_id, ACTIVE, QUEUE)
+                if (nobody_else or now - moved_in > STRAY_ACTIVE_AGE) and self.spool.move(
+                    queue_id, ACTIVE, QUEUE
+                ):
+                    self.notify(queue_id)
 
     def _dispatch_due(self, now: float) -> None:
         while self._idle > 0 and self._heap and self._heap[0][0] <= now:

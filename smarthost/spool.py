@@ -57,6 +57,8 @@ UNFINISHED = frozenset({PENDING, DEFERRED})
 ENVELOPE_VERSION = 1
 LOCK_WAIT = 3.0  # seconds a new relay waits for a killed one's delivery process
 _LOCK_NAME = ".lock"
+# Held shared by each queue command that claims mail; see Spool.command_claims().
+_COMMANDS_LOCK_NAME = ".commands"
 
 
 class SpoolError(OSError):
@@ -245,6 +247,51 @@ class Spool:
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
+
+    @contextlib.contextmanager
+    def command_claims(self) -> Iterator[None]:
+        """Held (shared) by a queue command while it may claim mail into active/.
+
+        The kernel drops the lock when the command exits or is killed, so while
+        nobody holds it, every envelope in active/ that the delivery process does not
+        hold is a dead process's claim (see `no_command_claims`).
+        """
+        import fcntl
+
+        try:
+            fd = os.open(self._commands_lock_path(), os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError:
+            yield  # a spool we cannot write to: this command claims nothing either
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            yield
+        finally:
+            os.close(fd)
+
+    @contextlib.contextmanager
+    def no_command_claims(self) -> Iterator[bool]:
+        """True (and no queue command may claim meanwhile) when no command holds
+        `command_claims`; False when one does or the lock cannot be had."""
+        import fcntl
+
+        try:
+            fd = os.open(self._commands_lock_path(), os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError:
+            yield False
+            return
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                yield False
+            else:
+                yield True
+        finally:
+            os.close(fd)
+
+    def _commands_lock_path(self) -> str:
+        return os.path.join(self.root, _COMMANDS_LOCK_NAME)
 
     # -- atomic writes -------------------------------------------------------
 

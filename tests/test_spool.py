@@ -7,6 +7,7 @@ import io
 import os
 import stat
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -455,3 +456,35 @@ def test_lock_waits_for_a_holder_that_lets_go(spool):
     other = Spool(spool.root)
     other.lock(wait=10.0)  # would raise EBUSY had it not waited
     other.unlock()
+
+
+def test_no_command_claims_while_nobody_holds_the_claims_lock(spool):
+    with spool.no_command_claims() as nobody:
+        assert nobody
+    with spool.command_claims(), spool.no_command_claims() as nobody:
+        assert not nobody
+    with spool.no_command_claims() as nobody:
+        assert nobody
+
+
+def test_a_killed_command_leaves_no_claims_lock_behind(spool):
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from smarthost.spool import Spool\n"
+            f"with Spool({spool.root!r}).command_claims():\n"
+            "    print('held', flush=True); time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert holder.stdout.readline() == b"held\n"
+        with spool.no_command_claims() as nobody:
+            assert not nobody
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()
+    with spool.no_command_claims() as nobody:
+        assert nobody

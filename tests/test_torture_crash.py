@@ -1,0 +1,911 @@
+"""Torture: kill -9 the real relay (and queue commands) at random and at precise moments,
+restart it on the same spool, and count what became of every acknowledged message.
+
+The precise moments come from the fault hook in tests/faults: the relay runs as
+`python -m faults ... serve`, which wraps the os calls the spool makes and sends the
+process SIGKILL at the Nth call matching a rule (a rename into queue/, an fsync of a
+file in tmp/, the first unlink in active/...). After every restart: each acknowledged
+message reached the upstream whole (or its sender got a DSN), tmp/ is clean, every
+envelope has its content, and corrupt/ holds at most the content a crash left between
+two steps of one message's life. Counts go to the `make torture` report.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import re
+import signal
+import smtplib
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from conftest import Sink, spool_files, wait_until, write_config
+from faults.harness import (
+    DEADLINE,
+    RCPT,
+    SENDER,
+    FaultyRelay,
+    HoldingHandler,
+    Ledger,
+    assert_spool_sane,
+    body,
+    delivery_children,
+    events_named,
+    faulty_relays,
+    header_message_id,
+    holding_sink,
+    message,
+    problems,
+    queue_command,
+    read_fault_log,
+    running,
+    spool_drained,
+    try_send,
+)
+
+from smarthost.config import load_config
+from smarthost.delivery import Delivery
+from smarthost.spool import Envelope, Recipient, Spool, new_id
+
+
+@pytest.fixture
+def faulty(tmp_path):
+    yield from faulty_relays(tmp_path)
+
+
+def spool_patterns(spool: Path) -> dict[str, str]:
+    """Regexes for the paths the rules aim at."""
+    root = re.escape(str(spool))
+    return {
+        "tmp_msg": rf"^{root}/tmp/[^/]*\.msg$",
+        "tmp_env": rf"^{root}/tmp/[^/]*\.env$",
+        "msg": rf"^{root}/msg/",
+        "queue": rf"^{root}/queue/",
+        "active": rf"^{root}/active/",
+        "hold": rf"^{root}/hold/",
+        "tmp": rf"^{root}/tmp/",
+        "msg_dir": rf"^{root}/msg$",
+        "queue_dir": rf"^{root}/queue$",
+    }
+
+
+def queue_id_of(path: str) -> str:
+    return Path(path).name.split(".")[0]
+
+
+def wait_at_rest(ledger: Ledger, sink: Sink, spool: Path, leftovers: set[str] | None) -> None:
+    """Every acknowledged message settled, nothing left to send, the spool consistent."""
+    ledger.wait_settled(sink, spool)
+    wait_until(lambda: spool_drained(spool), DEADLINE, f"a drained spool: {spool_files(spool)}")
+    assert_spool_sane(spool, leftovers)
+
+
+# -- 1. kill -9 at random moments under load ----------------------------------------------
+
+
+class LoadClient(threading.Thread):
+    """Sends messages (5 per session) until halted; records each acknowledged one."""
+
+    def __init__(self, port: int, tag: str, ledger: Ledger, lock: threading.Lock) -> None:
+        super().__init__(name=f"load-{tag}")
+        self.port, self.tag, self.ledger, self.lock = port, tag, ledger, lock
+        self.halt = threading.Event()
+        self.error: str | None = None
+
+    def run(self) -> None:
+        n = 0
+        try:
+            while not self.halt.is_set():
+                with smtplib.SMTP("127.0.0.1", self.port, timeout=15) as client:
+                    client.ehlo("client.test")
+                    for _ in range(5):
+                        message_id = f"<{self.tag}.{n}@client.test>"
+                        n += 1
+                        client.mail(SENDER)
+                        client.rcpt(RCPT)
+                        code, reply = client.data(message(message_id))
+                        if code != 250:
+                            raise smtplib.SMTPResponseException(code, reply)
+                        queue_id = reply.decode().rsplit(" ", 1)[-1]
+                        with self.lock:
+                            self.ledger.acked[message_id] = queue_id
+                            self.ledger.lines[message_id] = 20
+        except (OSError, smtplib.SMTPException) as exc:
+            self.error = f"{type(exc).__name__}: {exc}"
+
+
+@pytest.mark.torture  # in `make test`, test_process.py kills the relay under load
+def test_kill_9_at_random_moments_under_load(tmp_path, sink, faulty, torture_size, torture_report):
+    """SPEC §1.1 over many rounds: clients send, the relay is killed after a random
+    number of acknowledgements and a random pause, then restarted on the same spool.
+    Every acknowledged message arrives whole; extra copies are bounded by the envelopes
+    that were in active/ (claimed by an attempt) at each kill."""
+    rounds = torture_size(2, 30)
+    seed = random.randrange(2**32)
+    rng = random.Random(seed)
+    spool = tmp_path / "spool"
+    proc = faulty(write_config(tmp_path, sink.port))
+    ledger, lock = Ledger(), threading.Lock()
+    proc.start()
+    for round_no in range(rounds):
+        clients = [LoadClient(proc.port, f"r{round_no}c{i}", ledger, lock) for i in range(3)]
+        before = len(ledger.acked)
+        target = before + rng.randint(1, 25)
+        for client in clients:
+            client.start()
+        try:
+            wait_until(
+                lambda t=target, cs=clients: (
+                    len(ledger.acked) >= t or not all(c.is_alive() for c in cs)
+                ),
+                DEADLINE,
+                "acknowledgements before the kill",
+            )
+            assert all(c.is_alive() for c in clients), [c.error for c in clients]
+            time.sleep(rng.uniform(0, 0.25))  # paces the fault: a random moment
+            proc.kill()
+            ledger.in_flight += len(spool_files(spool)["active"])
+        finally:
+            for client in clients:
+                client.halt.set()
+            for client in clients:
+                client.join(30)
+        assert not [c for c in clients if c.is_alive()], "a client hung after the kill"
+        proc.start()  # the restart: same config, same spool
+        # A kill between a commit's two renames, or between a removal's two unlinks,
+        # leaves content without envelope: set aside whole, never an envelope.
+        wait_at_rest(ledger, sink, spool, leftovers=None)
+        for leftover in (spool / "corrupt").iterdir():
+            content = leftover.read_bytes()
+            message_id = header_message_id(content)
+            assert message_id and content.endswith(body(message_id)), leftover.name
+    assert proc.stop() == 0
+    counts = ledger.counts(sink)
+    torture_report(
+        "crash: kill -9 at random moments under load",
+        rounds=rounds,
+        **counts,
+        note=f"seed {seed}; in_flight = envelopes in active/ at the kills",
+    )
+    ledger.assert_whole(sink)
+    assert counts["lost"] == 0, seed
+    assert counts["duplicated"] <= counts["in_flight"], (seed, ledger.copies(sink).most_common(5))
+    assert not problems(proc.records())
+
+
+# -- 1b. kill -9 of the delivery process alone ----------------------------------------------
+
+
+def active_claims(spool: Path) -> set[tuple[str, int]]:
+    """The envelopes in active/, each with the time of its claim (the rename's ctime):
+    the same message claimed again later is another claim."""
+    claims = set()
+    for name in spool_files(spool)["active"]:
+        with contextlib.suppress(FileNotFoundError):
+            claims.add((name, (spool / "active" / name).stat().st_ctime_ns))
+    return claims
+
+
+def test_kill_9_of_the_delivery_process_alone(tmp_path, sink, faulty, torture_size, torture_report):
+    """The delivery process (serve's child: scheduler, senders) is killed at random
+    moments under load, round after round, while the relay lives on: each time the relay
+    logs an internal_error naming it and starts another (the fault hook in it too),
+    receiving never stops, and mail sent after the replacement goes out. In the end
+    every acknowledged message went out whole; extra copies only of claimed ones."""
+    rounds = torture_size(2, 20)
+    seed = random.randrange(2**32)
+    rng = random.Random(seed)
+    spool = tmp_path / "spool"
+    proc = faulty(write_config(tmp_path, sink.port)).start()
+    relay_pid = proc.proc.pid
+    ledger, lock = Ledger(), threading.Lock()
+    claims_seen: set[tuple[str, int]] = set()
+    victim = proc.delivery_pid
+    for round_no in range(rounds):
+        # Clients for this round only: a backlog that grows round after round would
+        # make the new process's first message wait behind it.
+        clients = [LoadClient(proc.port, f"alone.r{round_no}c{i}", ledger, lock) for i in range(3)]
+        for client in clients:
+            client.start()
+        try:
+            target = len(ledger.acked) + rng.randint(1, 25)
+            wait_until(
+                lambda t=target, cs=clients: (
+                    len(ledger.acked) >= t or not all(c.is_alive() for c in cs)
+                ),
+                DEADLINE,
+                "acknowledgements before the kill",
+            )
+            assert all(c.is_alive() for c in clients), [c.error for c in clients]
+            time.sleep(rng.uniform(0, 0.25))  # paces the fault: a random moment
+            errors = len(events_named(proc.records(), "internal_error"))
+            os.kill(victim, signal.SIGKILL)
+            wait_until(lambda v=victim: not running(v), DEADLINE, "the delivery process to die")
+            claims = active_claims(spool)  # nobody claims until a new process runs
+            ledger.in_flight += len(claims - claims_seen)
+            claims_seen |= claims
+            acked_at_kill = len(ledger.acked)
+            (error,) = wait_until(
+                lambda n=errors: events_named(proc.records(), "internal_error")[n:],
+                DEADLINE,
+                "the relay to log the death of its delivery process",
+            )
+            assert f"delivery process {victim} exited" in error["error"], error
+            (victim,) = wait_until(
+                lambda v=victim: [p for p in delivery_children(relay_pid) if p != v],
+                DEADLINE,
+                "a new delivery process",
+            )
+            wait_until(
+                lambda v=victim: proc.installed(v) == "delivery",
+                DEADLINE,
+                "the fault hook in the new delivery process",
+            )
+            assert proc.alive()
+            # Receiving went on all along.
+            wait_until(
+                lambda n=acked_at_kill: len(ledger.acked) > n, DEADLINE, "a 250 after the kill"
+            )
+        finally:
+            for client in clients:
+                client.halt.set()
+            for client in clients:
+                client.join(30)
+        assert not [c for c in clients if c.is_alive()], "a client hung"
+        assert not [c.error for c in clients if c.error], [c.error for c in clients]
+        # What is sent now goes out through the new process.
+        marker = f"<alone.marker.{round_no}@client.test>"
+        reply = try_send(proc.port, marker)
+        ledger.ack(marker, reply)
+        try:
+            wait_until(
+                lambda m=marker: ledger.copies(sink)[m] >= 1,
+                DEADLINE,
+                "mail to flow through the new delivery process",
+            )
+        except pytest.fail.Exception:
+            records = [r for r in proc.records() if r.get("queue_id") == reply.queue_id]
+            pytest.fail(
+                f"round {round_no} (seed {seed}): {marker} {reply.queue_id} not sent by "
+                f"{victim}; its log: {records}; spool: {spool_files(spool)}"
+            )
+    assert len(events_named(proc.records(), "internal_error")) == rounds
+    # The claims of the killed processes stay in active/ while the relay runs (see
+    # test_mail_claimed_by_a_killed_delivery_process_goes_out_soon); a start hands
+    # them back. A kill between a removal's two unlinks leaves content aside, whole.
+    assert proc.stop() == 0
+    proc.start()
+    wait_at_rest(ledger, sink, spool, leftovers=None)
+    for leftover in (spool / "corrupt").iterdir():
+        content = leftover.read_bytes()
+        message_id = header_message_id(content)
+        assert message_id and content.endswith(body(message_id)), leftover.name
+    assert proc.stop() == 0
+    counts = ledger.counts(sink)
+    torture_report(
+        "crash: kill -9 of the delivery process alone, under load",
+        rounds=rounds,
+        **counts,
+        note=f"seed {seed}; replaced by the relay each time; in_flight = claims at the kills",
+    )
+    ledger.assert_whole(sink)
+    assert counts["lost"] == 0, seed
+    assert counts["duplicated"] <= counts["in_flight"], (seed, ledger.copies(sink).most_common(5))
+    assert not [r for r in problems(proc.records()) if r["event"] != "internal_error"]
+
+
+def test_mail_claimed_by_a_killed_delivery_process_goes_out_soon(tmp_path, faulty):
+    """The delivery process dies holding a claim (DATA sent, the upstream's reply not
+    back; the upstream keeps nothing). A restart of the relay hands claims back at once;
+    the relay's replacement of its delivery process should too, not minutes later."""
+    spool = tmp_path / "spool"
+    sink = holding_sink()
+    handler: HoldingHandler = sink.handler  # type: ignore[assignment]
+    handler.holding, handler.accept_held = True, False
+    ledger = Ledger()
+    try:
+        proc = faulty(write_config(tmp_path, sink.port)).start()
+        message_id = "<claimed-by-the-dead@client.test>"
+        reply = try_send(proc.port, message_id)
+        ledger.ack(message_id, reply)
+        handler.wait_held(1)
+        os.kill(proc.delivery_pid, signal.SIGKILL)
+        wait_until(lambda: not running(proc.delivery_pid), DEADLINE, "the delivery process to die")
+        assert spool_files(spool)["active"] == [reply.queue_id]
+        handler.holding = False
+        handler.release.set()
+        wait_until(
+            lambda: [p for p in delivery_children(proc.proc.pid) if p != proc.delivery_pid],
+            DEADLINE,
+            "a new delivery process",
+        )
+        ledger.wait_settled(sink, spool, timeout=15)  # at the new one's start, not 120 s
+    finally:
+        handler.release.set()
+        sink.stop()
+    assert ledger.counts(sink)["lost"] == 0
+
+
+def test_a_live_queue_commands_claim_stays_in_active(tmp_path):
+    """What the delivery process hands back at once is a dead process's claim only:
+    an envelope a running queue command took into active/ stays there."""
+    config = load_config(write_config(tmp_path, 9))
+    spool = Spool(config.spool.dir)
+    spool.create()
+    queue_id = new_id()
+    spool.commit(
+        Envelope(queue_id, "a@client.test", [Recipient(RCPT)], time.time()),
+        [body("<live-claim@client.test>")],
+    )
+    assert spool.claim(queue_id) is not None
+    scheduler = Delivery(config, spool).scheduler  # not started: no threads of its own
+    with spool.command_claims():
+        scheduler._reclaim_stray_active(time.time())
+        assert spool.locate(queue_id) == "active"
+    scheduler._reclaim_stray_active(time.time())
+    assert spool.locate(queue_id) == "queue"
+
+
+# -- 2. kill -9 at precise moments of a commit --------------------------------------------
+
+# (name, rule, the envelope is in queue/ after the kill). Every step of Spool.commit:
+# both files written and fsynced in tmp/, the content renamed into msg/, the envelope
+# into queue/ (the commit point), then both directories fsynced.
+COMMIT_MOMENTS = [
+    ("open-content", {"op": "open", "path": "tmp_msg"}, False),
+    ("content-half-written", {"op": "write", "path": "tmp_msg", "partial": True}, False),
+    ("before-content-fsync", {"op": "fsync", "path": "tmp_msg"}, False),
+    ("before-envelope-fsync", {"op": "fsync", "path": "tmp_env"}, False),
+    ("between-the-renames", {"op": "rename", "path": "tmp_msg", "when": "after"}, False),
+    ("before-envelope-rename", {"op": "rename", "path": "tmp_env", "dst": "queue"}, False),
+    (
+        "after-envelope-rename",
+        {"op": "rename", "path": "tmp_env", "dst": "queue", "when": "after"},
+        True,
+    ),
+    ("before-msg-dir-fsync", {"op": "fsync", "path": "msg_dir"}, True),
+    ("before-queue-dir-fsync", {"op": "fsync", "path": "queue_dir"}, True),
+]
+DEFAULT_COMMIT_MOMENTS = {"content-half-written", "after-envelope-rename"}
+
+
+def resolve(rule: dict, patterns: dict[str, str], **extra) -> dict:
+    """A rule with its path keys turned into regexes for this spool."""
+    out = {**rule, **extra}
+    for key in ("path", "dst"):
+        if key in out:
+            out[key] = patterns[out[key]]
+    return out
+
+
+def test_kill_9_at_each_step_of_a_commit(tmp_path, sink, faulty, torture_size, torture_report):
+    """The client never has a 250 from a commit that was killed. Before the commit point
+    the message never goes out (a half-written file is never sent); from the commit
+    point on it goes out whole after the restart. The client then sends again, as it
+    would after a lost connection, and that copy is acknowledged and delivered."""
+    spool = tmp_path / "spool"
+    patterns = spool_patterns(spool)
+    moments = [m for m in COMMIT_MOMENTS if torture_size(m[0] in DEFAULT_COMMIT_MOMENTS, True)]
+    proc = faulty(write_config(tmp_path, sink.port))
+    ledger = Ledger()
+    leftovers: set[str] = set()
+    uncommitted: list[str] = []
+    proc.start()
+    for name, rule, committed in moments:
+        message_id = f"<commit.{name}@client.test>"
+        # The relay commits what it receives (the delivery process commits DSNs).
+        proc.arm(resolve(rule, patterns, action="kill", process="relay"))
+        reply = try_send(proc.port, message_id, lines=2000)  # ~130 KB: several writes
+        pid = proc.proc.pid
+        proc.wait_killed()
+        proc.disarm()
+        assert not reply.ok, f"{name}: a killed commit was acknowledged: {reply}"
+        (fired,) = proc.fired(pid)
+        assert fired["op"] == rule["op"], (name, fired)
+        files = spool_files(spool)
+        if fired["path"].endswith(("/msg", "/queue")):  # a directory's fsync
+            queue_id = (files["queue"] or files["active"] or ["?"])[0]
+        else:
+            queue_id = queue_id_of(fired["path"])
+        # Once in queue/ a worker may claim it (active/) before the kill lands.
+        claimed = queue_id in files["active"]
+        assert (queue_id in files["queue"] or claimed) == committed, (name, files)
+        if queue_id in files["msg"] and not committed:
+            leftovers.add(queue_id)  # content without envelope: set aside at the restart
+
+        proc.start()
+        if committed:
+            # The commit may go out (twice if it was being delivered at the kill), and
+            # so does the client's resend.
+            ledger.in_flight += 1 + claimed
+            wait_until(
+                lambda mid=message_id: ledger.copies(sink)[mid] >= 1,
+                DEADLINE,
+                f"{name}: the committed message to go out after the restart",
+            )
+        else:
+            uncommitted.append(message_id)
+        retry = try_send(proc.port, message_id, lines=2000)
+        ledger.ack(message_id, retry, lines=2000)
+        wait_at_rest(ledger, sink, spool, leftovers)
+    # An uncommitted message goes out only as the client's resend.
+    copies = ledger.copies(sink)
+    assert all(copies[mid] == 1 for mid in uncommitted), copies
+    assert proc.stop() == 0
+    counts = ledger.counts(sink)
+    torture_report(
+        "crash: kill -9 at each step of a commit",
+        rounds=len(moments),
+        **counts,
+        note="in_flight = kills after the commit point (client had no 250, resends)",
+    )
+    ledger.assert_whole(sink)
+    assert counts["lost"] == 0
+    assert counts["duplicated"] <= counts["in_flight"]
+    assert not problems(proc.records())
+
+
+# -- 3. kill -9 during a delivery: DATA sent, the upstream's reply not yet back ------------
+
+
+def test_kill_9_after_data_before_the_upstream_replies(
+    tmp_path, faulty, torture_size, torture_report
+):
+    """The upstream holds its reply to DATA while the relay is killed. After the restart
+    the message goes out again: exactly one extra copy for each message the upstream
+    had kept (its 250 lost with the crash), none when it had kept nothing."""
+    rounds = torture_size(1, 8)
+    spool = tmp_path / "spool"
+    sink = holding_sink()
+    handler: HoldingHandler = sink.handler  # type: ignore[assignment]
+    ledger = Ledger()
+    try:
+        proc = faulty(write_config(tmp_path, sink.port)).start()
+        for round_no in range(rounds):
+            handler.held, handler.accept_held = 0, round_no % 2 == 0
+            handler.release.clear()
+            handler.holding = True
+            before = ledger.copies(sink)
+            batch = [f"<deliver.{round_no}.{i}@client.test>" for i in range(1 + round_no % 3)]
+            for message_id in batch:
+                ledger.ack(message_id, try_send(proc.port, message_id))
+            handler.wait_held(1)
+            proc.kill()
+            active = len(spool_files(spool)["active"])
+            ledger.in_flight += active
+            handler.holding = False
+            handler.release.set()
+            proc.start()
+            wait_at_rest(ledger, sink, spool, set())
+            after = ledger.copies(sink)
+            extra = sum(after[m] - before[m] - 1 for m in batch)
+            # Each message the upstream kept goes out again; nothing beyond what was
+            # claimed at the kill (a DATA still in the upstream's buffer may add one).
+            kept = handler.held if handler.accept_held else 0
+            assert kept <= extra <= active, (round_no, handler.held, active, after)
+        assert proc.stop() == 0
+    finally:
+        handler.release.set()
+        sink.stop()
+    counts = ledger.counts(sink)
+    torture_report(
+        "crash: kill -9 after DATA, before the upstream's reply",
+        rounds=rounds,
+        **counts,
+        note="the upstream kept the message in every other round (its 250 lost)",
+    )
+    ledger.assert_whole(sink)
+    assert counts["lost"] == 0
+    assert 0 < counts["duplicated"] <= counts["in_flight"]
+    assert not problems(proc.records())
+
+
+# -- 4. kill -9 while a DSN is generated ---------------------------------------------------
+
+# The recipient is refused with 550: the delivery process commits a DSN, then removes
+# the message. The rules aim at that process alone: the relay's commit of the message
+# itself writes and renames the same kinds of files (each process counts for itself).
+# (name, rule)
+DSN_MOMENTS = [
+    ("dsn-content-half-written", {"op": "write", "path": "tmp_msg", "partial": True}),
+    ("before-dsn-envelope-rename", {"op": "rename", "path": "tmp_env", "dst": "queue"}),
+    (
+        "dsn-committed-message-still-active",
+        {"op": "rename", "path": "tmp_env", "dst": "queue", "when": "after"},
+    ),
+    ("before-the-message-is-removed", {"op": "unlink", "path": "active"}),
+    ("between-the-two-unlinks", {"op": "unlink", "path": "active", "when": "after"}),
+]
+DEFAULT_DSN_MOMENTS = {"dsn-committed-message-still-active"}
+
+
+def test_kill_9_while_a_dsn_is_generated(tmp_path, sink, faulty, torture_size, torture_report):
+    """SPEC §1.1 for bounces: the sender gets its DSN after the restart; a second copy
+    only when the kill came after the DSN was committed and before the message was
+    removed (the attempt is repeated, and so is its report)."""
+    spool = tmp_path / "spool"
+    patterns = spool_patterns(spool)
+    moments = [m for m in DSN_MOMENTS if torture_size(m[0] in DEFAULT_DSN_MOMENTS, True)]
+    sink.handler.rcpt_replies[RCPT] = "550 5.1.1 <rcpt@dest.test>: no such user"
+    proc = faulty(write_config(tmp_path, sink.port))
+    ledger = Ledger()
+    leftovers: set[str] = set()
+    proc.start()
+    for name, rule in moments:
+        message_id = f"<dsn.{name}@client.test>"
+        proc.arm(resolve(rule, patterns, action="kill", process="delivery"))
+        pid = proc.proc.pid
+        reply = try_send(proc.port, message_id)
+        ledger.ack(message_id, reply)
+        ledger.must_bounce.add(message_id)
+        proc.wait_killed()
+        proc.disarm()
+        (fired,) = proc.fired(pid)
+        files = spool_files(spool)
+        dsn_ids = [q for q in files["queue"] + files["active"] if q != reply.queue_id]
+        dsn_committed = bool(dsn_ids) or ledger.dsns(sink)[message_id] >= 1
+        # Sent again: the message's attempt (still active), and a DSN that was itself
+        # being delivered at the kill.
+        repeat = (reply.queue_id in files["active"] and dsn_committed) + sum(
+            q in files["active"] for q in dsn_ids
+        )
+        if reply.queue_id not in files["active"] and reply.queue_id in files["msg"]:
+            leftovers.add(reply.queue_id)  # removed between its two unlinks
+        for queue_id in files["msg"]:
+            if not any(queue_id in files[s] for s in ("queue", "active")):
+                leftovers.add(queue_id)  # a DSN's content renamed, its envelope not
+        ledger.in_flight += repeat
+        proc.start()
+        wait_at_rest(ledger, sink, spool, leftovers)
+        dsns = ledger.dsns(sink)[message_id]
+        assert 1 <= dsns <= 1 + repeat, (name, fired, dsns)
+        assert ledger.copies(sink)[message_id] == 0, name
+    assert proc.stop() == 0
+    counts = ledger.counts(sink)
+    torture_report(
+        "crash: kill -9 while a DSN is generated",
+        rounds=len(moments),
+        **counts,
+        note="in_flight = kills between the DSN's commit and the message's removal",
+    )
+    assert counts["lost"] == 0
+    assert counts["bounced"] == len(moments)
+    assert counts["duplicated"] <= counts["in_flight"]
+    assert not problems(proc.records())
+
+
+# -- 5. queue commands killed at precise moments, and the relay killed during one ----------
+
+# (name, command, rule, what the message must end as once the relay runs again:
+#  "delivered", "held" (stays held until released), "deleted", "bounced" (one DSN),
+#  "bounced-twice" (the bounce was recorded in the envelope and its DSN committed, but
+#  the message not yet removed: the relay finds failed, unreported recipients and
+#  reports them again). `queue bounce` records the cancellation (rewrites the envelope
+#  in active/) before it commits the DSN: from then on the message is never delivered.
+QUEUE_MOMENTS = [
+    ("hold-before-rename", "hold", {"op": "rename", "path": "queue", "dst": "hold"}, "delivered"),
+    (
+        "hold-after-rename",
+        "hold",
+        {"op": "rename", "path": "queue", "dst": "hold", "when": "after"},
+        "held",
+    ),
+    ("release-before-rename", "release", {"op": "rename", "path": "hold"}, "held"),
+    (
+        "release-after-rename",
+        "release",
+        {"op": "rename", "path": "hold", "when": "after"},
+        "delivered",
+    ),
+    ("flush-before-touch", "flush", {"op": "utime", "path": "queue"}, "delivered"),
+    (
+        "delete-after-taking-it",
+        "delete",
+        {"op": "rename", "path": "queue", "dst": "tmp", "when": "after"},
+        "deleted",
+    ),
+    (
+        "delete-between-unlinks",
+        "delete",
+        {"op": "unlink", "path": "tmp", "when": "after"},
+        "deleted",
+    ),
+    (
+        "bounce-after-taking-it",
+        "bounce",
+        {"op": "rename", "path": "queue", "dst": "active", "when": "after"},
+        "delivered",
+    ),
+    (
+        "bounce-before-recording",
+        "bounce",
+        {"op": "rename", "path": "tmp_env", "dst": "active"},
+        "delivered",
+    ),
+    (
+        "bounce-recorded",
+        "bounce",
+        {"op": "rename", "path": "tmp_env", "dst": "active", "when": "after"},
+        "bounced",
+    ),
+    (
+        "bounce-dsn-committed",
+        "bounce",
+        {"op": "rename", "path": "tmp_env", "dst": "queue", "when": "after"},
+        "bounced-twice",
+    ),
+    ("bounce-before-finish", "bounce", {"op": "unlink", "path": "active"}, "bounced-twice"),
+    (
+        "bounce-between-unlinks",
+        "bounce",
+        {"op": "unlink", "path": "active", "when": "after"},
+        "bounced",
+    ),
+]
+DEFAULT_QUEUE_MOMENTS = {"bounce-recorded", "bounce-dsn-committed"}
+
+
+def deferred_messages(proc: FaultyRelay, sink: Sink, count: int, tag: str) -> list[tuple[str, str]]:
+    """`count` acknowledged messages, each deferred once (the upstream said 451)."""
+    sink.handler.rcpt_replies[RCPT] = "451 4.3.0 try again later"
+    sent = []
+    for n in range(count):
+        message_id = f"<{tag}.{n}@client.test>"
+        reply = try_send(proc.port, message_id)
+        assert reply.ok, reply
+        sent.append((message_id, reply.queue_id))
+    wait_until(
+        lambda: (
+            {q for _, q in sent}
+            <= {r.get("queue_id") for r in proc.records() if r.get("event") == "deferred"}
+        ),
+        DEADLINE,
+        "a deferred attempt for each message",
+    )
+    return sent
+
+
+def run_queue(config: Path, work: Path, *args: str, rules: list[dict] | None = None):
+    command = queue_command(config, work, *args, rules=rules)
+    out, err = command.communicate(timeout=60)
+    return command.returncode, out + err
+
+
+def test_queue_commands_killed_at_precise_moments(
+    tmp_path, sink, faulty, torture_size, torture_report
+):
+    """A queue command killed half-way leaves every message in exactly one state: the
+    relay delivers it, keeps it held, or it is gone because it was deleted or bounced.
+    A message is never lost to a killed command: it was delivered or its sender got a
+    DSN, unless the administrator deleted it."""
+    spool = tmp_path / "spool"
+    patterns = spool_patterns(spool)
+    moments = [m for m in QUEUE_MOMENTS if torture_size(m[0] in DEFAULT_QUEUE_MOMENTS, True)]
+    config = write_config(tmp_path, sink.port)
+    proc = faulty(config).start()
+    sent = deferred_messages(proc, sink, len(moments), "qcmd")
+    assert proc.stop() == 0  # the commands act on the spool alone: deterministic
+    assert spool_files(spool)["active"] == [], "a clean stop left claimed mail"
+    sink.handler.rcpt_replies.clear()
+
+    ledger = Ledger()
+    leftovers: set[str] = set()
+    expected: dict[str, str] = {}
+    for (name, action, rule, outcome), (message_id, queue_id) in zip(moments, sent):
+        if action == "release":
+            assert run_queue(config, tmp_path, "hold", queue_id)[0] == 0
+        rules = [resolve(rule, patterns, action="kill")]
+        code, output = run_queue(config, tmp_path, action, queue_id, rules=rules)
+        assert code == -signal.SIGKILL, (name, code, output)
+        expected[message_id] = outcome
+        if outcome != "deleted":
+            ledger.acked[message_id], ledger.lines[message_id] = queue_id, 20
+        if outcome.startswith("bounced"):
+            ledger.must_bounce.add(message_id)
+        files = spool_files(spool)
+        if queue_id in files["msg"] and not any(
+            queue_id in files[s] for s in ("queue", "active", "hold")
+        ):
+            leftovers.add(queue_id)  # its envelope went first: content set aside at start
+    files = spool_files(spool)
+    for message_id, queue_id in sent[: len(moments)]:
+        states = [s for s in ("queue", "active", "hold", "tmp") if queue_id in files[s]]
+        assert len(states) <= 1, (message_id, files)
+
+    proc.start()
+    held = [q for m, q in sent if expected.get(m) == "held"]
+    ledger_now = Ledger({m: q for m, q in ledger.acked.items() if q not in held})
+    ledger_now.must_bounce = ledger.must_bounce
+    ledger_now.wait_settled(sink, spool)
+    assert sorted(spool_files(spool)["hold"]) == sorted(held)  # held stays held
+    for queue_id in held:
+        assert run_queue(config, tmp_path, "release", queue_id)[0] == 0
+    wait_at_rest(ledger, sink, spool, leftovers)
+    copies, dsns = ledger.copies(sink), ledger.dsns(sink)
+    for message_id, outcome in expected.items():
+        got = (copies[message_id], dsns[message_id])
+        want = {
+            "delivered": (1, 0),
+            "held": (1, 0),
+            "deleted": (0, 0),
+            "bounced": (0, 1),
+            "bounced-twice": (0, 2),
+        }[outcome]
+        assert got == want, (message_id, outcome, got)
+        ledger.in_flight += outcome == "bounced-twice"
+    assert proc.stop() == 0
+    counts = ledger.counts(sink)
+    torture_report(
+        "crash: queue commands killed at precise moments",
+        rounds=len(moments),
+        **counts,
+        note=f"{sum(o == 'deleted' for o in expected.values())} deleted by the command "
+        "(not counted); in_flight = bounces killed after the DSN, before the removal",
+    )
+    assert counts["lost"] == 0
+    assert not problems(proc.records())
+
+
+# (name, command, rule of the command's pause, what the message ends as)
+RELAY_KILLED_DURING = [
+    (
+        "bounce-paused-after-dsn-commit",
+        "bounce",
+        {"op": "rename", "path": "tmp_env", "dst": "queue", "when": "after"},
+        "bounced",
+    ),
+    (
+        "hold-paused-after-rename",
+        "hold",
+        {"op": "rename", "path": "queue", "dst": "hold", "when": "after"},
+        "held",
+    ),
+    ("delete-paused-after-taking-it", "delete", {"op": "unlink", "path": "tmp"}, "deleted"),
+]
+
+
+def test_relay_killed_while_a_queue_command_runs(
+    tmp_path, sink, faulty, torture_size, torture_report
+):
+    """The relay dies (kill -9) while a queue command is half-way; the command finishes
+    and says so, and the restarted relay honours what it did."""
+    spool = tmp_path / "spool"
+    patterns = spool_patterns(spool)
+    cases = RELAY_KILLED_DURING[: torture_size(1, len(RELAY_KILLED_DURING))]
+    config = write_config(tmp_path, sink.port)
+    proc = faulty(config).start()
+    ledger = Ledger()
+    outcomes = {}
+    for n, (name, action, rule, outcome) in enumerate(cases):
+        ((message_id, queue_id),) = deferred_messages(proc, sink, 1, f"during.{n}")
+        go_on = tmp_path / f"go-on-{n}"
+        rules = [resolve(rule, patterns, action="pause", pause_file=str(go_on))]
+        command = queue_command(config, tmp_path, action, queue_id, rules=rules)
+        try:
+            wait_until(
+                lambda c=command: any(
+                    r.get("pid") == c.pid and "rule" in r for r in read_fault_log(proc.fault_log)
+                ),
+                DEADLINE,
+                f"{name}: the command to reach its pause",
+            )
+            proc.kill()
+            go_on.touch()
+            out, err = command.communicate(timeout=60)
+        finally:
+            if command.poll() is None:
+                command.kill()
+                command.communicate()
+        assert command.returncode == 0, (name, out, err)
+        sink.handler.rcpt_replies.clear()
+        outcomes[message_id] = (queue_id, outcome)
+        if outcome != "deleted":
+            ledger.acked[message_id], ledger.lines[message_id] = queue_id, 20
+        if outcome == "bounced":
+            ledger.must_bounce.add(message_id)
+        proc.start()
+        if outcome == "held":
+            wait_until(lambda: spool_drained_but_held(spool), DEADLINE, "the rest to go out")
+            assert spool_files(spool)["hold"] == [queue_id]
+            assert run_queue(config, tmp_path, "release", queue_id)[0] == 0
+        wait_at_rest(ledger, sink, spool, {queue_id} if outcome != "held" else set())
+    copies, dsns = ledger.copies(sink), ledger.dsns(sink)
+    for message_id, (_, outcome) in outcomes.items():
+        if outcome == "bounced":
+            assert copies[message_id] == 0 and 1 <= dsns[message_id] <= 2, message_id
+            ledger.in_flight += 1  # the DSN may have been in flight at the kill
+        elif outcome == "deleted":
+            assert (copies[message_id], dsns[message_id]) == (0, 0), message_id
+        else:
+            assert (copies[message_id], dsns[message_id]) == (1, 0), message_id
+    assert proc.stop() == 0
+    counts = ledger.counts(sink)
+    torture_report(
+        "crash: relay killed while a queue command runs",
+        rounds=len(cases),
+        **counts,
+        note="commands: " + ", ".join(c[1] for c in cases),
+    )
+    assert counts["lost"] == 0
+    assert counts["duplicated"] <= counts["in_flight"]
+
+
+def spool_drained_but_held(spool: Path) -> bool:
+    files = spool_files(spool)
+    return not (files["queue"] or files["active"] or files["tmp"])
+
+
+# -- 6. kill -9 during start-up recovery ---------------------------------------------------
+
+
+def claimed_spool(spool: Path, count: int, ledger: Ledger) -> None:
+    """A spool as a crash leaves it under load: `count` committed messages, every
+    envelope in active/ (claimed by workers that died). Written with the spool's own
+    commit, then each envelope renamed as a claim does."""
+    from smarthost.spool import Envelope, Recipient, Spool, new_id
+
+    store = Spool(str(spool))
+    store.create()
+    for n in range(count):
+        message_id = f"<recovery.{n}@client.test>"
+        content = message(message_id)
+        env = Envelope(
+            id=new_id(),
+            sender=SENDER,
+            recipients=[Recipient(RCPT)],
+            arrival=time.time(),
+            size=len(content),
+            message_id=message_id,
+        )
+        store.commit(env, [content])
+        assert store.move(env.id, "queue", "active", durable=False)
+        ledger.acked[message_id], ledger.lines[message_id] = env.id, 20
+
+
+def test_kill_9_during_start_up_recovery(tmp_path, sink, faulty, torture_size, torture_report):
+    """recover() hands claimed mail back to the queue one rename at a time; a kill in
+    the middle (at a random rename, several times over) loses nothing: the next start
+    finishes the job and everything is delivered once."""
+    count = torture_size(20, 300)
+    kills = torture_size(1, 5)
+    seed = random.randrange(2**32)
+    rng = random.Random(seed)
+    spool = tmp_path / "spool"
+    patterns = spool_patterns(spool)
+    ledger = Ledger()
+    claimed_spool(spool, count, ledger)
+    proc = faulty(write_config(tmp_path, sink.port))
+    for _ in range(kills):
+        active = len(spool_files(spool)["active"])
+        if active == 0:
+            break
+        nth = rng.randint(1, active)
+        proc.arm(
+            resolve(
+                {"op": "rename", "path": "active", "dst": "queue"}, patterns, nth=nth, action="kill"
+            )
+        )
+        assert proc.start_and_die() == -signal.SIGKILL
+        files = spool_files(spool)
+        assert len(files["active"]) == active - (nth - 1), (nth, active, files)
+        assert len(files["active"]) + len(files["queue"]) == count
+    proc.disarm()
+    proc.start()
+    (started,) = events_named(proc.records(), "started")
+    assert started["recovered"]["orphans"] == 0
+    wait_at_rest(ledger, sink, spool, set())
+    assert proc.stop() == 0
+    counts = ledger.counts(sink)
+    torture_report(
+        "crash: kill -9 during start-up recovery",
+        rounds=kills,
+        **counts,
+        note=f"seed {seed}; {count} envelopes in active/ at the first start",
+    )
+    ledger.assert_whole(sink)
+    assert counts["lost"] == 0
+    assert counts["duplicated"] == 0  # nothing was in flight: each goes out once
