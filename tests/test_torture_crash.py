@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-import re
 import signal
 import smtplib
 import threading
@@ -31,17 +30,18 @@ from faults.harness import (
     FaultyRelay,
     HoldingHandler,
     Ledger,
+    assert_leftovers_whole,
     assert_spool_sane,
     body,
     delivery_children,
     events_named,
     faulty_relays,
-    header_message_id,
     holding_sink,
     message,
     problems,
     queue_command,
     read_fault_log,
+    resolve,
     running,
     spool_drained,
     try_send,
@@ -55,22 +55,6 @@ from smarthost.spool import Envelope, Recipient, Spool, new_id
 @pytest.fixture
 def faulty(tmp_path):
     yield from faulty_relays(tmp_path)
-
-
-def spool_patterns(spool: Path) -> dict[str, str]:
-    """Regexes for the paths the rules aim at."""
-    root = re.escape(str(spool))
-    return {
-        "tmp_msg": rf"^{root}/tmp/[^/]*\.msg$",
-        "tmp_env": rf"^{root}/tmp/[^/]*\.env$",
-        "msg": rf"^{root}/msg/",
-        "queue": rf"^{root}/queue/",
-        "active": rf"^{root}/active/",
-        "hold": rf"^{root}/hold/",
-        "tmp": rf"^{root}/tmp/",
-        "msg_dir": rf"^{root}/msg$",
-        "queue_dir": rf"^{root}/queue$",
-    }
 
 
 def queue_id_of(path: str) -> str:
@@ -159,10 +143,7 @@ def test_kill_9_at_random_moments_under_load(tmp_path, sink, faulty, torture_siz
         # A kill between a commit's two renames, or between a removal's two unlinks,
         # leaves content without envelope: set aside whole, never an envelope.
         wait_at_rest(ledger, sink, spool, leftovers=None)
-        for leftover in (spool / "corrupt").iterdir():
-            content = leftover.read_bytes()
-            message_id = header_message_id(content)
-            assert message_id and content.endswith(body(message_id)), leftover.name
+        assert_leftovers_whole(spool)
     assert proc.stop() == 0
     counts = ledger.counts(sink)
     torture_report(
@@ -274,16 +255,14 @@ def test_kill_9_of_the_delivery_process_alone(tmp_path, sink, faulty, torture_si
                 f"{victim}; its log: {records}; spool: {spool_files(spool)}"
             )
     assert len(events_named(proc.records(), "internal_error")) == rounds
-    # The claims of the killed processes stay in active/ while the relay runs (see
-    # test_mail_claimed_by_a_killed_delivery_process_goes_out_soon); a start hands
-    # them back. A kill between a removal's two unlinks leaves content aside, whole.
+    # Each replacement handed the killed one's claims back (see
+    # test_mail_claimed_by_a_killed_delivery_process_goes_out_soon); a restart on top
+    # finds nothing more to do. A kill between a removal's two unlinks leaves content
+    # aside, whole.
     assert proc.stop() == 0
     proc.start()
     wait_at_rest(ledger, sink, spool, leftovers=None)
-    for leftover in (spool / "corrupt").iterdir():
-        content = leftover.read_bytes()
-        message_id = header_message_id(content)
-        assert message_id and content.endswith(body(message_id)), leftover.name
+    assert_leftovers_whole(spool)
     assert proc.stop() == 0
     counts = ledger.counts(sink)
     torture_report(
@@ -373,22 +352,12 @@ COMMIT_MOMENTS = [
 DEFAULT_COMMIT_MOMENTS = {"content-half-written", "after-envelope-rename"}
 
 
-def resolve(rule: dict, patterns: dict[str, str], **extra) -> dict:
-    """A rule with its path keys turned into regexes for this spool."""
-    out = {**rule, **extra}
-    for key in ("path", "dst"):
-        if key in out:
-            out[key] = patterns[out[key]]
-    return out
-
-
 def test_kill_9_at_each_step_of_a_commit(tmp_path, sink, faulty, torture_size, torture_report):
     """The client never has a 250 from a commit that was killed. Before the commit point
     the message never goes out (a half-written file is never sent); from the commit
     point on it goes out whole after the restart. The client then sends again, as it
     would after a lost connection, and that copy is acknowledged and delivered."""
     spool = tmp_path / "spool"
-    patterns = spool_patterns(spool)
     moments = [m for m in COMMIT_MOMENTS if torture_size(m[0] in DEFAULT_COMMIT_MOMENTS, True)]
     proc = faulty(write_config(tmp_path, sink.port))
     ledger = Ledger()
@@ -398,7 +367,7 @@ def test_kill_9_at_each_step_of_a_commit(tmp_path, sink, faulty, torture_size, t
     for name, rule, committed in moments:
         message_id = f"<commit.{name}@client.test>"
         # The relay commits what it receives (the delivery process commits DSNs).
-        proc.arm(resolve(rule, patterns, action="kill", process="relay"))
+        proc.arm(resolve(rule, spool, action="kill", process="relay"))
         reply = try_send(proc.port, message_id, lines=2000)  # ~130 KB: several writes
         pid = proc.proc.pid
         proc.wait_killed()
@@ -528,7 +497,6 @@ def test_kill_9_while_a_dsn_is_generated(tmp_path, sink, faulty, torture_size, t
     only when the kill came after the DSN was committed and before the message was
     removed (the attempt is repeated, and so is its report)."""
     spool = tmp_path / "spool"
-    patterns = spool_patterns(spool)
     moments = [m for m in DSN_MOMENTS if torture_size(m[0] in DEFAULT_DSN_MOMENTS, True)]
     sink.handler.rcpt_replies[RCPT] = "550 5.1.1 <rcpt@dest.test>: no such user"
     proc = faulty(write_config(tmp_path, sink.port))
@@ -537,7 +505,7 @@ def test_kill_9_while_a_dsn_is_generated(tmp_path, sink, faulty, torture_size, t
     proc.start()
     for name, rule in moments:
         message_id = f"<dsn.{name}@client.test>"
-        proc.arm(resolve(rule, patterns, action="kill", process="delivery"))
+        proc.arm(resolve(rule, spool, action="kill", process="delivery"))
         pid = proc.proc.pid
         reply = try_send(proc.port, message_id)
         ledger.ack(message_id, reply)
@@ -683,7 +651,6 @@ def test_queue_commands_killed_at_precise_moments(
     A message is never lost to a killed command: it was delivered or its sender got a
     DSN, unless the administrator deleted it."""
     spool = tmp_path / "spool"
-    patterns = spool_patterns(spool)
     moments = [m for m in QUEUE_MOMENTS if torture_size(m[0] in DEFAULT_QUEUE_MOMENTS, True)]
     config = write_config(tmp_path, sink.port)
     proc = faulty(config).start()
@@ -698,7 +665,7 @@ def test_queue_commands_killed_at_precise_moments(
     for (name, action, rule, outcome), (message_id, queue_id) in zip(moments, sent):
         if action == "release":
             assert run_queue(config, tmp_path, "hold", queue_id)[0] == 0
-        rules = [resolve(rule, patterns, action="kill")]
+        rules = [resolve(rule, spool, action="kill")]
         code, output = run_queue(config, tmp_path, action, queue_id, rules=rules)
         assert code == -signal.SIGKILL, (name, code, output)
         expected[message_id] = outcome
@@ -774,7 +741,6 @@ def test_relay_killed_while_a_queue_command_runs(
     """The relay dies (kill -9) while a queue command is half-way; the command finishes
     and says so, and the restarted relay honours what it did."""
     spool = tmp_path / "spool"
-    patterns = spool_patterns(spool)
     cases = RELAY_KILLED_DURING[: torture_size(1, len(RELAY_KILLED_DURING))]
     config = write_config(tmp_path, sink.port)
     proc = faulty(config).start()
@@ -783,7 +749,7 @@ def test_relay_killed_while_a_queue_command_runs(
     for n, (name, action, rule, outcome) in enumerate(cases):
         ((message_id, queue_id),) = deferred_messages(proc, sink, 1, f"during.{n}")
         go_on = tmp_path / f"go-on-{n}"
-        rules = [resolve(rule, patterns, action="pause", pause_file=str(go_on))]
+        rules = [resolve(rule, spool, action="pause", pause_file=str(go_on))]
         command = queue_command(config, tmp_path, action, queue_id, rules=rules)
         try:
             wait_until(
@@ -875,7 +841,6 @@ def test_kill_9_during_start_up_recovery(tmp_path, sink, faulty, torture_size, t
     seed = random.randrange(2**32)
     rng = random.Random(seed)
     spool = tmp_path / "spool"
-    patterns = spool_patterns(spool)
     ledger = Ledger()
     claimed_spool(spool, count, ledger)
     proc = faulty(write_config(tmp_path, sink.port))
@@ -886,7 +851,7 @@ def test_kill_9_during_start_up_recovery(tmp_path, sink, faulty, torture_size, t
         nth = rng.randint(1, active)
         proc.arm(
             resolve(
-                {"op": "rename", "path": "active", "dst": "queue"}, patterns, nth=nth, action="kill"
+                {"op": "rename", "path": "active", "dst": "queue"}, spool, nth=nth, action="kill"
             )
         )
         assert proc.start_and_die() == -signal.SIGKILL

@@ -29,6 +29,7 @@ from faults.harness import (
     events_named,
     faulty_relays,
     problems,
+    resolve,
     spool_drained,
     try_send,
 )
@@ -41,27 +42,6 @@ EXPECTED = {"ENOSPC": (452, "4.3.1"), "EIO": (451, "4.3.0")}
 @pytest.fixture
 def faulty(tmp_path):
     yield from faulty_relays(tmp_path)
-
-
-def patterns(spool: Path) -> dict[str, str]:
-    root = re.escape(str(spool))
-    return {
-        "tmp_msg": rf"^{root}/tmp/[^/]*\.msg$",
-        "tmp_env": rf"^{root}/tmp/[^/]*\.env$",
-        "queue": rf"^{root}/queue/",
-        "active": rf"^{root}/active/",
-        "msg_dir": rf"^{root}/msg$",
-        "queue_dir": rf"^{root}/queue$",
-        "active_dir": rf"^{root}/active$",
-    }
-
-
-def resolve(rule: dict, spool: Path, **extra) -> dict:
-    out = {**rule, **extra}
-    for key in ("path", "dst"):
-        if key in out:
-            out[key] = patterns(spool)[out[key]]
-    return out
 
 
 def at_rest(ledger: Ledger, sink: Sink, spool: Path) -> None:

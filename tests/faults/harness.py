@@ -55,6 +55,41 @@ def fault_env(rules: str, fault_log: Path) -> dict[str, str]:
     }
 
 
+def spool_patterns(spool: Path) -> dict[str, str]:
+    """Regexes for the spool paths the rules aim at, by name."""
+    root = re.escape(str(spool))
+    return {
+        "tmp_msg": rf"^{root}/tmp/[^/]*\.msg$",
+        "tmp_env": rf"^{root}/tmp/[^/]*\.env$",
+        "tmp": rf"^{root}/tmp/",
+        "msg": rf"^{root}/msg/",
+        "queue": rf"^{root}/queue/",
+        "active": rf"^{root}/active/",
+        "hold": rf"^{root}/hold/",
+        "msg_dir": rf"^{root}/msg$",
+        "queue_dir": rf"^{root}/queue$",
+        "active_dir": rf"^{root}/active$",
+    }
+
+
+def resolve(rule: dict, spool: Path, **extra) -> dict:
+    """A rule with its path keys (names of `spool_patterns`) turned into regexes."""
+    out = {**rule, **extra}
+    patterns = spool_patterns(spool)
+    for key in ("path", "dst"):
+        if key in out:
+            out[key] = patterns[out[key]]
+    return out
+
+
+def assert_leftovers_whole(spool: Path) -> None:
+    """What a kill set aside in corrupt/ is the whole content of a message it sent."""
+    for leftover in (spool / "corrupt").iterdir():
+        content = leftover.read_bytes()
+        message_id = header_message_id(content)
+        assert message_id and content.endswith(body(message_id)), leftover.name
+
+
 def write_rules(path: Path, rules: Iterable[dict[str, Any]]) -> None:
     """Replace a rules file atomically (a new inode: the hook sees the change)."""
     tmp = path.with_suffix(".new")
