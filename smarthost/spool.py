@@ -259,11 +259,12 @@ class Spool:
         import fcntl
 
         try:
-            fd = os.open(self._commands_lock_path(), os.O_RDWR | os.O_CREAT, 0o600)
+            fd = self._open_commands_lock()
         except OSError:
             yield  # a spool we cannot write to: this command claims nothing either
             return
         try:
+            self._give_to_owner(fd)  # root made it: the relay must open it too
             fcntl.flock(fd, fcntl.LOCK_SH)
             yield
         finally:
@@ -276,7 +277,7 @@ class Spool:
         import fcntl
 
         try:
-            fd = os.open(self._commands_lock_path(), os.O_RDWR | os.O_CREAT, 0o600)
+            fd = self._open_commands_lock()
         except OSError:
             yield False
             return
@@ -290,8 +291,10 @@ class Spool:
         finally:
             os.close(fd)
 
-    def _commands_lock_path(self) -> str:
-        return os.path.join(self.root, _COMMANDS_LOCK_NAME)
+    def _open_commands_lock(self) -> int:
+        # Read-only is enough for flock, and lets the relay use a file root made.
+        path = os.path.join(self.root, _COMMANDS_LOCK_NAME)
+        return os.open(path, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600)
 
     # -- atomic writes -------------------------------------------------------
 

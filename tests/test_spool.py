@@ -488,3 +488,11 @@ def test_a_killed_command_leaves_no_claims_lock_behind(spool):
         holder.stdout.close()
     with spool.no_command_claims() as nobody:
         assert nobody
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="files given to the spool's owner: needs root")
+def test_a_claims_lock_made_by_root_belongs_to_the_spools_owner(spool):
+    os.chown(spool.root, 65534, 65534)
+    with spool.command_claims():
+        pass
+    assert os.stat(os.path.join(spool.root, ".commands")).st_uid == 65534
