@@ -427,11 +427,18 @@ class Spool:
     def names(self, state: str) -> set[str]:
         """The queue IDs in `state`, from the directory alone (no stat: cheap when the
         queue is long)."""
+        return set(self.each_name(state))
+
+    def each_name(self, state: str) -> Iterator[str]:
+        """The queue IDs in `state` one by one, as `names` without holding them all."""
         try:
-            with os.scandir(self.dir(state)) as entries:
-                return {entry.name for entry in entries if is_queue_id(entry.name)}
+            entries = os.scandir(self.dir(state))
         except FileNotFoundError:
-            return set()
+            return
+        with entries:
+            for entry in entries:
+                if is_queue_id(entry.name):
+                    yield entry.name
 
     def locate(self, queue_id: str) -> str | None:
         """The state directory that holds `queue_id`'s envelope, if any."""
@@ -545,21 +552,22 @@ class Spool:
 
     def _quarantine_orphans(self) -> int:
         """An envelope without content, or content without an envelope, goes aside."""
-        # Names only, and set differences: this runs before the relay listens, and a
-        # long queue must not keep clients waiting.
+        # Names only, no stat: this runs before the relay listens, and a long queue
+        # must not keep clients waiting. One set of names is held, not one per state.
         contents = self.names(MSG)
-        enveloped: set[str] = set()
-        orphans = 0
+        unmatched = set(contents)
+        without_content: list[tuple[str, str]] = []
         for state in ENVELOPE_STATES:
-            names = self.names(state)
-            for queue_id in names - contents:
-                self.quarantine(queue_id, state, "envelope without message content")
-                orphans += 1
-            enveloped |= names
-        for queue_id in contents - enveloped:
+            for queue_id in self.each_name(state):
+                if queue_id in contents:
+                    unmatched.discard(queue_id)
+                else:
+                    without_content.append((queue_id, state))
+        for queue_id, state in without_content:
+            self.quarantine(queue_id, state, "envelope without message content")
+        for queue_id in unmatched:
             self.quarantine(queue_id, MSG, "message content without an envelope")
-            orphans += 1
-        return orphans
+        return len(without_content) + len(unmatched)
 
 
 def _read_file(path: str) -> bytes:
