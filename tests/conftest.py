@@ -283,6 +283,11 @@ class RelayProcess:
         self.env: dict[str, str] | None = None  # extra environment variables
 
     def start(self, timeout: float = 20.0) -> RelayProcess:
+        self.wait_started(self.spawn(), timeout)
+        return self
+
+    def spawn(self) -> int:
+        """Start the process; the log offset its records start at."""
         offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         with open(self.log_path, "ab") as log_file:
             self.proc = subprocess.Popen(
@@ -291,11 +296,15 @@ class RelayProcess:
                 cwd=ROOT,
                 env={**os.environ, **(self.env or {})},
             )
+        return offset
+
+    def wait_started(self, offset: int, timeout: float) -> dict:
+        """Its `started` record (logged after `offset`); `port` is set from it."""
         started = wait_until(
             lambda: self._started_since(offset), timeout, "the relay process to start"
         )
         self.port = int(started["listen"][0].rsplit(":", 1)[1])
-        return self
+        return started
 
     def _started_since(self, offset: int) -> dict | None:
         if self.proc is not None and self.proc.poll() is not None:

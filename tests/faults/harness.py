@@ -185,26 +185,16 @@ class FaultyRelay(RelayProcess):
         self.rules_path = work / "faults.json"
         self.fault_log = work / "faults.log"
         write_rules(self.rules_path, [])
+        self.env = fault_env(str(self.rules_path), self.fault_log)
 
     def spawn(self) -> int:
-        """Start the process; the log offset its records start at."""
-        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
-        with open(self.log_path, "ab") as log_file:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "smarthost", "-c", str(self.config_path), "serve"],
-                stderr=log_file,
-                cwd=ROOT,
-                env=fault_env(str(self.rules_path), self.fault_log),
-            )
+        offset = super().spawn()
+        assert self.proc is not None
         self.family = {self.proc.pid}  # the relay and the delivery processes seen
         return offset
 
     def start(self, timeout: float = DEADLINE) -> FaultyRelay:
-        offset = self.spawn()
-        started = wait_until(
-            lambda: self._started_since(offset), timeout, "the relay process to start"
-        )
-        self.port = int(started["listen"][0].rsplit(":", 1)[1])
+        started = self.wait_started(self.spawn(), timeout)
         assert self.proc is not None
         self.delivery_pid = started["delivery_pid"]
         assert self.delivery_pid, started
