@@ -26,7 +26,6 @@ import subprocess
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 from . import __version__, log, privileges, process, systemd
@@ -39,8 +38,6 @@ if TYPE_CHECKING:
     from .scheduler import Scheduler
 
 STOP_GRACE = 5.0
-# Spool commits run here so the event loop never waits on fsync.
-COMMIT_THREADS = 8
 RESTART_DELAY = 1.0  # before a delivery process that died is started again
 START_TIMEOUT = 60.0  # for a delivery process to say it runs
 
@@ -182,8 +179,7 @@ class Relay:
             from .delivery import Delivery  # the relay process needs none of it
 
             self.delivery = Delivery(config, self.spool)
-        self.writers = ThreadPoolExecutor(COMMIT_THREADS, thread_name_prefix="commit")
-        self.receiver = Receiver(config, self.spool, self.delivery.submit, self.writers)
+        self.receiver = Receiver(config, self.spool, self.delivery.submit)
         self.listeners: list[Listener] = []
 
     @property
@@ -269,7 +265,7 @@ class Relay:
         self.receiver.wait_for_commits(STOP_GRACE)
         for listener in self.listeners:
             listener.stop()
-        self.writers.shutdown(wait=True)
+        self.receiver.committer.stop()
         clean = self.delivery.stop(STOP_GRACE)
         self.spool.unlock()
         log.event("stopped", pid=os.getpid(), clean=clean)
@@ -279,7 +275,7 @@ class Relay:
         for listener in self.listeners:
             listener.stop()
         self.delivery.stop(0.0)
-        self.writers.shutdown(wait=False)
+        self.receiver.committer.stop(0.0)
         self.spool.unlock()
 
 

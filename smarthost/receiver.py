@@ -2,13 +2,14 @@
 
 aiosmtpd runs the protocol; this module adds policy in its handler hooks and a small
 `SMTP` subclass for what hooks cannot do (enhanced status codes on every reply, the
-client limit). Hooks never do blocking work on the event loop: the spool commit runs
-in a thread pool so that other sessions go on while one message is fsynced.
+client limit). Hooks never do blocking work on the event loop: one commit thread
+(`GroupCommitter`) makes messages durable, a batch at a time, while other sessions go on.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import re
@@ -17,7 +18,6 @@ import ssl
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from aiosmtpd.controller import Controller
@@ -334,6 +334,74 @@ class Listener(Controller):
         return f"{host}:{self.port}"
 
 
+class GroupCommitter:
+    """The one thread that makes received mail durable, a batch at a time.
+
+    Messages whose DATA ends while a batch is being written join the next one, and a
+    batch shares one fsync of each spool directory (group commit, as databases do).
+    One thread, not a pool: fewer threads taking turns on the GIL with the event loop.
+    """
+
+    def __init__(
+        self, spool: Spool, committed: Callable[[Envelope, SpoolError | None], None]
+    ) -> None:
+        self.spool = spool
+        self.committed = committed
+        self._waiting: list[tuple[Envelope, list[bytes], asyncio.AbstractEventLoop, Any]] = []
+        self._wake = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="commit", daemon=True)
+        self._thread.start()
+
+    def submit(
+        self,
+        env: Envelope,
+        content: list[bytes],
+        loop: asyncio.AbstractEventLoop,
+        done: asyncio.Future,
+    ) -> None:
+        """Commit `env`; `done` (a future of `loop`) then gets None or the SpoolError."""
+        with self._wake:
+            self._waiting.append((env, content, loop, done))
+            self._wake.notify()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Commit what was submitted, then end the thread."""
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                self._wake.wait_for(lambda: self._waiting or self._stopping)
+                batch, self._waiting = self._waiting, []
+            if not batch:
+                return
+            self._commit(batch)
+
+    def _commit(self, batch: list) -> None:
+        errors = self.spool.commit_many([(env, content) for env, content, _, _ in batch])
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for (env, _, loop, done), error in zip(batch, errors):
+            self.committed(env, error)
+            by_loop.setdefault(loop, []).append((done, error))
+        for loop, outcomes in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # that loop has closed
+                loop.call_soon_threadsafe(_settle, outcomes)
+
+
+def _settle(outcomes: list[tuple[asyncio.Future, SpoolError | None]]) -> None:
+    for done, error in outcomes:
+        if done.done():
+            continue  # the session was cancelled meanwhile: its commit stands
+        if error is None:
+            done.set_result(None)
+        else:
+            done.set_exception(error)
+
+
 class Receiver:
     """aiosmtpd handler: relay permission, limits, headers, and the spool commit."""
 
@@ -342,12 +410,11 @@ class Receiver:
         config: Config,
         spool: Spool,
         on_commit: Callable[[Envelope], None],
-        writers: ThreadPoolExecutor,
     ) -> None:
         self.config = config
         self.spool = spool
         self.on_commit = on_commit
-        self.writers = writers
+        self.committer = GroupCommitter(spool, self.committed)
         self.users = auth_users(config)
         self.brake = FailureBrake()
         self._commits = 0
@@ -416,13 +483,15 @@ class Receiver:
             env, content = self.build(session, envelope)
         except MailLoop:
             return "554 5.4.6 Error: too many hops, a mail loop"
-        loop = asyncio.get_running_loop()
         with self._committing:
             if self._closing:
                 return "421 4.3.2 Error: shutting down, try again later"
             self._commits += 1
         try:
-            await loop.run_in_executor(self.writers, self.commit, env, content)
+            loop = asyncio.get_running_loop()
+            done = loop.create_future()
+            self.committer.submit(env, content, loop, done)
+            await done
         except SpoolError as exc:
             if exc.no_space:
                 return "452 4.3.1 Error: insufficient system storage, try again later"
@@ -433,13 +502,11 @@ class Receiver:
                 self._committing.notify_all()
         return f"250 2.0.0 Ok: queued as {env.id}"
 
-    def commit(self, env: Envelope, content: list[bytes]) -> None:
-        """Spool, log and hand over in one job: a cancelled session cannot split them."""
-        try:
-            self.spool.commit(env, content)
-        except SpoolError as exc:
-            log.event("spool_error", level=logging.ERROR, queue_id=env.id, error=str(exc))
-            raise
+    def committed(self, env: Envelope, error: SpoolError | None) -> None:
+        """After each commit, in the committer's thread: log it and hand it over."""
+        if error is not None:
+            log.event("spool_error", level=logging.ERROR, queue_id=env.id, error=str(error))
+            return
         log.event(
             "received",
             queue_id=env.id,

@@ -328,8 +328,45 @@ class Spool:
 
     def commit(self, env: Envelope, content: list[bytes]) -> None:
         """Make a new message durable in queue/; only then may it be acknowledged."""
+        error = self.commit_many([(env, content)])[0]
+        if error is not None:
+            raise error
+
+    def commit_many(
+        self, messages: list[tuple[Envelope, list[bytes]]]
+    ) -> list[SpoolError | None]:
+        """Commit several messages, sharing one fsync of each directory (group commit).
+
+        Returns, in order, None for each message now durable, or the error that kept it
+        out of the queue; one message's failure does not fail the others.
+        """
+        results: list[SpoolError | None] = [None] * len(messages)
+        queued: list[int] = []
+        for i, (env, content) in enumerate(messages):
+            try:
+                self._stage(env, content)
+                queued.append(i)
+            except SpoolError as exc:
+                results[i] = exc
+        if queued:
+            try:
+                fsync_dir(self.dir(MSG))
+                fsync_dir(self.dir(QUEUE))
+            except OSError as exc:
+                for i in queued:
+                    env = messages[i][0]
+                    if self._uncommit(env.id):
+                        _unlink_quietly(self.path(TMP, f"{env.id}.{os.getpid()}.env"))
+                        _unlink_quietly(self.message_path(env.id))
+                    results[i] = SpoolError(
+                        exc.errno, f"cannot commit {env.id}: {exc.strerror or exc}"
+                    )
+        return results
+
+    def _stage(self, env: Envelope, content: list[bytes]) -> None:
+        """Write a message's two files and rename them into msg/ and queue/ (the names
+        are made durable by the caller's directory fsyncs)."""
         written: list[str] = []
-        queued = False
         try:
             written.append(self._write_tmp(env.id, "msg", content, None))
             written.append(
@@ -338,13 +375,9 @@ class Spool:
             os.rename(written[0], self.message_path(env.id))
             written[0] = self.message_path(env.id)
             os.rename(written[1], self.path(QUEUE, env.id))
-            queued = True
-            fsync_dir(self.dir(MSG))
-            fsync_dir(self.dir(QUEUE))
         except OSError as exc:
-            if not queued or self._uncommit(env.id):
-                for path in written:
-                    _unlink_quietly(path)
+            for path in written:
+                _unlink_quietly(path)
             raise SpoolError(exc.errno, f"cannot commit {env.id}: {exc.strerror or exc}") from exc
 
     def _uncommit(self, queue_id: str) -> bool:
