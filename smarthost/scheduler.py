@@ -442,9 +442,8 @@ class Scheduler:
         """The groups a queued message waits for, read without parsing the whole
         envelope unless it waits for any (most deferred mail does not)."""
         try:
-            with open(self.spool.path(QUEUE, queue_id), "rb") as f:
-                data = f.read()
-        except OSError:
+            data = self.spool.envelope_bytes(QUEUE, queue_id)
+        except (OSError, ValueError):
             return set()  # gone, or not a file: the claim will see to it
         if b'"waiting_groups":[]' in data:
             return set()

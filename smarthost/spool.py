@@ -10,9 +10,13 @@ Layout (every directory 0700, every file 0600, owned by the service user)::
     failed/   ID         gave up and nobody could be told: kept for a human
     corrupt/  ID.*       unreadable files, moved aside, never deleted
 
-A message is committed by writing both files into tmp/, fsyncing them, renaming the
-content into msg/ and then the envelope into queue/ (the envelope is the commit
-point), and fsyncing both directories. Every later state change is one rename of the
+A message is committed with one file, so with one fsync of its data: its first
+envelope, then its content, written into tmp/ and fsynced, renamed into msg/, and
+hard-linked into queue/ (the commit point); then both directories are fsynced, once
+for every message committed together (group commit). queue/ID and msg/ID are then
+two names of that one file, and readers of either skip the part that is not theirs.
+The first change of the envelope replaces queue/ID (or active/ID) with a file of its
+own, and msg/ID keeps the content. Every later state change is one rename of the
 envelope between state directories, so a message is never in two states at once.
 Like Postfix's deferred queue, the envelope's mtime holds its next-attempt time, so a
 scan of queue/ learns every due time from stat() alone.
@@ -55,7 +59,14 @@ FAILED_RCPT = "failed"  # permanent failure or expiry
 UNFINISHED = frozenset({PENDING, DEFERRED})
 
 ENVELOPE_VERSION = 1
+# Starts a file that holds an envelope (one line of JSON) and, after it, the content:
+# what a commit writes. A NUL never starts content (a Received: field always does)
+# nor an envelope of its own, which is JSON.
+EMBEDDED = b"\x00smarthost-envelope "
+# A file system that cannot hard-link (EPERM also covers a FUSE that refuses).
+_NO_LINKS = frozenset({errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK, errno.EXDEV})
 LOCK_WAIT = 3.0  # seconds a new relay waits for a killed one's delivery process
+_ENVELOPE_READ = 8192  # an envelope is read in blocks this big, not with its content
 _LOCK_NAME = ".lock"
 # Held shared by each queue command that claims mail; see Spool.command_claims().
 _COMMANDS_LOCK_NAME = ".commands"
@@ -128,6 +139,9 @@ class Envelope:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Envelope:
+        """Parse an envelope file, or the envelope that starts a commit's file."""
+        if data.startswith(EMBEDDED):
+            data = data[len(EMBEDDED) : data.find(b"\n")]
         try:
             raw = json.loads(data)
             recipients = [Recipient(**r) for r in raw.pop("recipients")]
@@ -332,9 +346,7 @@ class Spool:
         if error is not None:
             raise error
 
-    def commit_many(
-        self, messages: list[tuple[Envelope, list[bytes]]]
-    ) -> list[SpoolError | None]:
+    def commit_many(self, messages: list[tuple[Envelope, list[bytes]]]) -> list[SpoolError | None]:
         """Commit several messages, sharing one fsync of each directory (group commit).
 
         Returns, in order, None for each message now durable, or the error that kept it
@@ -364,21 +376,29 @@ class Spool:
         return results
 
     def _stage(self, env: Envelope, content: list[bytes]) -> None:
-        """Write a message's two files and rename them into msg/ and queue/ (the names
-        are made durable by the caller's directory fsyncs)."""
+        """Write a message's file and give it its names in msg/ and queue/ (made durable
+        by the caller's directory fsyncs)."""
         written: list[str] = []
         try:
-            written.append(self._write_tmp(env.id, "msg", content, None))
-            written.append(
-                self._write_tmp(env.id, "env", [env.to_bytes()], env.next_attempt or None)
-            )
+            first = [EMBEDDED, env.to_bytes(), b"\n", *content]
+            written.append(self._write_tmp(env.id, "msg", first, env.next_attempt or None))
             os.rename(written[0], self.message_path(env.id))
             written[0] = self.message_path(env.id)
-            os.rename(written[1], self.path(QUEUE, env.id))
+            try:
+                os.link(written[0], self.path(QUEUE, env.id))
+            except OSError as exc:
+                if exc.errno not in _NO_LINKS:
+                    raise
+                self._stage_envelope_apart(env, written)
         except OSError as exc:
             for path in written:
                 _unlink_quietly(path)
             raise SpoolError(exc.errno, f"cannot commit {env.id}: {exc.strerror or exc}") from exc
+
+    def _stage_envelope_apart(self, env: Envelope, written: list[str]) -> None:
+        """Without hard links: the envelope gets a file of its own, at one more fsync."""
+        written.append(self._write_tmp(env.id, "env", [env.to_bytes()], env.next_attempt or None))
+        os.rename(written[1], self.path(QUEUE, env.id))
 
     def _uncommit(self, queue_id: str) -> bool:
         """Take back a queued envelope whose commit could not be made durable.
@@ -430,14 +450,36 @@ class Spool:
     # -- reading -------------------------------------------------------------
 
     def read_envelope(self, state: str, queue_id: str) -> Envelope:
-        env = Envelope.from_bytes(_read_file(self.path(state, queue_id)))
+        env = Envelope.from_bytes(self.envelope_bytes(state, queue_id))
         if env.id != queue_id:
             raise CorruptEnvelope(f"the envelope in {queue_id} names {env.id[:32]!r}")
         return env
 
+    def envelope_bytes(self, state: str, queue_id: str) -> bytes:
+        """The envelope's JSON, without the content a commit's file carries after it."""
+        path = self.path(state, queue_id)
+        try:
+            with open(path, "rb") as f:
+                data = f.read(_ENVELOPE_READ)
+                if not data.startswith(EMBEDDED):
+                    return data + f.read()
+                while (end := data.find(b"\n")) < 0:
+                    more = f.read(_ENVELOPE_READ)
+                    if not more:
+                        raise CorruptEnvelope(f"the envelope in {queue_id} has no end")
+                    data += more
+        except IsADirectoryError:
+            raise CorruptEnvelope(f"{queue_id} is a directory") from None
+        return data[len(EMBEDDED) : end]
+
     def read_message(self, queue_id: str, size: int | None = None) -> bytes:
         """The content; with `size` (the envelope's), a shorter or longer file is corrupt."""
         data = _read_file(self.message_path(queue_id))
+        if data.startswith(EMBEDDED):
+            end = data.find(b"\n")
+            if end < 0:
+                raise CorruptEnvelope("the message file's envelope has no end")
+            data = data[end + 1 :]
         if size and len(data) != size:
             raise CorruptEnvelope(f"message content is {len(data)} bytes, not {size}")
         return data

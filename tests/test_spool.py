@@ -21,11 +21,13 @@ from smarthost.spool import (
     DEFERRED,
     DIRECTORIES,
     DROP,
+    EMBEDDED,
     FAILED,
     MSG,
     PENDING,
     QUEUE,
     TMP,
+    CorruptEnvelope,
     Envelope,
     Recipient,
     Spool,
@@ -124,15 +126,117 @@ def test_is_queue_id_rejects_junk(junk):
 
 def test_commit_writes_content_and_envelope(spool):
     env = committed(spool)
-    assert Path(spool.message_path(env.id)).read_bytes() == b"".join(CONTENT)
+    assert spool.read_message(env.id, env.size) == b"".join(CONTENT)
     stored = Envelope.from_bytes(Path(spool.path(QUEUE, env.id)).read_bytes())
     assert stored == env
+    assert spool.read_envelope(QUEUE, env.id) == env
     assert [(r.address, r.state) for r in stored.recipients] == [
         ("b@dest.test", PENDING),
         ("c@dest.test", DEFERRED),
     ]
     assert stored.recipients[1].reply == "451 4.3.0 later"
     assert visible(spool) == {MSG: [env.id], QUEUE: [env.id]}
+
+
+def test_a_commit_is_one_file_with_its_envelope_first_and_two_names(spool):
+    env = committed(spool)
+    data = Path(spool.message_path(env.id)).read_bytes()
+    assert data == EMBEDDED + env.to_bytes() + b"\n" + b"".join(CONTENT)
+    assert os.path.samefile(spool.message_path(env.id), spool.path(QUEUE, env.id))
+
+
+def count_fsyncs(monkeypatch) -> dict[str, int]:
+    real_fsync = os.fsync
+    counts = {"files": 0, "directories": 0}
+
+    def fsync(fd: int) -> None:
+        counts["directories" if stat.S_ISDIR(os.fstat(fd).st_mode) else "files"] += 1
+        real_fsync(fd)
+
+    monkeypatch.setattr(smarthost.spool.os, "fsync", fsync)
+    return counts
+
+
+def test_a_commit_makes_one_fsync_of_data_and_one_of_each_directory(spool, monkeypatch):
+    counts = count_fsyncs(monkeypatch)
+    committed(spool)
+    assert counts == {"files": 1, "directories": 2}
+
+
+def test_messages_committed_together_share_the_directory_fsyncs(spool, monkeypatch):
+    counts = count_fsyncs(monkeypatch)
+    envs = [make_envelope() for _ in range(5)]
+    assert spool.commit_many([(env, CONTENT) for env in envs]) == [None] * 5
+    assert counts == {"files": 5, "directories": 2}
+    assert sorted(visible(spool)[QUEUE]) == sorted(env.id for env in envs)
+    for env in envs:
+        assert spool.read_envelope(QUEUE, env.id) == env
+
+
+def test_one_failed_message_of_a_group_commit_leaves_the_others(spool, monkeypatch):
+    envs = [make_envelope() for _ in range(3)]
+    real_write_tmp = spool._write_tmp
+
+    def write_tmp(queue_id, *args):
+        if queue_id == envs[1].id:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_write_tmp(queue_id, *args)
+
+    monkeypatch.setattr(spool, "_write_tmp", write_tmp)
+    first, second, third = spool.commit_many([(env, CONTENT) for env in envs])
+    assert first is None and third is None
+    assert isinstance(second, SpoolError) and second.no_space
+    assert sorted(visible(spool)[QUEUE]) == sorted([envs[0].id, envs[2].id])
+
+
+def test_a_file_system_without_hard_links_gets_the_envelope_in_a_file_of_its_own(
+    spool, monkeypatch
+):
+    def link(src, dst):
+        raise OSError(errno.EPERM, os.strerror(errno.EPERM))
+
+    monkeypatch.setattr(smarthost.spool.os, "link", link)
+    env = committed(spool)
+    assert not os.path.samefile(spool.message_path(env.id), spool.path(QUEUE, env.id))
+    assert spool.read_envelope(QUEUE, env.id) == env
+    assert spool.read_message(env.id, env.size) == b"".join(CONTENT)
+    assert visible(spool) == {MSG: [env.id], QUEUE: [env.id]}
+
+
+def test_the_first_change_of_the_envelope_gives_it_a_file_of_its_own(spool):
+    env = committed(spool)
+    claimed = spool.claim(env.id)
+    claimed.attempts = 1
+    spool.requeue(claimed)
+    assert not os.path.samefile(spool.message_path(env.id), spool.path(QUEUE, env.id))
+    assert Path(spool.path(QUEUE, env.id)).read_bytes() == claimed.to_bytes()
+    assert spool.read_envelope(QUEUE, env.id).attempts == 1
+    assert spool.read_message(env.id, env.size) == b"".join(CONTENT)
+
+
+def test_the_envelope_is_read_without_the_content_after_it(spool):
+    big = [b"Subject: big\r\n\r\n", b"x" * 1_000_000 + b"\r\n"]
+    env = make_envelope(size=sum(map(len, big)))
+    spool.commit(env, big)
+    assert spool.envelope_bytes(QUEUE, env.id) == env.to_bytes()
+    assert spool.read_message(env.id, env.size) == b"".join(big)
+
+
+def test_a_spool_of_the_earlier_two_file_format_is_read(spool):
+    """Mail queued by an earlier version: content and envelope in files of their own."""
+    env = make_envelope()
+    Path(spool.message_path(env.id)).write_bytes(b"".join(CONTENT))
+    Path(spool.path(QUEUE, env.id)).write_bytes(env.to_bytes())
+    assert spool.read_envelope(QUEUE, env.id) == env
+    assert spool.read_message(env.id, env.size) == b"".join(CONTENT)
+    assert spool.recover()["orphans"] == 0
+
+
+def test_an_embedded_envelope_without_its_end_is_corrupt(spool):
+    env = make_envelope()
+    Path(spool.path(QUEUE, env.id)).write_bytes(EMBEDDED + env.to_bytes())
+    with pytest.raises(CorruptEnvelope):
+        spool.read_envelope(QUEUE, env.id)
 
 
 def test_commit_files_and_directories_are_private(spool):
@@ -190,7 +294,7 @@ def failing_write(monkeypatch, err: int) -> None:
 @pytest.mark.parametrize(
     ("err", "no_space"), [(errno.ENOSPC, True), (errno.EDQUOT, True), (errno.EIO, False)]
 )
-@pytest.mark.parametrize("call", [1, 2], ids=["content-fsync", "envelope-fsync"])
+@pytest.mark.parametrize("call", [1, 2], ids=["file-fsync", "msg-dir-fsync"])
 def test_commit_fsync_failure_leaves_nothing(spool, monkeypatch, err, no_space, call):
     calls = failing_fsync(monkeypatch, err, call=call)
     env = make_envelope()
@@ -268,6 +372,14 @@ def test_claim_of_unknown_id_is_none(spool):
     assert visible(spool) == {}
 
 
+def replace_envelope(spool: Spool, queue_id: str, data: bytes) -> None:
+    """Put another file in queue/ (writing into it would change the content too: until
+    the envelope's first change both are one file)."""
+    path = Path(spool.path(QUEUE, queue_id))
+    path.unlink()
+    path.write_bytes(data)
+
+
 @pytest.mark.parametrize(
     "garbage",
     [
@@ -286,12 +398,12 @@ def test_claim_of_unknown_id_is_none(spool):
 )
 def test_claim_quarantines_a_corrupt_envelope(spool, events, garbage):
     env = committed(spool)
-    Path(spool.path(QUEUE, env.id)).write_bytes(garbage)
+    replace_envelope(spool, env.id, garbage)
     assert spool.claim(env.id) is None
     assert visible(spool) == {CORRUPT: sorted([f"{env.id}.envelope", f"{env.id}.message"])}
     corrupt = Path(spool.dir(CORRUPT))
     assert (corrupt / f"{env.id}.envelope").read_bytes() == garbage  # kept, not deleted
-    assert (corrupt / f"{env.id}.message").read_bytes() == b"".join(CONTENT)
+    assert (corrupt / f"{env.id}.message").read_bytes().endswith(b"".join(CONTENT))
     (event,) = events.events("quarantined", queue_id=env.id)
     assert event["levelname"] == "WARNING"
     assert event["reason"]
@@ -300,17 +412,17 @@ def test_claim_quarantines_a_corrupt_envelope(spool, events, garbage):
 def test_claim_quarantines_deeply_nested_json(spool, events):
     """Garbage that makes json recurse is still just a corrupt envelope."""
     env = committed(spool)
-    Path(spool.path(QUEUE, env.id)).write_bytes(b"[" * 100_000)
+    replace_envelope(spool, env.id, b"[" * 100_000)
     assert spool.claim(env.id) is None
     assert f"{env.id}.envelope" in files(spool)[CORRUPT]
 
 
 def test_quarantine_never_overwrites_earlier_corrupt_files(spool, events):
     env = committed(spool)
-    Path(spool.path(QUEUE, env.id)).write_bytes(b"first")
+    replace_envelope(spool, env.id, b"first")
     spool.claim(env.id)
     spool.commit(env, CONTENT)  # the same ID again (a restored backup, say)
-    Path(spool.path(QUEUE, env.id)).write_bytes(b"second")
+    replace_envelope(spool, env.id, b"second")
     spool.claim(env.id)
     corrupt = Path(spool.dir(CORRUPT))
     assert (corrupt / f"{env.id}.envelope").read_bytes() == b"first"

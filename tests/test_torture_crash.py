@@ -332,24 +332,23 @@ def test_a_live_queue_commands_claim_stays_in_active(tmp_path):
 # -- 2. kill -9 at precise moments of a commit --------------------------------------------
 
 # (name, rule, the envelope is in queue/ after the kill). Every step of Spool.commit:
-# both files written and fsynced in tmp/, the content renamed into msg/, the envelope
-# into queue/ (the commit point), then both directories fsynced.
+# the one file (envelope, then content) written and fsynced in tmp/, renamed into msg/,
+# hard-linked into queue/ (the commit point), then both directories fsynced.
 COMMIT_MOMENTS = [
     ("open-content", {"op": "open", "path": "tmp_msg"}, False),
     ("content-half-written", {"op": "write", "path": "tmp_msg", "partial": True}, False),
     ("before-content-fsync", {"op": "fsync", "path": "tmp_msg"}, False),
-    ("before-envelope-fsync", {"op": "fsync", "path": "tmp_env"}, False),
-    ("between-the-renames", {"op": "rename", "path": "tmp_msg", "when": "after"}, False),
-    ("before-envelope-rename", {"op": "rename", "path": "tmp_env", "dst": "queue"}, False),
+    ("after-rename-into-msg", {"op": "rename", "path": "tmp_msg", "when": "after"}, False),
+    ("before-link-into-queue", {"op": "link", "path": "msg", "dst": "queue"}, False),
     (
-        "after-envelope-rename",
-        {"op": "rename", "path": "tmp_env", "dst": "queue", "when": "after"},
+        "after-link-into-queue",
+        {"op": "link", "path": "msg", "dst": "queue", "when": "after"},
         True,
     ),
     ("before-msg-dir-fsync", {"op": "fsync", "path": "msg_dir"}, True),
     ("before-queue-dir-fsync", {"op": "fsync", "path": "queue_dir"}, True),
 ]
-DEFAULT_COMMIT_MOMENTS = {"content-half-written", "after-envelope-rename"}
+DEFAULT_COMMIT_MOMENTS = {"content-half-written", "after-link-into-queue"}
 
 
 def test_kill_9_at_each_step_of_a_commit(tmp_path, sink, faulty, torture_size, torture_report):
@@ -481,10 +480,10 @@ def test_kill_9_after_data_before_the_upstream_replies(
 # (name, rule)
 DSN_MOMENTS = [
     ("dsn-content-half-written", {"op": "write", "path": "tmp_msg", "partial": True}),
-    ("before-dsn-envelope-rename", {"op": "rename", "path": "tmp_env", "dst": "queue"}),
+    ("before-dsn-link-into-queue", {"op": "link", "path": "msg", "dst": "queue"}),
     (
         "dsn-committed-message-still-active",
-        {"op": "rename", "path": "tmp_env", "dst": "queue", "when": "after"},
+        {"op": "link", "path": "msg", "dst": "queue", "when": "after"},
     ),
     ("before-the-message-is-removed", {"op": "unlink", "path": "active"}),
     ("between-the-two-unlinks", {"op": "unlink", "path": "active", "when": "after"}),
@@ -525,7 +524,7 @@ def test_kill_9_while_a_dsn_is_generated(tmp_path, sink, faulty, torture_size, t
             leftovers.add(reply.queue_id)  # removed between its two unlinks
         for queue_id in files["msg"]:
             if not any(queue_id in files[s] for s in ("queue", "active")):
-                leftovers.add(queue_id)  # a DSN's content renamed, its envelope not
+                leftovers.add(queue_id)  # a DSN's file renamed into msg/, not linked into queue/
         ledger.in_flight += repeat
         proc.start()
         wait_at_rest(ledger, sink, spool, leftovers)
@@ -603,7 +602,7 @@ QUEUE_MOMENTS = [
     (
         "bounce-dsn-committed",
         "bounce",
-        {"op": "rename", "path": "tmp_env", "dst": "queue", "when": "after"},
+        {"op": "link", "path": "msg", "dst": "queue", "when": "after"},
         "bounced-twice",
     ),
     ("bounce-before-finish", "bounce", {"op": "unlink", "path": "active"}, "bounced-twice"),
@@ -722,7 +721,7 @@ RELAY_KILLED_DURING = [
     (
         "bounce-paused-after-dsn-commit",
         "bounce",
-        {"op": "rename", "path": "tmp_env", "dst": "queue", "when": "after"},
+        {"op": "link", "path": "msg", "dst": "queue", "when": "after"},
         "bounced",
     ),
     (

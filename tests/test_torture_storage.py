@@ -59,11 +59,8 @@ COMMIT_FAULTS = [
     ("write-content", {"op": "write", "path": "tmp_msg"}, False),
     ("short-write-content", {"op": "write", "path": "tmp_msg", "partial": True}, False),
     ("fsync-content", {"op": "fsync", "path": "tmp_msg"}, False),
-    ("open-envelope", {"op": "open", "path": "tmp_env"}, False),
-    ("write-envelope", {"op": "write", "path": "tmp_env"}, False),
-    ("fsync-envelope", {"op": "fsync", "path": "tmp_env"}, False),
     ("rename-content", {"op": "rename", "path": "tmp_msg"}, False),
-    ("rename-envelope", {"op": "rename", "path": "tmp_env", "dst": "queue"}, False),
+    ("link-into-queue", {"op": "link", "path": "msg", "dst": "queue"}, False),
     ("fsync-msg-dir", {"op": "fsync", "path": "msg_dir"}, True),
     ("fsync-queue-dir", {"op": "fsync", "path": "queue_dir"}, True),
 ]
@@ -165,8 +162,8 @@ AFTER_COMMIT_FAULTS = [
         False,
     ),
     (
-        "dsn-rename-EIO",
-        {"op": "rename", "path": "tmp_env", "dst": "queue", "action": "EIO"},
+        "dsn-link-EIO",
+        {"op": "link", "path": "msg", "dst": "queue", "action": "EIO"},
         "550 5.1.1 no such user",
         True,
         False,

@@ -13,9 +13,9 @@ Rules come from ``$SMARTHOST_FAULTS``: inline JSON (a list of rules, or one rule
 the path of a JSON file that the test may rewrite while the process runs (it is
 re-read when it changes, and every rule's counter starts again). Each rule::
 
-    {"op": "rename",            # or a list: open write fsync rename unlink utime chmod mkdir
-     "path": "/tmp/.*\\.env$",  # regex searched in the path (rename: the source)
-     "dst": "/queue/",          # rename only: regex searched in the destination
+    {"op": "rename",            # or a list: open write fsync rename link unlink utime chmod mkdir
+     "path": "/tmp/.*\\.env$",  # regex searched in the path (rename, link: the source)
+     "dst": "/queue/",          # rename and link only: regex searched in the destination
      "nth": 1,                  # fire at the nth matching call (counting from 1) ...
      "count": 1,                # ... and on this many matching calls from there (0: all)
      "action": "kill",          # kill (SIGKILL), ENOSPC, EIO, EROFS, or pause
@@ -61,6 +61,7 @@ _real = {
         "fdatasync",
         "rename",
         "replace",
+        "link",
         "unlink",
         "utime",
         "chmod",
@@ -329,6 +330,10 @@ def _rename(src: Any, dst: Any, **kwargs: Any) -> None:
     return _guarded("rename", _real["rename"], src, src, dst, dst=dst, **kwargs)
 
 
+def _link(src: Any, dst: Any, **kwargs: Any) -> None:
+    return _guarded("link", _real["link"], src, src, dst, dst=dst, **kwargs)
+
+
 def _replace(src: Any, dst: Any, **kwargs: Any) -> None:
     return _guarded("rename", _real["replace"], src, src, dst, dst=dst, **kwargs)
 
@@ -366,6 +371,7 @@ def install(source: str | None = None, log_path: str | None = None) -> bool:
     os.fdatasync = _fdatasync  # type: ignore[assignment]
     os.rename = _rename  # type: ignore[assignment]
     os.replace = _replace  # type: ignore[assignment]
+    os.link = _link  # type: ignore[assignment]
     os.unlink = _unlink  # type: ignore[assignment]
     os.remove = _unlink  # type: ignore[assignment]
     os.utime = _utime  # type: ignore[assignment]
