@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import ipaddress
 import logging
 import re
@@ -382,10 +383,17 @@ class GroupCommitter:
             self._commit(batch)
 
     def _commit(self, batch: list) -> None:
-        errors = self.spool.commit_many([(env, content) for env, content, _, _ in batch])
+        try:
+            errors = self.spool.commit_many([(env, content) for env, content, _, _ in batch])
+        except Exception as exc:  # a bug: the sessions must still get their 4xx
+            log.event("internal_error", level=logging.ERROR, error=repr(exc))
+            errors = [SpoolError(errno.EIO, f"commit failed: {exc!r}")] * len(batch)
         by_loop: dict[asyncio.AbstractEventLoop, list] = {}
         for (env, _, loop, done), error in zip(batch, errors):
-            self.committed(env, error)
+            try:
+                self.committed(env, error)
+            except Exception as exc:  # spooled all the same: the scheduler's rescan finds it
+                log.event("internal_error", level=logging.ERROR, error=repr(exc))
             by_loop.setdefault(loop, []).append((done, error))
         for loop, outcomes in by_loop.items():
             with contextlib.suppress(RuntimeError):  # that loop has closed

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import os
 import re
 import smtplib
 import socket
+import threading
 from pathlib import Path
 
 import pytest
@@ -447,3 +449,93 @@ def test_fast_address_path_covers_ordinary_addresses(arg):
     theirs = SMTP.__new__(SMTP)
     ours.local_part_limit = theirs.local_part_limit = 0
     assert RelaySMTP._getaddr(ours, arg) == SMTP._getaddr(theirs, arg)
+
+
+# -- the commit thread ----------------------------------------------------------------
+
+
+class GatedSpool(smarthost.spool.Spool):
+    """A real spool whose first group commit waits for a gate, recording batch sizes."""
+
+    def __init__(self, root: str) -> None:
+        super().__init__(root)
+        self.batches: list[int] = []
+        self.first_started = threading.Event()
+        self.gate = threading.Event()
+
+    def commit_many(self, messages):
+        self.batches.append(len(messages))
+        if len(self.batches) == 1:
+            self.first_started.set()
+            assert self.gate.wait(10)
+        return super().commit_many(messages)
+
+
+def commit_through(committer, envs) -> list[BaseException | None]:
+    """Submit every envelope from one event loop and collect each outcome."""
+
+    async def submit_all():
+        loop = asyncio.get_running_loop()
+        futures = []
+        for env in envs:
+            done = loop.create_future()
+            committer.submit(env, [b"Subject: x\r\n\r\nbody\r\n"], loop, done)
+            futures.append(done)
+        return await asyncio.gather(*futures, return_exceptions=True)
+
+    return asyncio.run(submit_all())
+
+
+def test_messages_that_end_while_a_batch_commits_share_the_next_one(tmp_path):
+    from smarthost.receiver import GroupCommitter
+
+    spool = GatedSpool(str(tmp_path / "spool"))
+    spool.create()
+    logged = []
+    committer = GroupCommitter(spool, lambda env, error: logged.append((env.id, error)))
+    envs = [make_env() for _ in range(6)]
+    outcome: list = []
+    first = threading.Thread(target=lambda: outcome.extend(commit_through(committer, envs[:1])))
+    first.start()
+    assert spool.first_started.wait(10)
+    rest = threading.Thread(target=lambda: outcome.extend(commit_through(committer, envs[1:])))
+    rest.start()
+    wait_until(lambda: len(committer._waiting) == 5, 10, "five messages waiting")
+    spool.gate.set()
+    first.join(10)
+    rest.join(10)
+    committer.stop(10)
+    assert spool.batches == [1, 5]
+    assert outcome == [None] * 6
+    assert sorted(spool.names("queue")) == sorted(env.id for env in envs)
+    assert [queue_id for queue_id, _ in logged] == [env.id for env in envs]
+
+
+def test_a_bug_in_a_commit_gives_4xx_and_the_thread_goes_on(tmp_path, events):
+    from smarthost.receiver import GroupCommitter
+
+    class BrokenOnce(smarthost.spool.Spool):
+        calls = 0
+
+        def commit_many(self, messages):
+            self.calls += 1
+            if self.calls == 1:
+                raise RuntimeError("a bug")
+            return super().commit_many(messages)
+
+    spool = BrokenOnce(str(tmp_path / "spool"))
+    spool.create()
+    committer = GroupCommitter(spool, lambda env, error: None)
+    (failed,) = commit_through(committer, [make_env()])
+    assert isinstance(failed, smarthost.spool.SpoolError)
+    assert events.events("internal_error")
+    assert commit_through(committer, [make_env()]) == [None]
+    committer.stop(10)
+
+
+def make_env() -> smarthost.spool.Envelope:
+    from smarthost.spool import Envelope, Recipient, new_id
+
+    return Envelope(
+        id=new_id(), sender="a@client.test", recipients=[Recipient("b@dest.test")], arrival=0.0
+    )
