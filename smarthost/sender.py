@@ -223,26 +223,33 @@ class Sender:
             return
         session.clean = False
         try:
-            code, msg = send_mail(smtp, env.sender, self._mail_options(smtp, env, content))
+            mail = mail_command(smtp, env.sender, self._mail_options(smtp, env, content))
         except UnicodeEncodeError:
             # An address this upstream cannot take without SMTPUTF8: the message's
             # problem, not the backend's (and never a reason to mark it down).
             self._settle_all(rcpts, Outcome.FAIL_MESSAGE, 553, _NOT_ASCII, backend, result)
-            session.clean = False
             return
+        sendable = []
+        for rcpt in rcpts:
+            try:
+                sendable.append((rcpt, rcpt_command(smtp, rcpt.address, _rcpt_options(smtp, rcpt))))
+            except UnicodeEncodeError:
+                self._settle_one(rcpt, Outcome.FAIL_RECIPIENT, 553, _NOT_ASCII, backend, result)
+        if not sendable:
+            return
+        exchange = Exchange(smtp, [mail, *(command for _, command in sendable), b"DATA\r\n"])
+        code, msg = exchange.reply()
         session.used_now = True
         outcome = classify("mail", code)
         if outcome is Outcome.BACKEND_FAILURE:
             raise BackendFailure(format_reply(code, msg))
         if outcome is not Outcome.OK:
-            self._settle_all(rcpts, outcome, code, msg, backend, result)
+            self._settle_all([r for r, _ in sendable], outcome, code, msg, backend, result)
+            exchange.finish()
             return
         accepted = []
-        for rcpt in rcpts:
-            try:
-                code, msg = send_rcpt(smtp, rcpt.address, _rcpt_options(smtp, rcpt))
-            except UnicodeEncodeError:
-                code, msg = 553, _NOT_ASCII
+        for rcpt, _ in sendable:
+            code, msg = exchange.reply()
             outcome = classify("rcpt", code)
             if outcome is Outcome.BACKEND_FAILURE:
                 raise BackendFailure(format_reply(code, msg))
@@ -251,16 +258,17 @@ class Sender:
             else:
                 self._settle_one(rcpt, outcome, code, msg, backend, result)
         if not accepted:
+            exchange.finish()
             return
-        data_refused = False
-        try:
-            code, msg = send_data(smtp, content)
-        except smtplib.SMTPDataError as exc:  # the DATA command itself was refused
-            code, msg, data_refused = exc.smtp_code, exc.smtp_error, True
+        code, msg = exchange.reply()
+        data_refused = code != 354
+        if data_refused:  # the DATA command itself was refused
             if 200 <= code < 400:
                 # Anything but 354 is no go-ahead: the content was never sent, so a
                 # 2xx here must not count as a delivery.
-                raise BackendFailure(f"DATA answered {format_reply(code, msg)}, not 354") from exc
+                raise BackendFailure(f"DATA answered {format_reply(code, msg)}, not 354")
+        else:
+            code, msg = send_content(smtp, content)
         outcome = classify("data", code)
         if outcome is Outcome.BACKEND_FAILURE:
             raise BackendFailure(format_reply(code, msg))
@@ -551,8 +559,51 @@ def _path(address: str) -> str:
     return smtplib.quoteaddr(address)
 
 
-def send_mail(smtp: smtplib.SMTP, sender: str, options: list[str]) -> tuple[int, bytes]:
-    """`smtp.mail(sender, options)`."""
+class Exchange:
+    """The commands of one transaction, and their replies in order.
+
+    With PIPELINING (RFC 2920) offered, MAIL, every RCPT and DATA go in one write, as
+    Postfix's client sends them, and the replies are read one by one; otherwise each
+    command is sent when its reply is asked for, in lock step.
+    """
+
+    def __init__(self, smtp: smtplib.SMTP, commands: list[bytes]) -> None:
+        self.smtp = smtp
+        self.commands = commands
+        self.pipelined = smtp.has_extn("pipelining")
+        self.answered = 0
+        if self.pipelined:
+            smtp.send(b"".join(commands))
+
+    def reply(self) -> tuple[int, bytes]:
+        """The reply to the next command (sending it first, in lock step)."""
+        if not self.pipelined:
+            self.smtp.send(self.commands[self.answered])
+        self.answered += 1
+        return self.smtp.getreply()
+
+    def finish(self) -> None:
+        """Read the replies still owed for what was sent; a DATA the server took with
+        no recipient (it should not) is ended with a lone dot (RFC 2920 §3.1)."""
+        if not self.pipelined:
+            return
+        code = 0
+        while self.answered < len(self.commands):
+            code, _ = self.reply()
+        if code == 354:
+            self.smtp.send(b".\r\n")
+            self.smtp.getreply()
+
+
+def _command(smtp: smtplib.SMTP, text: str) -> bytes:
+    """A command line as smtplib's putcmd would send it."""
+    if "\r" in text or "\n" in text:
+        raise ValueError(f"command contains a line break: {text!r}")
+    return f"{text}\r\n".encode(smtp.command_encoding)
+
+
+def mail_command(smtp: smtplib.SMTP, sender: str, options: list[str]) -> bytes:
+    """MAIL FROM, as `smtp.mail(sender, options)` words it."""
     optionlist = ""
     if options and smtp.does_esmtp:
         if any(option.lower() == "smtputf8" for option in options):
@@ -560,24 +611,18 @@ def send_mail(smtp: smtplib.SMTP, sender: str, options: list[str]) -> tuple[int,
                 raise smtplib.SMTPNotSupportedError("SMTPUTF8 not supported by server")
             smtp.command_encoding = "utf-8"
         optionlist = " " + " ".join(options)
-    smtp.putcmd("mail", f"FROM:{_path(sender)}{optionlist}")
-    return smtp.getreply()
+    return _command(smtp, f"mail FROM:{_path(sender)}{optionlist}")
 
 
-def send_rcpt(smtp: smtplib.SMTP, recipient: str, options: list[str]) -> tuple[int, bytes]:
-    """`smtp.rcpt(recipient, options)`."""
+def rcpt_command(smtp: smtplib.SMTP, recipient: str, options: list[str]) -> bytes:
+    """RCPT TO, as `smtp.rcpt(recipient, options)` words it."""
     optionlist = " " + " ".join(options) if options and smtp.does_esmtp else ""
-    smtp.putcmd("rcpt", f"TO:{_path(recipient)}{optionlist}")
-    return smtp.getreply()
+    return _command(smtp, f"rcpt TO:{_path(recipient)}{optionlist}")
 
 
-def send_data(smtp: smtplib.SMTP, content: bytes) -> tuple[int, bytes]:
-    """`smtp.data(content)`: DATA, then the dot-stuffed content and the final dot in
-    one write (a separate small write for the dot would wait for a delayed ACK)."""
-    smtp.putcmd("data")
-    code, reply = smtp.getreply()
-    if code != 354:
-        raise smtplib.SMTPDataError(code, reply)
+def send_content(smtp: smtplib.SMTP, content: bytes) -> tuple[int, bytes]:
+    """After 354: the dot-stuffed content and the final dot in one write (a separate
+    small write for the dot would wait for a delayed ACK), as `smtp.data` sends them."""
     stuffed = content.replace(b"\n.", b"\n..")
     if stuffed.startswith(b"."):
         stuffed = b"." + stuffed

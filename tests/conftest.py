@@ -58,9 +58,18 @@ class SinkHandler:
         self.rcpt_replies: dict[str, str] = {}
         self.mail_reply: str | None = None
         self.data_reply: str | None = None
+        self.pipelining = True  # offered in EHLO, as Postfix and most upstreams do
+        self.pipelined: list[bool] = []  # per MAIL: DATA had already arrived with it
         self.cond = threading.Condition()
 
+    async def handle_EHLO(self, server, session, envelope, hostname, responses):
+        session.host_name = hostname
+        if self.pipelining:
+            return [*responses[:-1], "250-PIPELINING", responses[-1]]
+        return responses
+
     async def handle_MAIL(self, server, session, envelope, address, options):
+        self.pipelined.append(b"\nDATA\r\n" in bytes(server._reader._buffer))
         if self.mail_reply:
             return self.mail_reply
         # aiosmtpd spells the null sender "<>"; record it as the empty address.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from conftest import Sink, spool_files, wait_until, write_config
 
 from smarthost.config import load_config
@@ -21,7 +22,14 @@ def spool_empty(relay) -> bool:
     return not any(files[d] for d in ("msg", "queue", "active", "tmp"))
 
 
-def test_message_goes_through_with_body_bytes_intact(relay, sink, events):
+@pytest.fixture(params=["pipelined", "lock-step"])
+def upstream_mode(request, sink) -> str:
+    """The upstream offers PIPELINING (the commands go in one write) or does not."""
+    sink.handler.pipelining = request.param == "pipelined"
+    return request.param
+
+
+def test_message_goes_through_with_body_bytes_intact(relay, sink, events, upstream_mode):
     queue_id = relay.send("a@client.test", ["b@dest.test"], BODY)
     (msg,) = sink.wait_for(1)
     assert msg.mail_from == "a@client.test"
@@ -48,7 +56,7 @@ def test_many_messages_many_sessions(relay, sink):
     wait_until(lambda: spool_empty(relay), what="the spool to empty")
 
 
-def test_per_recipient_state_only_unfinished_are_retried(relay, sink, events):
+def test_per_recipient_state_only_unfinished_are_retried(relay, sink, events, upstream_mode):
     sink.handler.rcpt_replies["later@dest.test"] = "451 4.2.0 try later"
     sink.handler.rcpt_replies["gone@dest.test"] = "550 5.1.1 no such user"
     queue_id = relay.send(
@@ -85,7 +93,7 @@ def test_per_recipient_state_only_unfinished_are_retried(relay, sink, events):
     assert len(events.events("dsn_queued", queue_id=queue_id)) == 1
 
 
-def test_data_5xx_fails_every_recipient_with_one_dsn(relay, sink, events):
+def test_data_5xx_fails_every_recipient_with_one_dsn(relay, sink, events, upstream_mode):
     sink.handler.data_reply = "554 5.6.0 content rejected"
     queue_id = relay.send("a@client.test", ["x@dest.test", "y@dest.test"], BODY)
     wait_until(lambda: len(events.events("failed", queue_id=queue_id)) == 2, what="failures")
@@ -99,7 +107,7 @@ def test_data_5xx_fails_every_recipient_with_one_dsn(relay, sink, events):
     assert sink.messages == []
 
 
-def test_mail_4xx_defers_the_message(relay, sink, events):
+def test_mail_4xx_defers_the_message(relay, sink, events, upstream_mode):
     sink.handler.mail_reply = "452 4.3.1 mailbox full for now"
     queue_id = relay.send("a@client.test", ["x@dest.test"], BODY)
     deferred = wait_until(lambda: events.events("deferred", queue_id=queue_id), what="deferral")
@@ -107,6 +115,34 @@ def test_mail_4xx_defers_the_message(relay, sink, events):
     assert deferred[0]["next_attempt"].endswith("+00:00")
     sink.handler.mail_reply = None
     assert sink.wait_for(1)[0].rcpt_tos == ["x@dest.test"]
+
+
+def test_mail_rcpt_and_data_go_in_one_write_when_the_upstream_offers_pipelining(
+    relay, sink, upstream_mode
+):
+    relay.send("a@client.test", ["x@dest.test", "y@dest.test"], BODY)
+    (msg,) = sink.wait_for(1)
+    assert msg.rcpt_tos == ["x@dest.test", "y@dest.test"]
+    assert sink.handler.pipelined == [upstream_mode == "pipelined"]
+
+
+def test_a_transaction_with_every_recipient_refused_leaves_the_session_usable(
+    relay, sink, events, upstream_mode
+):
+    """Pipelined, DATA was sent with the RCPTs: its refusal is read, so the next message
+    on the same session gets its own replies."""
+    sink.handler.rcpt_replies["gone@dest.test"] = "550 5.1.1 no such user"
+    sink.handler.rcpt_replies["also-gone@dest.test"] = "550 5.1.1 no such user"
+    refused = relay.send("a@client.test", ["gone@dest.test", "also-gone@dest.test"], BODY)
+    wait_until(lambda: len(events.events("failed", queue_id=refused)) == 2, what="failures")
+    assert not [m for m in sink.messages if "gone@dest.test" in m.rcpt_tos]
+    delivered = relay.send("a@client.test", ["ok@dest.test"], BODY)
+    (msg,) = wait_until(
+        lambda: [m for m in sink.messages if m.rcpt_tos == ["ok@dest.test"]], what="delivery"
+    )
+    assert delivered.encode() in msg.content
+    (event,) = wait_until(lambda: events.events("delivered", queue_id=delivered), what="event")
+    assert event["recipients"] == ["ok@dest.test"]
 
 
 def test_backend_down_then_back(tmp_path, relay_factory, events):
