@@ -10,6 +10,7 @@ import re
 import smtplib
 import socket
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -449,6 +450,39 @@ def test_fast_address_path_covers_ordinary_addresses(arg):
     theirs = SMTP.__new__(SMTP)
     ours.local_part_limit = theirs.local_part_limit = 0
     assert RelaySMTP._getaddr(ours, arg) == SMTP._getaddr(theirs, arg)
+
+
+# -- session bookkeeping ------------------------------------------------------------
+
+
+def test_each_command_pushes_the_session_timeout_out_and_idling_ends_it(
+    tmp_path, sink, relay_factory
+):
+    relay = relay_factory(smtp_config(tmp_path, sink.port, 'timeout = "1s"'))
+    with contextlib.closing(session(relay)) as client:
+        started = time.monotonic()
+        while time.monotonic() - started < 2.5:  # 2.5 timeouts, a command every 0.3 s
+            assert client.noop()[0] == 250
+            time.sleep(0.3)
+        idle_from = time.monotonic()
+        # The relay closes the idle session: the next read sees the end.
+        client.sock.settimeout(10)
+        end = client.sock.recv(1024)
+        assert end == b"" or end.startswith(b"421"), end
+        assert 0.7 < time.monotonic() - idle_from < 5
+
+
+def test_long_lines_are_still_refused_with_a_large_read_ahead(relay, sink):
+    with contextlib.closing(session(relay)) as client:
+        client.mail("a@client.test")
+        client.rcpt("b@dest.test")
+        code, _ = client.data(b"Subject: long\r\n\r\n" + b"x" * 2000 + b"\r\n")
+        assert code == 500
+        client.rset()
+        big = (b"Subject: big\r\n\r\n" + b"y" * 900 + b"\r\n") * 600  # ~550 KB
+        assert client.sendmail("a@client.test", ["b@dest.test"], big) == {}
+    (msg,) = sink.wait_for(1, timeout=30)
+    assert msg.content.endswith(big)
 
 
 # -- the commit thread ----------------------------------------------------------------
