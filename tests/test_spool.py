@@ -39,11 +39,51 @@ from smarthost.spool import (
 CONTENT = [b"Subject: hi\r\nMessage-ID: <x@y>\r\n", b"\r\nbody \xc3\xa9\r\n.dot\r\n"]
 
 
-@pytest.fixture
-def spool(tmp_path: Path) -> Spool:
+@pytest.fixture(params=["syncfs", "fsync"])
+def spool(tmp_path: Path, request) -> Spool:
+    """A spool that commits with syncfs(2) (Linux 5.8+), or with fsyncs, as elsewhere."""
     s = Spool(str(tmp_path / "spool"))
+    if request.param == "fsync":
+        s._syncfs = None
+    elif s._syncfs is None:
+        pytest.skip("no syncfs(2) that reports errors here (Linux 5.8+)")
     s.create()
     return s
+
+
+def uses_syncfs(spool: Spool) -> bool:
+    return spool._syncfs is not None
+
+
+def failing_sync(spool: Spool, monkeypatch, err: int, *, call: int = 1, then=None) -> list:
+    """Make the `call`-th step that makes the commit durable fail with `err`: with syncfs
+    1 is the data and 2 the names; with fsyncs, the `call`-th fsync. `then` runs first."""
+    calls: list = []
+    if uses_syncfs(spool):
+        real = spool._syncfs
+
+        def syncfs(fd: int) -> None:
+            calls.append(fd)
+            if len(calls) == call:
+                if then:
+                    then()
+                raise OSError(err, os.strerror(err))
+            real(fd)
+
+        monkeypatch.setattr(spool, "_syncfs", syncfs)
+        return calls
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        calls.append(fd)
+        if len(calls) == call:
+            if then:
+                then()
+            raise OSError(err, os.strerror(err))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(smarthost.spool.os, "fsync", fsync)
+    return calls
 
 
 def make_envelope(**changes) -> Envelope:
@@ -157,30 +197,59 @@ def count_fsyncs(monkeypatch) -> dict[str, int]:
     return counts
 
 
-def test_a_commit_makes_one_fsync_of_data_and_one_of_each_directory(spool, monkeypatch):
-    counts = count_fsyncs(monkeypatch)
-    committed(spool)
-    assert counts == {"files": 1, "directories": 2}
+def count_syncfs(spool: Spool, monkeypatch) -> list[int]:
+    calls: list[int] = []
+    real = spool._syncfs
+
+    def syncfs(fd: int) -> None:
+        calls.append(fd)
+        real(fd)
+
+    if real is not None:
+        monkeypatch.setattr(spool, "_syncfs", syncfs)
+    return calls
 
 
-def test_messages_committed_together_share_the_directory_fsyncs(spool, monkeypatch):
+@pytest.mark.parametrize("batch", [1, 5])
+def test_a_group_commit_makes_its_data_then_its_names_durable_once(spool, monkeypatch, batch):
     counts = count_fsyncs(monkeypatch)
-    envs = [make_envelope() for _ in range(5)]
-    assert spool.commit_many([(env, CONTENT) for env in envs]) == [None] * 5
-    assert counts == {"files": 5, "directories": 2}
+    syncs = count_syncfs(spool, monkeypatch)
+    envs = [make_envelope() for _ in range(batch)]
+    assert spool.commit_many([(env, CONTENT) for env in envs]) == [None] * batch
+    if uses_syncfs(spool):
+        assert (counts, len(syncs)) == ({"files": 0, "directories": 0}, 2)
+    else:  # each file's data, then msg/ and queue/
+        assert (counts, len(syncs)) == ({"files": batch, "directories": 2}, 0)
     assert sorted(visible(spool)[QUEUE]) == sorted(env.id for env in envs)
     for env in envs:
         assert spool.read_envelope(QUEUE, env.id) == env
+
+
+def test_a_slow_syncfs_gives_way_to_fsyncs_for_a_while(spool, monkeypatch):
+    if not uses_syncfs(spool):
+        pytest.skip("about syncfs")
+    real = spool._syncfs
+    monkeypatch.setattr(smarthost.spool, "SLOW_SYNCFS", 0.0)  # every syncfs is slow now
+    committed(spool)
+    counts = count_fsyncs(monkeypatch)
+    syncs = count_syncfs(spool, monkeypatch)
+    committed(spool)
+    assert (counts["files"], len(syncs)) == (1, 0)
+    spool._syncfs_rest_until = 0.0  # the rest is over
+    spool._syncfs = real
+    syncs = count_syncfs(spool, monkeypatch)
+    committed(spool)
+    assert len(syncs) == 2
 
 
 def test_one_failed_message_of_a_group_commit_leaves_the_others(spool, monkeypatch):
     envs = [make_envelope() for _ in range(3)]
     real_write_tmp = spool._write_tmp
 
-    def write_tmp(queue_id, *args):
+    def write_tmp(queue_id, *args, **kwargs):
         if queue_id == envs[1].id:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return real_write_tmp(queue_id, *args)
+        return real_write_tmp(queue_id, *args, **kwargs)
 
     monkeypatch.setattr(spool, "_write_tmp", write_tmp)
     first, second, third = spool.commit_many([(env, CONTENT) for env in envs])
@@ -260,23 +329,6 @@ def test_commit_sets_next_attempt_as_mtime(spool):
     assert dict(spool.scan()) == pytest.approx({env.id: due}, abs=1e-3)
 
 
-def failing_fsync(monkeypatch, err: int, *, call: int = 1, only_dirs: bool = False) -> list[int]:
-    """Make the `call`-th fsync (counting only directories if `only_dirs`) fail with `err`."""
-    real_fsync = os.fsync
-    calls: list[int] = []
-
-    def fsync(fd: int) -> None:
-        if only_dirs and not stat.S_ISDIR(os.fstat(fd).st_mode):
-            return real_fsync(fd)
-        calls.append(fd)
-        if len(calls) == call:
-            raise OSError(err, os.strerror(err))
-        return real_fsync(fd)
-
-    monkeypatch.setattr(smarthost.spool.os, "fsync", fsync)
-    return calls
-
-
 def failing_write(monkeypatch, err: int) -> None:
     """Writes into spool files get half their bytes on disk, then fail with `err`."""
 
@@ -294,9 +346,9 @@ def failing_write(monkeypatch, err: int) -> None:
 @pytest.mark.parametrize(
     ("err", "no_space"), [(errno.ENOSPC, True), (errno.EDQUOT, True), (errno.EIO, False)]
 )
-@pytest.mark.parametrize("call", [1, 2], ids=["file-fsync", "msg-dir-fsync"])
-def test_commit_fsync_failure_leaves_nothing(spool, monkeypatch, err, no_space, call):
-    calls = failing_fsync(monkeypatch, err, call=call)
+@pytest.mark.parametrize("call", [1, 2], ids=["data", "names"])
+def test_commit_sync_failure_leaves_nothing(spool, monkeypatch, err, no_space, call):
+    calls = failing_sync(spool, monkeypatch, err, call=call)
     env = make_envelope()
     with pytest.raises(SpoolError) as caught:
         spool.commit(env, CONTENT)
@@ -304,6 +356,15 @@ def test_commit_fsync_failure_leaves_nothing(spool, monkeypatch, err, no_space, 
     assert caught.value.errno == err
     assert caught.value.no_space is no_space
     assert env.id in str(caught.value)
+    assert visible(spool) == {}
+
+
+def test_a_failed_sync_fails_the_whole_batch_and_leaves_nothing(spool, monkeypatch):
+    # syncfs: the batch's data; fsyncs: msg/, after the four files' own.
+    failing_sync(spool, monkeypatch, errno.EIO, call=1 if uses_syncfs(spool) else 5)
+    envs = [make_envelope() for _ in range(4)]
+    results = spool.commit_many([(env, CONTENT) for env in envs])
+    assert all(isinstance(r, SpoolError) for r in results)
     assert visible(spool) == {}
 
 
@@ -317,10 +378,12 @@ def test_commit_write_failure_leaves_nothing(spool, monkeypatch, err, no_space):
     assert visible(spool) == {}
 
 
-@pytest.mark.parametrize("call", [1, 2], ids=["msg-dir-fsync", "queue-dir-fsync"])
+@pytest.mark.parametrize("call", [2, 3], ids=["msg-dir-fsync", "queue-dir-fsync"])
 def test_commit_directory_fsync_failure_leaves_nothing(spool, monkeypatch, call):
     """The client gets 4xx for this message, so no half of it may stay in the spool."""
-    calls = failing_fsync(monkeypatch, errno.EIO, call=call, only_dirs=True)
+    if uses_syncfs(spool):
+        pytest.skip("fsyncs only (one syncfs makes the names durable)")
+    calls = failing_sync(spool, monkeypatch, errno.EIO, call=call)
     env = make_envelope()
     with pytest.raises(SpoolError):
         spool.commit(env, CONTENT)
@@ -328,18 +391,14 @@ def test_commit_directory_fsync_failure_leaves_nothing(spool, monkeypatch, call)
     assert visible(spool) == {}
 
 
-def test_commit_directory_fsync_failure_after_a_claim_keeps_the_message(spool, monkeypatch):
+def test_commit_names_sync_failure_after_a_claim_keeps_the_message(spool, monkeypatch):
     """A worker that claimed the envelope in the meantime keeps its content (at-least-once)."""
-    real_fsync = os.fsync
     env = make_envelope()
 
-    def fsync(fd: int) -> None:
-        if stat.S_ISDIR(os.fstat(fd).st_mode) and os.path.exists(spool.path(QUEUE, env.id)):
-            assert spool.claim(env.id) == env  # a sender thread gets there first
-            raise OSError(errno.EIO, os.strerror(errno.EIO))
-        real_fsync(fd)
+    def a_sender_thread_gets_there_first():
+        assert spool.claim(env.id) == env
 
-    monkeypatch.setattr(smarthost.spool.os, "fsync", fsync)
+    failing_sync(spool, monkeypatch, errno.EIO, call=2, then=a_sender_thread_gets_there_first)
     with pytest.raises(SpoolError):
         spool.commit(env, CONTENT)
     assert visible(spool) == {ACTIVE: [env.id], MSG: [env.id]}
@@ -347,7 +406,7 @@ def test_commit_directory_fsync_failure_after_a_claim_keeps_the_message(spool, m
 
 
 def test_commit_works_again_after_the_fault_is_gone(spool, monkeypatch):
-    failing_fsync(monkeypatch, errno.ENOSPC)
+    failing_sync(spool, monkeypatch, errno.ENOSPC)
     with pytest.raises(SpoolError):
         spool.commit(make_envelope(), CONTENT)
     monkeypatch.undo()

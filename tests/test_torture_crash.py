@@ -331,13 +331,14 @@ def test_a_live_queue_commands_claim_stays_in_active(tmp_path):
 
 # -- 2. kill -9 at precise moments of a commit --------------------------------------------
 
-# (name, rule, the envelope is in queue/ after the kill). Every step of Spool.commit:
-# the one file (envelope, then content) written and fsynced in tmp/, renamed into msg/,
-# hard-linked into queue/ (the commit point), then both directories fsynced.
+# (name, rule, the envelope is in queue/ after the kill). Every step of Spool.commit,
+# here with syncfs (Linux 5.8+): the one file (envelope, then content) written in tmp/,
+# the data made durable (the first syncfs), renamed into msg/, hard-linked into queue/
+# (the commit point), then the names made durable (the second syncfs).
 COMMIT_MOMENTS = [
     ("open-content", {"op": "open", "path": "tmp_msg"}, False),
     ("content-half-written", {"op": "write", "path": "tmp_msg", "partial": True}, False),
-    ("before-content-fsync", {"op": "fsync", "path": "tmp_msg"}, False),
+    ("before-data-syncfs", {"op": "syncfs", "path": "root_dir", "nth": 1}, False),
     ("after-rename-into-msg", {"op": "rename", "path": "tmp_msg", "when": "after"}, False),
     ("before-link-into-queue", {"op": "link", "path": "msg", "dst": "queue"}, False),
     (
@@ -345,8 +346,7 @@ COMMIT_MOMENTS = [
         {"op": "link", "path": "msg", "dst": "queue", "when": "after"},
         True,
     ),
-    ("before-msg-dir-fsync", {"op": "fsync", "path": "msg_dir"}, True),
-    ("before-queue-dir-fsync", {"op": "fsync", "path": "queue_dir"}, True),
+    ("before-names-syncfs", {"op": "syncfs", "path": "root_dir", "nth": 2}, True),
 ]
 DEFAULT_COMMIT_MOMENTS = {"content-half-written", "after-link-into-queue"}
 
@@ -375,7 +375,7 @@ def test_kill_9_at_each_step_of_a_commit(tmp_path, sink, faulty, torture_size, t
         (fired,) = proc.fired(pid)
         assert fired["op"] == rule["op"], (name, fired)
         files = spool_files(spool)
-        if fired["path"].endswith(("/msg", "/queue")):  # a directory's fsync
+        if fired["op"] == "syncfs" or fired["path"].endswith(("/msg", "/queue")):
             queue_id = (files["queue"] or files["active"] or ["?"])[0]
         else:
             queue_id = queue_id_of(fired["path"])

@@ -58,11 +58,10 @@ COMMIT_FAULTS = [
     ("open-content", {"op": "open", "path": "tmp_msg"}, False),
     ("write-content", {"op": "write", "path": "tmp_msg"}, False),
     ("short-write-content", {"op": "write", "path": "tmp_msg", "partial": True}, False),
-    ("fsync-content", {"op": "fsync", "path": "tmp_msg"}, False),
+    ("syncfs-data", {"op": "syncfs", "path": "root_dir", "nth": 1}, False),
     ("rename-content", {"op": "rename", "path": "tmp_msg"}, False),
     ("link-into-queue", {"op": "link", "path": "msg", "dst": "queue"}, False),
-    ("fsync-msg-dir", {"op": "fsync", "path": "msg_dir"}, True),
-    ("fsync-queue-dir", {"op": "fsync", "path": "queue_dir"}, True),
+    ("syncfs-names", {"op": "syncfs", "path": "root_dir", "nth": 2}, True),
 ]
 
 

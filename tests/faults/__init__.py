@@ -13,7 +13,8 @@ Rules come from ``$SMARTHOST_FAULTS``: inline JSON (a list of rules, or one rule
 the path of a JSON file that the test may rewrite while the process runs (it is
 re-read when it changes, and every rule's counter starts again). Each rule::
 
-    {"op": "rename",            # or a list: open write fsync rename link unlink utime chmod mkdir
+    {"op": "rename",            # or a list: open write fsync syncfs rename link unlink
+                                # utime chmod mkdir
      "path": "/tmp/.*\\.env$",  # regex searched in the path (rename, link: the source)
      "dst": "/queue/",          # rename and link only: regex searched in the destination
      "nth": 1,                  # fire at the nth matching call (counting from 1) ...
@@ -37,6 +38,7 @@ Every fault that fires (and the installation itself) is appended as one JSON lin
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import json
@@ -334,6 +336,24 @@ def _link(src: Any, dst: Any, **kwargs: Any) -> None:
     return _guarded("link", _real["link"], src, src, dst, dst=dst, **kwargs)
 
 
+def _libc_syncfs() -> Any:
+    import ctypes
+
+    function = ctypes.CDLL(None, use_errno=True).syncfs
+
+    def syncfs(fd: int) -> None:
+        if function(fd) != 0:
+            code = ctypes.get_errno()
+            raise OSError(code, os.strerror(code))
+
+    return syncfs
+
+
+def _syncfs(fd: Any) -> None:
+    # smarthost takes syncfs from libc, or from os first if os has one: this one.
+    return _guarded("syncfs", _real["syncfs"], fd, fd)
+
+
 def _replace(src: Any, dst: Any, **kwargs: Any) -> None:
     return _guarded("rename", _real["replace"], src, src, dst, dst=dst, **kwargs)
 
@@ -372,6 +392,9 @@ def install(source: str | None = None, log_path: str | None = None) -> bool:
     os.rename = _rename  # type: ignore[assignment]
     os.replace = _replace  # type: ignore[assignment]
     os.link = _link  # type: ignore[assignment]
+    with contextlib.suppress(OSError, AttributeError):  # no syncfs: the relay fsyncs
+        _real["syncfs"] = _libc_syncfs()
+        os.syncfs = _syncfs  # type: ignore[attr-defined]
     os.unlink = _unlink  # type: ignore[assignment]
     os.remove = _unlink  # type: ignore[assignment]
     os.utime = _utime  # type: ignore[assignment]
