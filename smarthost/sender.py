@@ -122,9 +122,11 @@ class Sender:
         """A reloaded config: attempts from now on use these upstreams."""
         self.config, self.upstreams = config, upstreams
 
-    def attempt(self, env: Envelope) -> Attempt:
+    def attempt(self, env: Envelope, content: bytes | None = None) -> Attempt:
+        """Carry the message (its content, if the claim read it already) upstream."""
         result = Attempt()
-        content = self.spool.read_message(env.id, env.size)
+        if content is None:
+            content = self.spool.read_message(env.id, env.size)
         for group, rcpts in self.upstreams.partition(env).items():
             self._attempt_group(env, group, rcpts, content, result)
         return result

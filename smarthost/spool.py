@@ -69,7 +69,7 @@ _NO_LINKS = frozenset({errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLIN
 LOCK_WAIT = 3.0  # seconds a new relay waits for a killed one's delivery process
 SLOW_SYNCFS = 0.25  # seconds: a syncfs this slow flushed someone else's writes too
 SYNCFS_REST = 60.0  # seconds of per-file fsyncs after a slow syncfs
-_ENVELOPE_READ = 8192  # an envelope is read in blocks this big, not with its content
+_ENVELOPE_READ = 65536  # an envelope is read in blocks this big (most mail is one)
 _LOCK_NAME = ".lock"
 # Held shared by each queue command that claims mail; see Spool.command_claims().
 _COMMANDS_LOCK_NAME = ".commands"
@@ -512,27 +512,46 @@ class Spool:
     # -- reading -------------------------------------------------------------
 
     def read_envelope(self, state: str, queue_id: str) -> Envelope:
-        env = Envelope.from_bytes(self.envelope_bytes(state, queue_id))
+        return self._parse_envelope(self.envelope_bytes(state, queue_id), queue_id)
+
+    @staticmethod
+    def _parse_envelope(data: bytes, queue_id: str) -> Envelope:
+        env = Envelope.from_bytes(data)
         if env.id != queue_id:
             raise CorruptEnvelope(f"the envelope in {queue_id} names {env.id[:32]!r}")
         return env
 
     def envelope_bytes(self, state: str, queue_id: str) -> bytes:
         """The envelope's JSON, without the content a commit's file carries after it."""
-        path = self.path(state, queue_id)
+        return self._read_state_file(state, queue_id)[0]
+
+    def _read_state_file(self, state: str, queue_id: str) -> tuple[bytes, bytes | None]:
+        """(the envelope's JSON, the content after it if the file was read whole).
+
+        Read in blocks until the envelope's line ends: most mail is one block, so a
+        claim has the content too without reading the file again.
+        """
+        fd = os.open(self.path(state, queue_id), os.O_RDONLY | os.O_NOFOLLOW)
         try:
-            with open(path, "rb") as f:
-                data = f.read(_ENVELOPE_READ)
-                if not data.startswith(EMBEDDED):
-                    return data + f.read()
-                while (end := data.find(b"\n")) < 0:
-                    more = f.read(_ENVELOPE_READ)
-                    if not more:
-                        raise CorruptEnvelope(f"the envelope in {queue_id} has no end")
-                    data += more
+            data = os.read(fd, _ENVELOPE_READ)
+            whole = len(data) < _ENVELOPE_READ  # a short read of a file is its end
+            if not data.startswith(EMBEDDED):
+                return (data if whole else data + _read_rest(fd)), None
+            while (end := data.find(b"\n")) < 0:
+                if whole:
+                    raise CorruptEnvelope(f"the envelope in {queue_id} has no end")
+                more = os.read(fd, _ENVELOPE_READ)
+                whole = len(more) < _ENVELOPE_READ
+                data += more
         except IsADirectoryError:
             raise CorruptEnvelope(f"{queue_id} is a directory") from None
-        return data[len(EMBEDDED) : end]
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise CorruptEnvelope(f"{queue_id} is a symbolic link") from None
+            raise
+        finally:
+            os.close(fd)
+        return data[len(EMBEDDED) : end], (data[end + 1 :] if whole else None)
 
     def read_message(self, queue_id: str, size: int | None = None) -> bytes:
         """The content; with `size` (the envelope's), a shorter or longer file is corrupt."""
@@ -542,9 +561,7 @@ class Spool:
             if end < 0:
                 raise CorruptEnvelope("the message file's envelope has no end")
             data = data[end + 1 :]
-        if size and len(data) != size:
-            raise CorruptEnvelope(f"message content is {len(data)} bytes, not {size}")
-        return data
+        return _of_size(data, size)
 
     def scan(self, state: str = QUEUE) -> Iterator[tuple[str, float]]:
         """Yield (queue_id, due time) for each envelope in `state`, from stat() only."""
@@ -588,10 +605,18 @@ class Spool:
 
     def claim(self, queue_id: str) -> Envelope | None:
         """Move a waiting message to active/ for one worker; None if it is gone."""
+        claimed = self.claim_message(queue_id)
+        return claimed[0] if claimed else None
+
+    def claim_message(self, queue_id: str) -> tuple[Envelope, bytes | None] | None:
+        """`claim`, with the content when the envelope's file carried it whole (else
+        None: `read_message` reads it)."""
         if not self.move(queue_id, QUEUE, ACTIVE, durable=False):
             return None
         try:
-            return self.read_envelope(ACTIVE, queue_id)
+            data, content = self._read_state_file(ACTIVE, queue_id)
+            env = self._parse_envelope(data, queue_id)
+            return env, None if content is None else _of_size(content, env.size)
         except CorruptEnvelope as exc:
             self.quarantine(queue_id, ACTIVE, str(exc))
         except FileNotFoundError:
@@ -709,6 +734,20 @@ class Spool:
 
 def _commit_error(env: Envelope, exc: OSError) -> SpoolError:
     return SpoolError(exc.errno, f"cannot commit {env.id}: {exc.strerror or exc}")
+
+
+def _of_size(content: bytes, size: int | None) -> bytes:
+    """The content, if it has the envelope's `size`: a shorter or longer one is corrupt."""
+    if size and len(content) != size:
+        raise CorruptEnvelope(f"message content is {len(content)} bytes, not {size}")
+    return content
+
+
+def _read_rest(fd: int) -> bytes:
+    chunks = []
+    while chunk := os.read(fd, 1 << 20):
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _read_file(path: str) -> bytes:

@@ -291,6 +291,31 @@ def test_the_envelope_is_read_without_the_content_after_it(spool):
     assert spool.read_message(env.id, env.size) == b"".join(big)
 
 
+def test_a_claim_brings_the_content_it_read_with_the_envelope(spool):
+    env = committed(spool)
+    claimed, content = spool.claim_message(env.id)
+    assert claimed == env
+    assert content == b"".join(CONTENT)
+
+
+def test_a_claim_of_a_big_message_leaves_the_content_to_read_message(spool):
+    big = [b"Subject: big\r\n\r\n", b"x" * 200_000 + b"\r\n"]
+    env = make_envelope(size=sum(map(len, big)))
+    spool.commit(env, big)
+    claimed, content = spool.claim_message(env.id)
+    assert (claimed, content) == (env, None)
+    assert spool.read_message(env.id, env.size) == b"".join(big)
+
+
+def test_a_claim_of_content_cut_short_quarantines_it(spool, events):
+    env = make_envelope(size=sum(map(len, CONTENT)) + 10)  # the envelope says 10 more
+    spool.commit(env, CONTENT)
+    assert spool.claim_message(env.id) is None
+    assert visible(spool)[CORRUPT] == sorted([f"{env.id}.envelope", f"{env.id}.message"])
+    (event,) = events.events("quarantined", queue_id=env.id)
+    assert "bytes, not" in event["reason"]
+
+
 def test_a_spool_of_the_earlier_two_file_format_is_read(spool):
     """Mail queued by an earlier version: content and envelope in files of their own."""
     env = make_envelope()
