@@ -367,7 +367,7 @@ class Spool:
         """
         results: list[SpoolError | None] = [None] * len(messages)
         syncfs = self._syncfs_now()
-        with self._root_fd(syncfs) as root:
+        with self._queue_fd(syncfs) as queue_fd:
             written: dict[int, str] = {}
             for i, (env, content) in enumerate(messages):
                 try:
@@ -376,9 +376,9 @@ class Spool:
                     written[i] = self._write_tmp(env.id, "msg", first, mtime, sync=not syncfs)
                 except OSError as exc:
                     results[i] = _commit_error(env, exc)
-            if written and root is not None:
+            if written and queue_fd is not None:
                 try:
-                    self._timed_syncfs(root)
+                    self._timed_syncfs(queue_fd)
                 except OSError as exc:
                     for i, path in written.items():
                         _unlink_quietly(path)
@@ -393,8 +393,8 @@ class Spool:
                     results[i] = _commit_error(messages[i][0], exc)
             if queued:
                 try:
-                    if root is not None:
-                        self._timed_syncfs(root)
+                    if queue_fd is not None:
+                        self._timed_syncfs(queue_fd)
                     else:
                         fsync_dir(self.dir(MSG))
                         fsync_dir(self.dir(QUEUE))
@@ -413,10 +413,12 @@ class Spool:
         return self._syncfs
 
     @contextlib.contextmanager
-    def _root_fd(self, wanted: object) -> Iterator[int | None]:
+    def _queue_fd(self, wanted: object) -> Iterator[int | None]:
         # Opened before the batch's writes: syncfs reports the write errors seen since.
+        # queue/, not the root: tmp/, msg/ and queue/ are one file system (renames and
+        # links between them work), the root may be another.
         try:
-            fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY) if wanted else None
+            fd = os.open(self.dir(QUEUE), os.O_RDONLY | os.O_DIRECTORY) if wanted else None
         except OSError:
             fd = None  # per-file fsyncs then, which meet the problem where it is
         if fd is None:

@@ -338,7 +338,7 @@ def test_a_live_queue_commands_claim_stays_in_active(tmp_path):
 COMMIT_MOMENTS = [
     ("open-content", {"op": "open", "path": "tmp_msg"}, False),
     ("content-half-written", {"op": "write", "path": "tmp_msg", "partial": True}, False),
-    ("before-data-syncfs", {"op": "syncfs", "path": "root_dir", "nth": 1}, False),
+    ("before-data-syncfs", {"op": "syncfs", "path": "queue_dir", "nth": 1}, False),
     ("after-rename-into-msg", {"op": "rename", "path": "tmp_msg", "when": "after"}, False),
     ("before-link-into-queue", {"op": "link", "path": "msg", "dst": "queue"}, False),
     (
@@ -346,7 +346,7 @@ COMMIT_MOMENTS = [
         {"op": "link", "path": "msg", "dst": "queue", "when": "after"},
         True,
     ),
-    ("before-names-syncfs", {"op": "syncfs", "path": "root_dir", "nth": 2}, True),
+    ("before-names-syncfs", {"op": "syncfs", "path": "queue_dir", "nth": 2}, True),
 ]
 DEFAULT_COMMIT_MOMENTS = {"content-half-written", "after-link-into-queue"}
 

@@ -58,10 +58,10 @@ COMMIT_FAULTS = [
     ("open-content", {"op": "open", "path": "tmp_msg"}, False),
     ("write-content", {"op": "write", "path": "tmp_msg"}, False),
     ("short-write-content", {"op": "write", "path": "tmp_msg", "partial": True}, False),
-    ("syncfs-data", {"op": "syncfs", "path": "root_dir", "nth": 1}, False),
+    ("syncfs-data", {"op": "syncfs", "path": "queue_dir", "nth": 1}, False),
     ("rename-content", {"op": "rename", "path": "tmp_msg"}, False),
     ("link-into-queue", {"op": "link", "path": "msg", "dst": "queue"}, False),
-    ("syncfs-names", {"op": "syncfs", "path": "root_dir", "nth": 2}, True),
+    ("syncfs-names", {"op": "syncfs", "path": "queue_dir", "nth": 2}, True),
 ]
 
 

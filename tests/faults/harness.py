@@ -66,7 +66,6 @@ def spool_patterns(spool: Path) -> dict[str, str]:
         "queue": rf"^{root}/queue/",
         "active": rf"^{root}/active/",
         "hold": rf"^{root}/hold/",
-        "root_dir": rf"^{root}$",
         "msg_dir": rf"^{root}/msg$",
         "queue_dir": rf"^{root}/queue$",
         "active_dir": rf"^{root}/active$",
