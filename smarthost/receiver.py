@@ -150,13 +150,14 @@ class RelaySMTP(SMTP):
         # and resumed it: two epoll_ctl calls. Lines keep their limit; the socket is
         # paused only past READ_AHEAD.
         reader = self._stream_reader
-        if reader is None:
+        limit = getattr(reader, "_limit", None)  # asyncio's own name, 3.9 to 3.13
+        if not isinstance(limit, int):
             return super().data_received(data)
-        limit, reader._limit = reader._limit, READ_AHEAD // 2  # type: ignore[attr-defined]
+        reader._limit = READ_AHEAD // 2  # type: ignore[union-attr]
         try:
             super().data_received(data)
         finally:
-            reader._limit = limit  # type: ignore[attr-defined]
+            reader._limit = limit  # type: ignore[union-attr]
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if self._original_transport is None and not self._holds_slot:
