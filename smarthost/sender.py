@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 import re
 import smtplib
+import socket
 import ssl
 import subprocess
 import threading
@@ -561,6 +562,9 @@ def _path(address: str) -> str:
     return smtplib.quoteaddr(address)
 
 
+_QUICKACK = getattr(socket, "TCP_QUICKACK", None)  # Linux
+
+
 class Exchange:
     """The commands of one transaction, and their replies in order.
 
@@ -581,6 +585,11 @@ class Exchange:
         """The reply to the next command (sending it first, in lock step)."""
         if not self.pipelined:
             self.smtp.send(self.commands[self.answered])
+        elif _QUICKACK is not None and self.smtp.sock is not None:
+            # A server that writes each reply on its own with Nagle on holds the next
+            # one until our ACK, which the kernel delays 40 ms while we send nothing:
+            # ACK at once while replies are owed (the flag lasts until the next read).
+            self.smtp.sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
         self.answered += 1
         return self.smtp.getreply()
 

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import socket
+import threading
+import time
 from pathlib import Path
 
 import pytest
-from conftest import Sink, spool_files, wait_until, write_config
+from aiosmtpd.smtp import SMTP
+from conftest import Sink, SinkHandler, spool_files, wait_until, write_config
 
 from smarthost.config import load_config
 from smarthost.spool import DEFERRED, DELIVERED, FAILED_RCPT, QUEUE
@@ -201,3 +206,68 @@ def test_a_mail_loop_is_refused(relay, sink):
         code, msg = client.data(looped + b"Subject: loop\r\n\r\nbody\r\n")
     assert code == 554 and msg.startswith(b"5.4.6")
     assert sink.messages == []
+
+
+class NagleSink:
+    """The test sink's handler behind a server that leaves Nagle's algorithm on (as a
+    listening socket made without IPPROTO_TCP does in asyncio) and writes each reply
+    on its own: it holds a pipelined group's later replies until our ACK."""
+
+    def __init__(self) -> None:
+        self.handler = SinkHandler()
+        self.loop = asyncio.new_event_loop()
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)  # proto 0
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.sessions: list[SMTP] = []
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+
+    def _session(self) -> SMTP:
+        self.sessions.append(SMTP(self.handler))
+        return self.sessions[-1]
+
+    def start(self) -> NagleSink:
+        self.thread.start()
+        self.server = self._run(self.loop.create_server(self._session, sock=self.sock))
+        return self
+
+    def _run(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(5)
+
+    async def _close(self) -> None:
+        self.server.close()
+        for session in self.sessions:
+            if session.transport is not None:
+                session.transport.close()
+        await asyncio.sleep(0.1)  # let the sessions see their end
+
+    def stop(self) -> None:
+        self._run(self._close())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+        self.loop.close()
+
+
+@pytest.fixture
+def nagle_sink():
+    sink = NagleSink().start()
+    yield sink
+    sink.stop()
+
+
+def test_pipelining_to_a_server_that_holds_replies_for_an_ack_costs_no_delayed_ack(
+    nagle_sink, tmp_path, relay_factory
+):
+    """Without an ACK at once, each message would wait for the kernel's delayed ACK
+    (40 ms): 30 messages on one session, over a second."""
+    path = write_config(tmp_path, nagle_sink.port)
+    path.write_text(path.read_text() + "max_connections = 1\n")
+    relay = relay_factory(load_config(path))
+    relay.send("a@client.test", ["first@dest.test"], BODY)  # the session is open
+    wait_until(lambda: len(nagle_sink.handler.messages) == 1, what="the first message")
+    assert nagle_sink.handler.pipelined == [True]
+    started = time.monotonic()
+    for n in range(30):
+        relay.send("a@client.test", [f"r{n}@dest.test"], BODY)
+    wait_until(lambda: len(nagle_sink.handler.messages) == 31, what="30 more messages")
+    assert time.monotonic() - started < 1.0  # ~0.1 s; stalled, 30 x 40 ms at least
