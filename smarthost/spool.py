@@ -144,7 +144,7 @@ class Envelope:
     def from_bytes(cls, data: bytes) -> Envelope:
         """Parse an envelope file, or the envelope that starts a commit's file."""
         if data.startswith(EMBEDDED):
-            data = data[len(EMBEDDED) : data.find(b"\n")]
+            data = split_commit_file(data)[0]
         try:
             raw = json.loads(data)
             recipients = [Recipient(**r) for r in raw.pop("recipients")]
@@ -539,12 +539,11 @@ class Spool:
             whole = len(data) < _ENVELOPE_READ  # a short read of a file is its end
             if not data.startswith(EMBEDDED):
                 return (data if whole else data + _read_rest(fd)), None
-            while (end := data.find(b"\n")) < 0:
-                if whole:
-                    raise CorruptEnvelope(f"the envelope in {queue_id} has no end")
+            while not whole and b"\n" not in data:
                 more = os.read(fd, _ENVELOPE_READ)
                 whole = len(more) < _ENVELOPE_READ
                 data += more
+            envelope, content = split_commit_file(data)
         except IsADirectoryError:
             raise CorruptEnvelope(f"{queue_id} is a directory") from None
         except OSError as exc:
@@ -553,16 +552,13 @@ class Spool:
             raise
         finally:
             os.close(fd)
-        return data[len(EMBEDDED) : end], (data[end + 1 :] if whole else None)
+        return envelope, (content if whole else None)
 
     def read_message(self, queue_id: str, size: int | None = None) -> bytes:
         """The content; with `size` (the envelope's), a shorter or longer file is corrupt."""
         data = _read_file(self.message_path(queue_id))
         if data.startswith(EMBEDDED):
-            end = data.find(b"\n")
-            if end < 0:
-                raise CorruptEnvelope("the message file's envelope has no end")
-            data = data[end + 1 :]
+            data = split_commit_file(data)[1]
         return _of_size(data, size)
 
     def scan(self, state: str = QUEUE) -> Iterator[tuple[str, float]]:
@@ -732,6 +728,14 @@ class Spool:
         for queue_id in unmatched:
             self.quarantine(queue_id, MSG, "message content without an envelope")
         return len(without_content) + len(unmatched)
+
+
+def split_commit_file(data: bytes) -> tuple[bytes, bytes]:
+    """(envelope JSON, content) of a file a commit wrote (it starts with EMBEDDED)."""
+    end = data.find(b"\n")
+    if end < 0:
+        raise CorruptEnvelope("the envelope at the start of the file has no end")
+    return data[len(EMBEDDED) : end], data[end + 1 :]
 
 
 def _commit_error(env: Envelope, exc: OSError) -> SpoolError:
