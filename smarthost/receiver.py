@@ -375,7 +375,7 @@ class GroupCommitter:
     """The one thread that makes received mail durable, a batch at a time.
 
     Messages whose DATA ends while a batch is being written join the next one, and a
-    batch shares one fsync of each spool directory (group commit, as databases do).
+    batch shares the spool's syncs (group commit, as databases do: Spool.commit_many).
     One thread, not a pool: fewer threads taking turns on the GIL with the event loop.
     """
 
