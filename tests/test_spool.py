@@ -39,16 +39,30 @@ from smarthost.spool import (
 CONTENT = [b"Subject: hi\r\nMessage-ID: <x@y>\r\n", b"\r\nbody \xc3\xa9\r\n.dot\r\n"]
 
 
-@pytest.fixture(params=["syncfs", "fsync"])
-def spool(tmp_path: Path, request) -> Spool:
-    """A spool that commits with syncfs(2) (Linux 5.8+), or with fsyncs, as elsewhere."""
+def make_spool(tmp_path: Path, sync: str) -> Spool:
     s = Spool(str(tmp_path / "spool"))
-    if request.param == "fsync":
+    if sync == "fsync":
         s._syncfs = None
     elif s._syncfs is None:
         pytest.skip("no syncfs(2) that reports errors here (Linux 5.8+)")
     s.create()
     return s
+
+
+@pytest.fixture(params=["syncfs", "fsync"])
+def spool(tmp_path: Path, request) -> Spool:
+    """A spool that commits with syncfs(2) (Linux 5.8+), or with fsyncs, as elsewhere."""
+    return make_spool(tmp_path, request.param)
+
+
+@pytest.fixture
+def syncfs_spool(tmp_path: Path) -> Spool:
+    return make_spool(tmp_path, "syncfs")
+
+
+@pytest.fixture
+def fsync_spool(tmp_path: Path) -> Spool:
+    return make_spool(tmp_path, "fsync")
 
 
 def uses_syncfs(spool: Spool) -> bool:
@@ -225,9 +239,8 @@ def test_a_group_commit_makes_its_data_then_its_names_durable_once(spool, monkey
         assert spool.read_envelope(QUEUE, env.id) == env
 
 
-def test_a_slow_syncfs_gives_way_to_fsyncs_for_a_while(spool, monkeypatch):
-    if not uses_syncfs(spool):
-        pytest.skip("about syncfs")
+def test_a_slow_syncfs_gives_way_to_fsyncs_for_a_while(syncfs_spool, monkeypatch):
+    spool = syncfs_spool
     real = spool._syncfs
     monkeypatch.setattr(smarthost.spool, "SLOW_SYNCFS", 0.0)  # every syncfs is slow now
     committed(spool)
@@ -404,10 +417,9 @@ def test_commit_write_failure_leaves_nothing(spool, monkeypatch, err, no_space):
 
 
 @pytest.mark.parametrize("call", [2, 3], ids=["msg-dir-fsync", "queue-dir-fsync"])
-def test_commit_directory_fsync_failure_leaves_nothing(spool, monkeypatch, call):
+def test_commit_directory_fsync_failure_leaves_nothing(fsync_spool, monkeypatch, call):
     """The client gets 4xx for this message, so no half of it may stay in the spool."""
-    if uses_syncfs(spool):
-        pytest.skip("fsyncs only (one syncfs makes the names durable)")
+    spool = fsync_spool
     calls = failing_sync(spool, monkeypatch, errno.EIO, call=call)
     env = make_envelope()
     with pytest.raises(SpoolError):
