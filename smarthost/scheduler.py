@@ -177,13 +177,22 @@ class Scheduler:
                     self.notify(queue_id)
 
     def _dispatch_due(self, now: float) -> None:
-        while self._idle > 0 and self._heap and self._heap[0][0] <= now:
+        while self._idle > 0:
+            queue_id = self._pop_due(now)
+            if queue_id is None:
+                return
+            self._idle -= 1
+            self._work.put(queue_id)
+
+    def _pop_due(self, now: float) -> str | None:
+        """Take the earliest message due by `now` off the heap (with `_cond` held)."""
+        while self._heap and self._heap[0][0] <= now:
             due, queue_id = heapq.heappop(self._heap)
             if self._index.get(queue_id) != due:
                 continue  # superseded by a later hint
             del self._index[queue_id]
-            self._idle -= 1
-            self._work.put(queue_id)
+            return queue_id
+        return None
 
     def _sleep_time(self, now: float, next_scan: float) -> float:
         wait = next_scan - now
@@ -219,12 +228,9 @@ class Scheduler:
         """After an attempt: a message already due is this worker's at once; else it
         waits for the scheduler (woken only if it has something to time)."""
         with self._cond:
-            now = time.time()
-            while self._heap and self._heap[0][0] <= now and not self._stopping.is_set():
-                due, queue_id = heapq.heappop(self._heap)
-                if self._index.get(queue_id) == due:
-                    del self._index[queue_id]
-                    return queue_id
+            queue_id = None if self._stopping.is_set() else self._pop_due(time.time())
+            if queue_id is not None:
+                return queue_id
             self._idle += 1
             if self._heap or self._times_probes():
                 self._cond.notify()
