@@ -73,10 +73,9 @@ def failing_sync(spool: Spool, monkeypatch, err: int, *, call: int = 1, then=Non
     """Make the `call`-th step that makes the commit durable fail with `err`: with syncfs
     1 is the data and 2 the names; with fsyncs, the `call`-th fsync. `then` runs first."""
     calls: list = []
-    if uses_syncfs(spool):
-        real = spool._syncfs
 
-        def syncfs(fd: int) -> None:
+    def failing(real):
+        def sync(fd: int) -> None:
             calls.append(fd)
             if len(calls) == call:
                 if then:
@@ -84,19 +83,12 @@ def failing_sync(spool: Spool, monkeypatch, err: int, *, call: int = 1, then=Non
                 raise OSError(err, os.strerror(err))
             real(fd)
 
-        monkeypatch.setattr(spool, "_syncfs", syncfs)
-        return calls
-    real_fsync = os.fsync
+        return sync
 
-    def fsync(fd: int) -> None:
-        calls.append(fd)
-        if len(calls) == call:
-            if then:
-                then()
-            raise OSError(err, os.strerror(err))
-        return real_fsync(fd)
-
-    monkeypatch.setattr(smarthost.spool.os, "fsync", fsync)
+    if uses_syncfs(spool):
+        monkeypatch.setattr(spool, "_syncfs", failing(spool._syncfs))
+    else:
+        monkeypatch.setattr(smarthost.spool.os, "fsync", failing(os.fsync))
     return calls
 
 
