@@ -152,9 +152,7 @@ def test_kill_9_at_random_moments_under_load(tmp_path, sink, faulty, torture_siz
         **counts,
         note=f"seed {seed}; in_flight = envelopes in active/ at the kills",
     )
-    ledger.assert_whole(sink)
-    assert counts["lost"] == 0, seed
-    assert counts["duplicated"] <= counts["in_flight"], (seed, ledger.copies(sink).most_common(5))
+    ledger.assert_safe(sink, counts, seed)
     assert not problems(proc.records())
 
 
@@ -271,9 +269,7 @@ def test_kill_9_of_the_delivery_process_alone(tmp_path, sink, faulty, torture_si
         **counts,
         note=f"seed {seed}; replaced by the relay each time; in_flight = claims at the kills",
     )
-    ledger.assert_whole(sink)
-    assert counts["lost"] == 0, seed
-    assert counts["duplicated"] <= counts["in_flight"], (seed, ledger.copies(sink).most_common(5))
+    ledger.assert_safe(sink, counts, seed)
     assert not [r for r in problems(proc.records()) if r["event"] != "internal_error"]
 
 
@@ -411,9 +407,7 @@ def test_kill_9_at_each_step_of_a_commit(tmp_path, sink, faulty, torture_size, t
         **counts,
         note="in_flight = kills after the commit point (client had no 250, resends)",
     )
-    ledger.assert_whole(sink)
-    assert counts["lost"] == 0
-    assert counts["duplicated"] <= counts["in_flight"]
+    ledger.assert_safe(sink, counts)
     assert not problems(proc.records())
 
 
@@ -466,9 +460,8 @@ def test_kill_9_after_data_before_the_upstream_replies(
         **counts,
         note="the upstream kept the message in every other round (its 250 lost)",
     )
-    ledger.assert_whole(sink)
-    assert counts["lost"] == 0
-    assert 0 < counts["duplicated"] <= counts["in_flight"]
+    ledger.assert_safe(sink, counts)
+    assert counts["duplicated"] > 0
     assert not problems(proc.records())
 
 

@@ -468,6 +468,16 @@ class Ledger:
             "in_flight": self.in_flight,
         }
 
+    def assert_safe(self, sink: Sink, counts: dict[str, int], *context: object) -> None:
+        """The promise, from one scenario's counts: every copy whole, nothing lost, and
+        no more extra copies than messages were in flight at the faults."""
+        self.assert_whole(sink)
+        assert counts["lost"] == 0, context
+        assert counts["duplicated"] <= counts["in_flight"], (
+            *context,
+            self.copies(sink).most_common(5),
+        )
+
     def assert_whole(self, sink: Sink) -> None:
         """Nothing half-written went out: every copy of a message carries its whole body."""
         for m in list(sink.messages):
