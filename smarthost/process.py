@@ -39,6 +39,11 @@ def syncfs_call() -> Callable[[int], None] | None:
     release = re.match(r"(\d+)\.(\d+)", os.uname().release) if sys.platform == "linux" else None
     if release is None or tuple(map(int, release.groups())) < (5, 8):
         return None
+    return libc_syncfs()
+
+
+def libc_syncfs() -> Callable[[int], None] | None:
+    """libc's syncfs, raising OSError as os functions do; None if libc has none."""
     try:
         function = _libc().syncfs
     except (OSError, AttributeError):

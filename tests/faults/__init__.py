@@ -38,7 +38,6 @@ Every fault that fires (and the installation itself) is appended as one JSON lin
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import io
 import json
@@ -336,19 +335,6 @@ def _link(src: Any, dst: Any, **kwargs: Any) -> None:
     return _guarded("link", _real["link"], src, src, dst, dst=dst, **kwargs)
 
 
-def _libc_syncfs() -> Any:
-    import ctypes
-
-    function = ctypes.CDLL(None, use_errno=True).syncfs
-
-    def syncfs(fd: int) -> None:
-        if function(fd) != 0:
-            code = ctypes.get_errno()
-            raise OSError(code, os.strerror(code))
-
-    return syncfs
-
-
 def _syncfs(fd: Any) -> None:
     # smarthost takes syncfs from libc, or from os first if os has one: this one.
     return _guarded("syncfs", _real["syncfs"], fd, fd)
@@ -392,8 +378,11 @@ def install(source: str | None = None, log_path: str | None = None) -> bool:
     os.rename = _rename  # type: ignore[assignment]
     os.replace = _replace  # type: ignore[assignment]
     os.link = _link  # type: ignore[assignment]
-    with contextlib.suppress(OSError, AttributeError):  # no syncfs: the relay fsyncs
-        _real["syncfs"] = _libc_syncfs()
+    from smarthost.process import libc_syncfs  # only os and ctypes: nothing to wrap
+
+    real_syncfs = libc_syncfs()
+    if real_syncfs is not None:  # else the relay fsyncs
+        _real["syncfs"] = real_syncfs
         os.syncfs = _syncfs  # type: ignore[attr-defined]
     os.unlink = _unlink  # type: ignore[assignment]
     os.remove = _unlink  # type: ignore[assignment]
