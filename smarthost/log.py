@@ -7,10 +7,12 @@ message's whole life can be followed with `jq 'select(.queue_id == "...")'`.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
 import threading
+import time
 from datetime import datetime, timezone
 from typing import Any
 
@@ -46,6 +48,8 @@ EVENTS = frozenset(
         "deleted",
         "auth_failed",
         "config_warning",
+        "tls_failed",
+        "protocol_error",
     }
 )
 
@@ -70,22 +74,63 @@ def event(name: str, level: int = logging.INFO, **fields: Any) -> None:
     logger.log(level, name, extra=extra)
 
 
+# Characters a logfmt value cannot hold bare: a separator, the quote, the key/value
+# sign and the escape character (control characters are caught by isprintable()).
+_NEEDS_QUOTES = frozenset(' "=\\')
+_SHORT_ESCAPES = {'"': '\\"', "\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape_char(char: str) -> str:
+    if char in _SHORT_ESCAPES:
+        return _SHORT_ESCAPES[char]
+    if char.isprintable():
+        return char
+    # Control, format, separator and lone surrogate characters: visible, and no
+    # terminal escape sequence or line break reaches the reader.
+    code = ord(char)
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    if code < 0x10000:
+        return f"\\u{code:04x}"
+    return f"\\U{code:08x}"
+
+
+def logfmt_value(value: Any) -> str:
+    """`value` as one logfmt token: bare if it is safe, else double-quoted and escaped,
+    so that a client-supplied string can never add a field or a line (SPEC §8)."""
+    if isinstance(value, (list, tuple, dict)):
+        text = json.dumps(value, ensure_ascii=False, default=str, separators=(",", ":"))
+    else:
+        text = str(value)
+    if text and not any(c in _NEEDS_QUOTES or not c.isprintable() for c in text):
+        return text
+    return '"' + "".join(_escape_char(c) for c in text) + '"'
+
+
 class TextFormatter(logging.Formatter):
-    """`time level event key=value ...` for people who read logs without jq."""
+    """`time level event key=value ...` (logfmt) for people who read logs without jq.
+
+    Keys and event names are the relay's own; every value is escaped by logfmt_value,
+    and a traceback becomes the quoted `exc_info` field, so one record is one line.
+    """
 
     _STANDARD = frozenset(vars(logging.makeLogRecord({})))
+    # The line ends in `Z`: the time must be UTC, not the host's local time.
+    converter = time.gmtime
 
     def format(self, record: logging.LogRecord) -> str:
         when = self.formatTime(record, "%Y-%m-%dT%H:%M:%S")
-        fields = " ".join(
-            f"{k}={v}"
+        parts = [f"{when}Z", record.levelname.lower(), logfmt_value(record.getMessage())]
+        parts.extend(
+            f"{k}={logfmt_value(v)}"
             for k, v in vars(record).items()
             if k not in self._STANDARD and k not in ("message", "asctime")
         )
-        text = f"{when}Z {record.levelname.lower()} {record.getMessage()}"
         if record.exc_info:
-            text += "\n" + self.formatException(record.exc_info)
-        return f"{text} {fields}".rstrip()
+            parts.append(f"exc_info={logfmt_value(self.formatException(record.exc_info))}")
+        if record.stack_info:
+            parts.append(f"stack_info={logfmt_value(self.formatStack(record.stack_info))}")
+        return " ".join(parts)
 
 
 def _json_formatter() -> logging.Formatter:

@@ -1,0 +1,180 @@
+"""Log lines: the text (logfmt) format cannot be forged by a client-supplied string, and
+the JSON format stays one object per event (SPEC §8)."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import re
+from collections.abc import Iterator
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from smarthost import log
+
+_KEY = re.compile(r"[a-z_][a-z0-9_]*")
+_ESCAPES = {'"': '"', "\\": "\\", "n": "\n", "r": "\r", "t": "\t"}
+_HEX_ESCAPES = {"x": 2, "u": 4, "U": 8}
+
+
+def _token(line: str, pos: int) -> tuple[str, int]:
+    """One value starting at `pos`: bare up to the next space, or quoted with escapes."""
+    if line[pos : pos + 1] != '"':
+        end = line.find(" ", pos)
+        end = len(line) if end < 0 else end
+        bare = line[pos:end]
+        assert bare and '"' not in bare and "=" not in bare and "\\" not in bare, bare
+        return bare, end
+    out, pos = [], pos + 1
+    while True:
+        char = line[pos]
+        if char == '"':
+            return "".join(out), pos + 1
+        if char != "\\":
+            out.append(char)
+            pos += 1
+            continue
+        kind = line[pos + 1]
+        if kind in _ESCAPES:
+            out.append(_ESCAPES[kind])
+            pos += 2
+        else:
+            width = _HEX_ESCAPES[kind]
+            out.append(chr(int(line[pos + 2 : pos + 2 + width], 16)))
+            pos += 2 + width
+
+
+def parse_logfmt(line: str) -> tuple[list[str], list[tuple[str, str]]]:
+    """`time level event key=value ...` as (the three positional words, the pairs in
+    order). Strict: anything a logfmt reader could take two ways fails the test."""
+    words = line.split(" ", 3)
+    positional, rest = words[:3], words[3] if len(words) > 3 else ""
+    pairs, pos = [], 0
+    while pos < len(rest):
+        key = _KEY.match(rest, pos)
+        assert key and rest[key.end()] == "=", f"no key at {rest[pos:]!r}"
+        value, pos = _token(rest, key.end() + 1)
+        pairs.append((key.group(), value))
+        if pos < len(rest):
+            assert rest[pos] == " ", f"junk after a value: {rest[pos:]!r}"
+            pos += 1
+    return positional, pairs
+
+
+def _capture(formatter: logging.Formatter, *filters: logging.Filter) -> Iterator[io.StringIO]:
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(formatter)
+    for f in filters:
+        handler.addFilter(f)
+    old_level = log.logger.level
+    log.logger.addHandler(handler)
+    log.logger.setLevel(logging.DEBUG)
+    try:
+        yield stream
+    finally:
+        log.logger.removeHandler(handler)
+        log.logger.setLevel(old_level)
+
+
+@pytest.fixture
+def text_log() -> Iterator[io.StringIO]:
+    yield from _capture(log.TextFormatter())
+
+
+@pytest.fixture
+def json_log() -> Iterator[io.StringIO]:
+    yield from _capture(log._json_formatter(), log._LowercaseLevel())
+
+
+def _one_line(stream: io.StringIO) -> str:
+    text = stream.getvalue()
+    stream.seek(0)
+    stream.truncate()
+    assert text.endswith("\n") and text.count("\n") == 1, text
+    return text[:-1]
+
+
+HOSTILE = [
+    "x event=delivered status=2.0.0",
+    'x" event="delivered',
+    "a\\",
+    'a\\" event=x',
+    "",
+    "line\nnext 2024-01-01T00:00:00Z info delivered queue_id=forged",
+    "cr\r\nlf\ttab",
+    "\x1b[2Jterminal\x07\x00\x7f",
+    "\u2028sep\u0085nel\u200bzw",
+    "surrogate\udcff",
+    "plain",
+    "ünïcödé",
+    "=",
+    '"',
+]
+
+
+@pytest.mark.parametrize("value", HOSTILE)
+def test_text_value_cannot_forge_a_field(text_log: io.StringIO, value: str) -> None:
+    log.event("rejected", client=value, reply="554 5.7.1 denied")
+    line = _one_line(text_log)
+    (_, level, event), pairs = parse_logfmt(line)
+    assert (level, event) == ("info", "rejected")
+    assert pairs == [("client", value), ("reply", "554 5.7.1 denied")]
+    # Nothing a terminal or a line-oriented reader would act on is written raw.
+    assert all(c == " " or c.isprintable() for c in line), line
+
+
+@given(st.text())
+def test_any_text_round_trips(value: str) -> None:
+    field = f"k={log.logfmt_value(value)}"
+    _, pairs = parse_logfmt(f"t info e {field} after=1")
+    assert pairs == [("k", value), ("after", "1")]
+
+
+def test_safe_values_stay_bare(text_log: io.StringIO) -> None:
+    log.event("delivered", queue_id="ABC123", size=512, status="2.0.0")
+    line = _one_line(text_log)
+    assert re.fullmatch(
+        r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ info delivered queue_id=ABC123 size=512 status=2\.0\.0",
+        line,
+    ), line
+
+
+def test_lists_and_dicts_are_json_then_quoted(text_log: io.StringIO) -> None:
+    rcpts = ["a@example.org", 'b" x=1@example.org']
+    log.event("received", recipients=rcpts, extra={"k": "v w"})
+    _, pairs = parse_logfmt(_one_line(text_log))
+    assert pairs == [
+        ("recipients", json.dumps(rcpts, ensure_ascii=False, separators=(",", ":"))),
+        ("extra", '{"k":"v w"}'),
+    ]
+
+
+def test_traceback_stays_on_the_line(text_log: io.StringIO) -> None:
+    try:
+        raise ValueError("bad\nnext line event=forged")
+    except ValueError:
+        log.logger.exception("internal_error", extra={"where": "test"})
+    (_, level, event), pairs = parse_logfmt(_one_line(text_log))
+    assert (level, event) == ("error", "internal_error")
+    assert [k for k, _ in pairs] == ["where", "exc_info"]
+    assert "ValueError: bad\nnext line event=forged" in dict(pairs)["exc_info"]
+
+
+def test_json_format_unchanged(json_log: io.StringIO) -> None:
+    value = "x event=delivered\n\x1b"
+    log.event("rejected", client=value, recipients=["a@b"])
+    record = json.loads(_one_line(json_log))
+    assert record["event"] == "rejected"
+    assert record["level"] == "info"
+    assert record["client"] == value
+    assert record["recipients"] == ["a@b"]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT[\d:.]+\+00:00", record["time"])
+
+
+@pytest.mark.parametrize("name", ["tls_failed", "protocol_error"])
+def test_client_failure_events_exist(name: str) -> None:
+    assert name in log.EVENTS
