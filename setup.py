@@ -20,7 +20,7 @@ setup(
     python_requires=">=3.9",
     packages=find_packages(include=["smarthost", "smarthost.*"]),
     install_requires=[
-        "aiosmtpd>=1.4.4",
+        "aiosmtpd>=1.4.4,<1.5",  # smtp_server.py relies on its internals: see its tests
         "tenacity>=8.2",
         "watchdog>=4.0",
         "python-json-logger>=3.1",

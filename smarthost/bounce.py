@@ -90,17 +90,19 @@ class Bouncer:
         """Build the report and commit it durably before anything else happens."""
         dsn_id = new_id()
         hostname = self.config.hostname
+        original, headers_only = self._original(env)
         content = dsn.build_dsn(
             env,
             recipients,
             action,
-            self.spool.read_message(env.id),
+            original,
             reporting_mta=hostname,
             from_address=self.config.dsn.from_address,
             return_max=self.config.dsn.return_max,
             now=now,
             dsn_id=dsn_id,
             will_retry_until=will_retry_until,
+            headers_only=headers_only,
         )
         notice = Envelope(
             id=dsn_id,
@@ -124,3 +126,12 @@ class Bouncer:
         )
         self.submit(notice)
         return dsn_id
+
+    def _original(self, env: Envelope) -> tuple[bytes, bool | None]:
+        """What the DSN returns of the original, and whether it is its headers only
+        (None: as its length says). Only the head of a message whose headers alone go
+        back is read: a large one is never whole in memory for a DSN."""
+        if env.ret == "HDRS" or env.size > self.config.dsn.return_max:
+            return self.spool.read_message_head(env.id), True
+        # Bounded by return_max, as long as the envelope tells its size right.
+        return self.spool.read_message(env.id), None

@@ -35,6 +35,7 @@ TLS_MODES = ("starttls", "implicit", "none")
 AUTH_MECHANISMS = ("auto", "plain", "login", "xoauth2")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("json", "text")
+BARE_NEWLINES = ("normalize", "reject")
 SECRET_KEYS = ("password", "password_file", "password_command")
 _DEFAULT_PORTS = {"starttls": 587, "implicit": 465, "none": 25}
 
@@ -66,6 +67,8 @@ class SmtpConfig:
     tls_cert: str | None = None
     tls_key: str | None = None
     auth_users: str | None = None
+    bare_newlines: str = "normalize"  # bare LF / CR in DATA: "normalize" or "reject"
+    error_limit: int = 20  # error replies in one session before 421 and disconnect
 
 
 @dataclass(frozen=True)
@@ -515,6 +518,8 @@ _SMTP = {
     "tls_cert": _optional_string,
     "tls_key": _optional_string,
     "auth_users": _optional_string,
+    "bare_newlines": _choice(*BARE_NEWLINES),
+    "error_limit": _integer(1),
 }
 _SPOOL = {"dir": _string}
 _DELIVERY = {

@@ -30,7 +30,8 @@ from typing import TYPE_CHECKING
 
 from . import __version__, log, privileges, process, systemd
 from .config import Config, ConfigError, load_config
-from .receiver import Listener, Receiver, auth_users, start_listeners
+from .receiver import Receiver, auth_users, start_listeners
+from .smtp_server import Listeners
 from .spool import Envelope, Spool
 
 if TYPE_CHECKING:
@@ -180,7 +181,7 @@ class Relay:
 
             self.delivery = Delivery(config, self.spool)
         self.receiver = Receiver(config, self.spool, self.delivery.submit)
-        self.listeners: list[Listener] = []
+        self.listeners: Listeners | None = None
 
     @property
     def scheduler(self) -> Scheduler:
@@ -212,7 +213,7 @@ class Relay:
             delivery_pid=self.delivery.proc.pid
             if isinstance(self.delivery, DeliveryProcess) and self.delivery.proc
             else None,
-            listen=[listener.address for listener in self.listeners],
+            listen=self.listeners.addresses,
             spool=self.spool.root,
             workers=self.config.delivery.workers,
             backends=[b.name for b in self.config.backends],
@@ -260,11 +261,11 @@ class Relay:
         log.event("stopping", pid=os.getpid())
         systemd.notify("STOPPING=1")
         # Stop accepting, let messages being committed get their 250, then close.
-        for listener in self.listeners:
-            listener.stop_accepting()
+        if self.listeners is not None:
+            self.listeners.stop_accepting()
         self.receiver.wait_for_commits(STOP_GRACE)
-        for listener in self.listeners:
-            listener.stop()
+        if self.listeners is not None:
+            self.listeners.stop()
         self.receiver.committer.stop()
         clean = self.delivery.stop(STOP_GRACE)
         self.spool.unlock()
@@ -272,8 +273,8 @@ class Relay:
 
     def abort_start(self) -> None:
         """Undo a start that failed half-way (a port in use, an unwritable spool)."""
-        for listener in self.listeners:
-            listener.stop()
+        if self.listeners is not None:
+            self.listeners.stop()
         self.delivery.stop(0.0)
         self.receiver.committer.stop(0.0)
         self.spool.unlock()

@@ -396,14 +396,21 @@ def build_dsn(
     now: float,
     dsn_id: str,
     will_retry_until: float | None = None,
+    headers_only: bool | None = None,
 ) -> bytes:
-    """The DSN for `recipients` of `env`, which all reached `action` in one event."""
+    """The DSN for `recipients` of `env`, which all reached `action` in one event.
+
+    `headers_only` says that `original` is (at least) the original's header section
+    and only that is to be returned, whatever its length: a caller that read only the
+    head of a large message says so. By default it follows RET and `return_max`.
+    """
     _check_action(action)
     if env.sender == "":
         raise ValueError("no DSN for a message from the null sender")
     if not recipients:
         raise ValueError("a DSN needs at least one recipient")
-    headers_only = env.ret == "HDRS" or len(original) > return_max
+    if headers_only is None:
+        headers_only = env.ret == "HDRS" or len(original) > return_max
 
     text = _human_text(env, recipients, action, reporting_mta, headers_only, will_retry_until)
     parts = [
@@ -439,3 +446,58 @@ def build_dsn(
     out = BytesIO()
     _Generator(out, mangle_from_=False, policy=_POLICY).flatten(msg)
     return out.getvalue()
+
+
+# -- RFC 3461 parameters as clients give them ------------------------------------------
+
+_DSN_PARAMS = {"MAIL": ("RET", "ENVID"), "RCPT": ("NOTIFY", "ORCPT")}
+_COMMAND_ADDRESS = re.compile(r"\s*(?:FROM|TO)\s*:\s*(?:<[^>]*>|\S*)", re.I)
+_NOTIFY_KINDS = ("SUCCESS", "FAILURE", "DELAY")
+_ATEXT = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+")  # RFC 5322 atext
+
+
+def take_dsn_params(command: str, arg: str | None) -> tuple[str | None, dict[str, str]]:
+    """Split RFC 3461 parameters off a MAIL/RCPT argument, validated and xtext-decoded.
+
+    Returns the argument without them (for aiosmtpd) and {name: value}. Raises
+    ValueError with the reply text for a malformed or repeated parameter.
+    """
+    if not arg:
+        return arg, {}
+    match = _COMMAND_ADDRESS.match(arg)
+    if match is None:
+        return arg, {}
+    kept, params = [arg[: match.end()]], {}
+    for token in arg[match.end() :].split():
+        name, _, value = token.partition("=")
+        key = name.upper()
+        if key not in _DSN_PARAMS[command]:
+            kept.append(token)
+            continue
+        if key in params:
+            raise ValueError(f"{key} given twice")
+        params[key] = _dsn_value(key, value)
+    return " ".join(kept), params
+
+
+def _dsn_value(key: str, value: str) -> str:
+    if key == "RET":
+        if value.upper() not in ("FULL", "HDRS"):
+            raise ValueError("RET must be FULL or HDRS")
+        return value.upper()
+    if key == "NOTIFY":
+        kinds = value.upper().split(",")
+        if kinds != ["NEVER"] and (
+            not set(kinds) <= set(_NOTIFY_KINDS) or len(set(kinds)) != len(kinds)
+        ):
+            raise ValueError("NOTIFY must be NEVER or a list of SUCCESS, FAILURE, DELAY")
+        return ",".join(kinds)
+    if key == "ENVID":
+        envid = xtext_decode(value)
+        if not envid or len(value) > 100:
+            raise ValueError("ENVID must be 1 to 100 characters of xtext")
+        return envid
+    addr_type, sep, address = value.partition(";")  # ORCPT
+    if not sep or not _ATEXT.fullmatch(addr_type) or not address:
+        raise ValueError("ORCPT must be addr-type;xtext, e.g. rfc822;user@example.com")
+    return f"{addr_type};{xtext_decode(address)}"

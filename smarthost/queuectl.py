@@ -120,7 +120,7 @@ class QueueControl:
         for step in env.history:
             self.out("  " + json.dumps(step, ensure_ascii=False))
         self.out("headers:")
-        content = self.spool.read_message(queue_id)
+        content = self.spool.read_message_head(queue_id)  # a large body stays on disk
         self.out(content[: headers.section_end(content)].decode("utf-8", "replace").rstrip())
         return 0
 

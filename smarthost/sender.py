@@ -4,6 +4,10 @@ An attempt walks the message's candidate backends. A backend failure (no
 connection, TLS, greeting, EHLO, AUTH, 421, a dropped or timed-out session) moves on
 to the next backend at once; anything else is the message's outcome, sorted per
 recipient into delivered, deferred and failed (SPEC §5).
+
+The content goes after DATA as the claim read it (small mail), or straight from its
+spool file, a block at a time, so that a large message costs a few blocks of memory;
+either way dot-stuffed and with CRLF line endings only (`send_content`).
 """
 
 from __future__ import annotations
@@ -16,13 +20,15 @@ import ssl
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import BinaryIO, Union
 
 from .config import BackendConfig, Config
 from .dsn import xtext_encode
 from .retry import failover
-from .spool import DEFERRED, DELIVERED, FAILED_RCPT, Envelope, Recipient, Spool
+from .spool import DEFERRED, DELIVERED, FAILED_RCPT, CorruptEnvelope, Envelope, Recipient, Spool
 from .upstream import Backend, Session, Upstreams, close_session, quit_session
 
 
@@ -81,6 +87,21 @@ _NOT_ASCII = b"5.6.7 this address cannot be sent to the upstream without SMTPUTF
 SESSION_ERRORS = (OSError, ValueError, smtplib.SMTPException)
 
 
+# What DATA sends: the bytes a claim read, or the spool file, read in blocks.
+Content = Union[bytes, BinaryIO]
+DATA_BLOCK = 65536  # a file's content is read and sent in blocks this big
+
+
+class ContentUnreadable(Exception):
+    """The spooled content could not be read during a transaction: the message's
+    problem, never the backend's (so not one of SESSION_ERRORS). `error` is what the
+    read raised."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
 class BackendFailure(Exception):
     """This backend cannot take mail now; the next one should be tried."""
 
@@ -124,16 +145,27 @@ class Sender:
         self.config, self.upstreams = config, upstreams
 
     def attempt(self, env: Envelope, content: bytes | None = None) -> Attempt:
-        """Carry the message (its content, if the claim read it already) upstream."""
+        """Carry the message upstream: its content if the claim read it already, else
+        streamed from its spool file by each transaction that sends DATA.
+
+        Content that cannot be read raises what the read raised (FileNotFoundError,
+        CorruptEnvelope, OSError), as reading it before the attempt did.
+        """
         result = Attempt()
-        if content is None:
-            content = self.spool.read_message(env.id, env.size)
-        for group, rcpts in self.upstreams.partition(env).items():
-            self._attempt_group(env, group, rcpts, content, result)
+        try:
+            for group, rcpts in self.upstreams.partition(env).items():
+                self._attempt_group(env, group, rcpts, content, result)
+        except ContentUnreadable as exc:
+            raise exc.error from None
         return result
 
     def _attempt_group(
-        self, env: Envelope, group: str, rcpts: list[Recipient], content: bytes, result: Attempt
+        self,
+        env: Envelope,
+        group: str,
+        rcpts: list[Recipient],
+        content: bytes | None,
+        result: Attempt,
     ) -> None:
         """Carry one group's recipients, failing over from backend to backend."""
         tried: set[str] = set()
@@ -172,7 +204,7 @@ class Sender:
         backend: Backend,
         env: Envelope,
         rcpts: list[Recipient],
-        content: bytes,
+        content: bytes | None,
         result: Attempt,
         errors: list[BackendFailure],
     ) -> None:
@@ -187,7 +219,12 @@ class Sender:
         self.upstreams.succeeded(backend)
 
     def _session_transaction(
-        self, backend: Backend, env: Envelope, rcpts: list[Recipient], content: bytes, result
+        self,
+        backend: Backend,
+        env: Envelope,
+        rcpts: list[Recipient],
+        content: bytes | None,
+        result: Attempt,
     ) -> None:
         for _ in range(3):
             session = None
@@ -212,7 +249,7 @@ class Sender:
         backend: Backend,
         env: Envelope,
         rcpts: list[Recipient],
-        content: bytes,
+        content: bytes | None,
         result: Attempt,
     ) -> None:
         smtp = session.smtp
@@ -226,7 +263,7 @@ class Sender:
             return
         session.clean = False
         try:
-            mail = mail_command(smtp, env.sender, self._mail_options(smtp, env, content))
+            mail = mail_command(smtp, env.sender, self._mail_options(smtp, env))
         except UnicodeEncodeError:
             # An address this upstream cannot take without SMTPUTF8: the message's
             # problem, not the backend's (and never a reason to mark it down).
@@ -240,6 +277,22 @@ class Sender:
                 self._settle_one(rcpt, Outcome.FAIL_RECIPIENT, 553, _NOT_ASCII, backend, result)
         if not sendable:
             return
+        # Opened before DATA is sent, so a missing or corrupt file stops the transaction
+        # before the upstream waits for content; closed when it ends.
+        with self._content(env, content) as body:
+            self._exchange(session, backend, mail, sendable, body, result)
+
+    def _exchange(
+        self,
+        session: Session,
+        backend: Backend,
+        mail: bytes,
+        sendable: list[tuple[Recipient, bytes]],
+        content: Content,
+        result: Attempt,
+    ) -> None:
+        """MAIL, RCPT and DATA (pipelined when offered), then the content."""
+        smtp = session.smtp
         exchange = Exchange(smtp, [mail, *(command for _, command in sendable), b"DATA\r\n"])
         code, msg = exchange.reply()
         session.used_now = True
@@ -284,10 +337,24 @@ class Sender:
             # "relayed" ourselves (RFC 3461 §6.2).
             result.relayed.extend(r for r in accepted if "SUCCESS" in (r.notify or ""))
 
-    def _mail_options(self, smtp: smtplib.SMTP, env: Envelope, content: bytes) -> list[str]:
+    @contextmanager
+    def _content(self, env: Envelope, content: bytes | None) -> Iterator[Content]:
+        """The bytes the claim read, or the spool file, open for one transaction."""
+        if content is not None:
+            yield content
+            return
+        try:
+            file = self.spool.open_message(env.id, env.size)
+        except (CorruptEnvelope, OSError) as exc:
+            raise ContentUnreadable(exc) from exc
+        with file:
+            yield file
+
+    def _mail_options(self, smtp: smtplib.SMTP, env: Envelope) -> list[str]:
         options = []
         if smtp.has_extn("size"):
-            options.append(f"SIZE={len(content)}")
+            # The spooled size: the content itself may not be in memory.
+            options.append(f"SIZE={env.size}")
         if env.body and smtp.has_extn("8bitmime"):
             options.append(f"BODY={env.body}")
         if env.smtputf8 and smtp.has_extn("smtputf8"):
@@ -631,13 +698,89 @@ def rcpt_command(smtp: smtplib.SMTP, recipient: str, options: list[str]) -> byte
     return _command(smtp, f"rcpt TO:{_path(recipient)}{optionlist}")
 
 
-def send_content(smtp: smtplib.SMTP, content: bytes) -> tuple[int, bytes]:
-    """After 354: the dot-stuffed content and the final dot in one write (a separate
-    small write for the dot would wait for a delayed ACK), as `smtp.data` sends them."""
-    stuffed = content.replace(b"\n.", b"\n..")
-    if stuffed.startswith(b"."):
-        stuffed = b"." + stuffed
-    if not stuffed.endswith(b"\r\n"):
-        stuffed += b"\r\n"
-    smtp.send(stuffed + b".\r\n")
+def send_content(smtp: smtplib.SMTP, content: Content) -> tuple[int, bytes]:
+    """After 354: the content, dot-stuffed and with CRLF line endings only, then the
+    final dot, as `smtp.data` sends a message whose line endings it fixed.
+
+    Bytes (small mail) go in one write with the dot; a file is read and sent a block
+    at a time, so a large message costs a few blocks of memory. The dot always goes
+    in the same write as the end of the content: a separate small write would wait
+    for the delayed ACK of the one before.
+    """
+    data = DataStream()
+    if isinstance(content, bytes):
+        smtp.send(data.feed(content) + data.end())
+    else:
+        _send_blocks(smtp, content, data)
     return smtp.getreply()
+
+
+def _send_blocks(smtp: smtplib.SMTP, file: BinaryIO, data: DataStream) -> None:
+    block = _read_block(file)
+    while True:
+        # One block ahead, to know which is the last: the dot goes with it.
+        following = _read_block(file) if block else b""
+        if not following:
+            smtp.send(data.feed(block) + data.end())
+            return
+        wire = data.feed(block)
+        if wire:
+            smtp.send(wire)
+        block = following
+
+
+def _read_block(file: BinaryIO) -> bytes:
+    try:
+        return file.read(DATA_BLOCK)
+    except OSError as exc:  # the disk's fault, not the session's
+        raise ContentUnreadable(exc) from exc
+
+
+class DataStream:
+    """Content, given in pieces, as it goes after DATA (RFC 5321 §4.5.2): a line that
+    starts with "." gets another, and every line ends in CRLF, for a bare LF or bare
+    CR may end DATA early at a later hop (SMTP smuggling). A line that starts at the
+    edge of a piece and a CR that ends one (CRLF, or bare?) are carried over."""
+
+    def __init__(self) -> None:
+        self.line_start = True  # the next byte starts a line
+        self.held_cr = False  # the last piece ended with CR: the next byte says what it is
+        self.sent = False  # anything went out
+
+    def feed(self, piece: bytes) -> bytes:
+        """What goes on the wire for `piece`, the next part of the content."""
+        if self.held_cr:
+            piece = b"\r" + piece
+            self.held_cr = False
+        if piece.endswith(b"\r"):
+            piece, self.held_cr = piece[:-1], True
+        return self._stuff(piece)
+
+    def end(self) -> bytes:
+        """The rest after the last piece: a held CR, a last line ending, the dot."""
+        tail = self._stuff(b"\r") if self.held_cr else b""  # a bare CR: a line ending
+        if not (self.sent and self.line_start):
+            tail += b"\r\n"  # as smtplib does, also for empty content
+        return tail + b".\r\n"
+
+    def _stuff(self, piece: bytes) -> bytes:
+        if not piece:
+            return piece
+        stuffed = _crlf(piece).replace(b"\n.", b"\n..")
+        if self.line_start and stuffed.startswith(b"."):
+            stuffed = b"." + stuffed
+        self.line_start = stuffed.endswith(b"\n")  # only ever the end of a CRLF
+        self.sent = True
+        return stuffed
+
+
+_LINE_END = re.compile(rb"\r\n|\r|\n")
+
+
+def _crlf(piece: bytes) -> bytes:
+    """`piece` with every bare CR and bare LF made CRLF. Three C-level counts tell
+    that there is none, as in nearly all mail: no per-line work then."""
+    crlf = piece.count(b"\r\n")
+    if piece.count(b"\n") == crlf and piece.count(b"\r") == crlf:
+        return piece
+    return _LINE_END.sub(b"\r\n", piece)

@@ -35,7 +35,7 @@ import secrets
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, BinaryIO, Union
 
 from . import log, process
 
@@ -69,6 +69,7 @@ _NO_LINKS = frozenset({errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLIN
 LOCK_WAIT = 3.0  # seconds a new relay waits for a killed one's delivery process
 SLOW_SYNCFS = 0.25  # seconds: a syncfs this slow flushed someone else's writes too
 SYNCFS_REST = 60.0  # seconds of per-file fsyncs after a slow syncfs
+IN_MEMORY = 256 * 1024  # bytes of a new message held in memory before going to tmp/
 _ENVELOPE_READ = 65536  # an envelope is read in blocks this big (most mail is one)
 _LOCK_NAME = ".lock"
 # Held shared by each queue command that claims mail; see Spool.command_claims().
@@ -118,6 +119,7 @@ class Envelope:
     size: int = 0
     client: str | None = None
     helo: str | None = None
+    auth_user: str | None = None  # the client's SMTP AUTH login
     message_id: str | None = None
     source: str = "smtp"
     smtputf8: bool = False  # the client asked for SMTPUTF8
@@ -355,7 +357,11 @@ class Spool:
         if error is not None:
             raise error
 
-    def commit_many(self, messages: list[tuple[Envelope, list[bytes]]]) -> list[SpoolError | None]:
+    def draft(self, queue_id: str) -> Draft:
+        """A new message's content, to be written as it arrives and then committed."""
+        return Draft(self, queue_id)
+
+    def commit_many(self, messages: list[tuple[Envelope, Content]]) -> list[SpoolError | None]:
         """Commit several messages together (group commit).
 
         Each message's file is written into tmp/; their data is made durable; each is
@@ -364,6 +370,10 @@ class Spool:
         batch, one journal commit and one disk flush, instead of an fsync per file and
         per directory. Returns, in order, None for each message now durable, or the
         error that kept it out of the queue: one message's failure fails no other.
+
+        Content is a list of chunks, or a Draft: one still in memory is written like
+        chunks; one already written into tmp/ (large mail) keeps that file as its
+        content, and its envelope gets a file of its own (the two-file layout).
         """
         results: list[SpoolError | None] = [None] * len(messages)
         syncfs = self._syncfs_now()
@@ -371,11 +381,11 @@ class Spool:
             written: dict[int, str] = {}
             for i, (env, content) in enumerate(messages):
                 try:
-                    first = [EMBEDDED, env.to_bytes(), b"\n", *content]
-                    mtime = env.next_attempt or None
-                    written[i] = self._write_tmp(env.id, "msg", first, mtime, sync=not syncfs)
+                    written[i] = self._write_commit_file(env, content, sync=not syncfs)
                 except OSError as exc:
                     results[i] = _commit_error(env, exc)
+                    if isinstance(content, Draft):
+                        content.discard()
             if written and queue_fd is not None:
                 try:
                     self._timed_syncfs(queue_fd)
@@ -387,7 +397,10 @@ class Spool:
             queued = []
             for i, path in written.items():
                 try:
-                    self._give_names(messages[i][0], path)
+                    if path.endswith(".draft"):
+                        self._give_draft_names(messages[i][0], path)
+                    else:
+                        self._give_names(messages[i][0], path)
                     queued.append(i)
                 except OSError as exc:
                     results[i] = _commit_error(messages[i][0], exc)
@@ -403,6 +416,32 @@ class Spool:
                         self._take_back(messages[i][0].id)
                         results[i] = _commit_error(messages[i][0], exc)
         return results
+
+    def _write_commit_file(self, env: Envelope, content: Content, sync: bool) -> str:
+        """The file a commit renames into msg/: envelope and content in one file, or a
+        Draft's own file (its envelope is then written beside it, in `_give_draft_names`)."""
+        mtime = env.next_attempt or None
+        if isinstance(content, Draft):
+            if content.error is not None:
+                raise content.error
+            if content.path is not None:
+                return content.finish(sync)
+            content = content.chunks
+        first = [EMBEDDED, env.to_bytes(), b"\n", *content]
+        return self._write_tmp(env.id, "msg", first, mtime, sync=sync)
+
+    def _give_draft_names(self, env: Envelope, path: str) -> None:
+        """A Draft's file becomes msg/ID; its envelope, written now, becomes queue/ID
+        (the commit point)."""
+        written = [path]
+        try:
+            os.rename(path, self.message_path(env.id))
+            written[0] = self.message_path(env.id)
+            self._stage_envelope_apart(env, written)
+        except OSError:
+            for name in written:
+                _unlink_quietly(name)
+            raise
 
     def _syncfs_now(self) -> Callable[[int], None] | None:
         """syncfs, unless it is missing or was slow a moment ago (it flushes everything
@@ -560,6 +599,78 @@ class Spool:
         if data.startswith(EMBEDDED):
             data = split_commit_file(data)[1]
         return _of_size(data, size)
+
+    def open_message(self, queue_id: str, size: int | None = None) -> BinaryIO:
+        """The content's file, positioned at its start, to be read in blocks: a large
+        message is sent without ever being whole in memory. With `size` (the
+        envelope's), a shorter or longer content is corrupt, as for `read_message`.
+        """
+        fd = self._open_content(queue_id)
+        try:
+            start = self._content_offset(fd, queue_id)
+            length = os.fstat(fd).st_size - start
+            if size and length != size:
+                raise CorruptEnvelope(f"message content is {length} bytes, not {size}")
+            os.lseek(fd, start, os.SEEK_SET)
+            # Unbuffered: it is read in blocks bigger than a buffer would be.
+            return os.fdopen(fd, "rb", buffering=0)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def read_message_head(self, queue_id: str, limit: int = 1 << 20) -> bytes:
+        """The content's header section and the empty line that ends it, or its first
+        `limit` bytes if that line does not come sooner: what a DSN returns of a large
+        message, or `queue show` prints, without reading the rest."""
+        head = bytearray()
+        with self.open_message(queue_id) as file:
+            while len(head) < limit:
+                block = file.read(min(_ENVELOPE_READ, limit - len(head)))
+                if not block:
+                    break
+                searched = max(0, len(head) - 2)  # the empty line may start in the last block
+                head += block
+                end = self._header_end(head, searched)
+                if end >= 0:
+                    return bytes(head[:end])
+        return bytes(head[:limit])
+
+    @staticmethod
+    def _header_end(head: bytearray, start: int) -> int:
+        """The end of the empty line that ends the header section (found from `start`,
+        as `headers.section_end` finds it), or -1 if it is not in `head` yet."""
+        if head.startswith((b"\n", b"\r\n")):
+            return head.index(b"\n") + 1  # no header section at all
+        crlf, lf = head.find(b"\n\r\n", start), head.find(b"\n\n", start)
+        if crlf >= 0 and (lf < 0 or crlf < lf):
+            return crlf + 3
+        return lf + 2 if lf >= 0 else -1
+
+    def _open_content(self, queue_id: str) -> int:
+        try:
+            return os.open(self.message_path(queue_id), os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise CorruptEnvelope(f"{queue_id} is a symbolic link") from None
+            raise
+
+    @staticmethod
+    def _content_offset(fd: int, queue_id: str) -> int:
+        """Where the content starts: after the envelope's line in a commit's file, at 0
+        in a file of content only. Read in blocks: the envelope never costs the file."""
+        try:
+            block = os.read(fd, _ENVELOPE_READ)
+            if not block.startswith(EMBEDDED):
+                return 0
+            offset = 0
+            while (end := block.find(b"\n")) < 0:
+                if not block:
+                    raise CorruptEnvelope("the envelope at the start of the file has no end")
+                offset += len(block)
+                block = os.read(fd, _ENVELOPE_READ)
+            return offset + end + 1
+        except IsADirectoryError:
+            raise CorruptEnvelope(f"{queue_id} is a directory") from None
 
     def scan(self, state: str = QUEUE) -> Iterator[tuple[str, float]]:
         """Yield (queue_id, due time) for each envelope in `state`, from stat() only."""
@@ -728,6 +839,83 @@ class Spool:
         for queue_id in unmatched:
             self.quarantine(queue_id, MSG, "message content without an envelope")
         return len(without_content) + len(unmatched)
+
+
+class Draft:
+    """A new message's content as it arrives: held in memory while small, then written
+    into tmp/ as it comes (large mail never sits whole in memory); committed by
+    `Spool.commit_many`, or discarded. Its writes are not synced here: the commit
+    makes them durable together with the rest of its batch."""
+
+    def __init__(self, spool: Spool, queue_id: str, in_memory: int = IN_MEMORY) -> None:
+        self._spool = spool
+        self.queue_id = queue_id
+        self._in_memory = in_memory
+        self.chunks: list[bytes] = []
+        self.size = 0
+        self.path: str | None = None  # the file in tmp/, once the content is written there
+        self.error: OSError | None = None  # a write failed: the commit will refuse it
+        self._fd: int | None = None
+
+    def write(self, data: bytes) -> None:
+        if self.error is not None or not data:
+            return
+        self.size += len(data)
+        if self._fd is None:
+            self.chunks.append(data)
+            if self.size <= self._in_memory:
+                return
+            data, self.chunks = b"".join(self.chunks), []
+            try:
+                self._open()
+            except OSError as exc:
+                self._fail(exc)
+                return
+        try:
+            _write_all(self._fd, data)  # type: ignore[arg-type]
+        except OSError as exc:
+            self._fail(exc)
+
+    def _open(self) -> None:
+        path = os.path.join(self._spool.dir(TMP), f"{self.queue_id}.{os.getpid()}.draft")
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        self.path = path
+        self._spool._give_to_owner(self._fd)
+
+    def _fail(self, exc: OSError) -> None:
+        self.discard()
+        self.error = exc
+
+    def finish(self, sync: bool) -> str:
+        """Close the written file (fsynced unless the commit syncs the batch); its path."""
+        assert self._fd is not None and self.path is not None
+        fd, self._fd = self._fd, None
+        try:
+            if sync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        return self.path
+
+    def discard(self) -> None:
+        """Nothing of it stays (an aborted DATA, a refused message); idempotent."""
+        self.chunks = []
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        if self.path is not None:
+            _unlink_quietly(self.path)
+            self.path = None
+
+
+# What a commit takes as a message's content.
+Content = Union[list[bytes], Draft]
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def split_commit_file(data: bytes) -> tuple[bytes, bytes]:

@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import smtplib
+import socket
 import subprocess
 import sys
 import threading
@@ -237,7 +238,7 @@ class RunningRelay:
         self.config = config
         self.relay = Relay(config)
         self.relay.start()
-        self.host, self.port = "127.0.0.1", self.relay.listeners[0].port
+        self.host, self.port = "127.0.0.1", self.relay.listeners.ports[0]
 
     def client(self) -> smtplib.SMTP:
         return smtplib.SMTP(self.host, self.port, timeout=10)
@@ -269,7 +270,7 @@ def relay_factory() -> Iterator[Callable[[Config], RunningRelay]]:
 
     yield start
     for running in started:
-        if running.relay.listeners and running.relay.listeners[0].server is not None:
+        if running.relay.listeners is not None and running.relay.listeners.running:
             running.stop()
 
 
@@ -367,6 +368,283 @@ def relay_process(tmp_path: Path) -> Iterator[Callable[[Path], RelayProcess]]:
     for proc in procs:
         if proc.proc is not None and proc.proc.poll() is None:
             proc.kill()
+
+
+# -- raw sockets: a client that sends bytes as given, an upstream that records them ------
+
+
+class RawSMTP:
+    """An SMTP client on a bare socket: sends exactly the bytes it is given and reads
+    replies line by line, for dialogues smtplib would refuse or fix up. `greeting` is
+    the first reply's last line (`421 4.7.0 ...` when the relay is full)."""
+
+    def __init__(self, port: int, host: str = "127.0.0.1", timeout: float = 30.0) -> None:
+        self.sock = socket.create_connection((host, port), timeout=timeout)
+        self._buffer = b""
+        self.lines: list[bytes] = []  # every reply line received, without CRLF
+        self.greeting = self.reply()
+
+    def send(self, data: bytes | str) -> None:
+        self.sock.sendall(data.encode() if isinstance(data, str) else data)
+
+    def command(self, line: bytes | str) -> bytes:
+        """Send `line` + CRLF; the last line of its reply."""
+        self.send((line.encode() if isinstance(line, str) else line) + b"\r\n")
+        return self.reply()
+
+    def reply(self) -> bytes:
+        """The last line of the next (possibly multi-line) reply; b"" if the peer closed."""
+        while True:
+            line = self._line()
+            if not line:
+                return b""
+            self.lines.append(line)
+            if line[3:4] != b"-":
+                return line
+
+    def _line(self) -> bytes:
+        while b"\r\n" not in self._buffer:
+            try:
+                chunk = self.sock.recv(65536)
+            except ConnectionResetError:
+                chunk = b""
+            if not chunk:
+                return b""
+            self._buffer += chunk
+        line, self._buffer = self._buffer.split(b"\r\n", 1)
+        return line
+
+    def wait_closed(self, timeout: float = 30.0) -> bytes:
+        """Read until the peer closes (a reset counts); what came before. Fails the test
+        if the connection is still open after `timeout`."""
+        self.sock.settimeout(timeout)
+        rest = self._buffer
+        self._buffer = b""
+        try:
+            while True:
+                chunk = self.sock.recv(65536)
+                if not chunk:
+                    return rest
+                rest += chunk
+        except ConnectionResetError:
+            return rest
+        except socket.timeout:
+            pytest.fail(f"the peer kept the connection open for {timeout}s; got {rest[-200:]!r}")
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> RawSMTP:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@dataclass
+class RawTransaction:
+    """One transaction as the wire carried it: `data` is every byte between the 354 and
+    the CRLF . CRLF that ended it (that CRLF included), dot-stuffing and all."""
+
+    mail: bytes
+    rcpts: list[bytes]
+    data: bytes
+
+
+class RawUpstream:
+    """An upstream speaking just enough SMTP (220, 250 to EHLO/MAIL/RCPT/RSET/NOOP,
+    354, 221) that records the bytes of each DATA exactly as they came, up to the
+    first CRLF . CRLF: no library between the relay's bytes and the test."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(0.1)
+        self.port = self.listener.getsockname()[1]
+        self.transactions: list[RawTransaction] = []
+        self.commands: list[bytes] = []
+        self.sessions = 0  # connections that ended (QUIT or closed)
+        self.cond = threading.Condition()
+        self._halt = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._acceptor = threading.Thread(target=self._accept, name="raw-upstream")
+
+    def start(self) -> RawUpstream:
+        self._acceptor.start()
+        return self
+
+    def stop(self) -> None:
+        self._halt.set()
+        self._acceptor.join(10)
+        for thread in self._threads:
+            thread.join(10)
+        self.listener.close()
+
+    def wait_for(self, count: int, timeout: float = 30.0) -> list[RawTransaction]:
+        with self.cond:
+            ok = self.cond.wait_for(lambda: len(self.transactions) >= count, timeout)
+        if not ok:
+            pytest.fail(f"raw upstream got {len(self.transactions)} transactions, not {count}")
+        return list(self.transactions)
+
+    def _accept(self) -> None:
+        while not self._halt.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except socket.timeout:
+                continue
+            thread = threading.Thread(target=self._serve, args=(conn,), name="raw-upstream-conn")
+            self._threads.append(thread)
+            thread.start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        conn.settimeout(0.1)
+        buffer = bytearray()
+
+        def until(marker: bytes) -> bytes | None:
+            searched = 0  # where the marker may still begin in what is buffered
+            while True:
+                found = buffer.find(marker, searched)
+                if found >= 0:
+                    out = bytes(buffer[: found + len(marker)])
+                    del buffer[: found + len(marker)]
+                    return out
+                searched = max(len(buffer) - len(marker) + 1, 0)
+                if self._halt.is_set():
+                    return None
+                try:
+                    chunk = conn.recv(65536)
+                except socket.timeout:
+                    continue
+                except OSError:
+                    return None
+                if not chunk:
+                    return None
+                buffer.extend(chunk)
+
+        mail, rcpts = b"", []
+        try:
+            conn.sendall(b"220 raw.test ESMTP\r\n")
+            while (line := until(b"\r\n")) is not None:
+                line = line[:-2]
+                with self.cond:
+                    self.commands.append(line)
+                verb = line[:4].upper()
+                if verb in (b"EHLO", b"HELO"):
+                    conn.sendall(b"250-raw.test\r\n250-8BITMIME\r\n250 SMTPUTF8\r\n")
+                elif verb == b"MAIL":
+                    mail, rcpts = line, []
+                    conn.sendall(b"250 2.1.0 Ok\r\n")
+                elif verb == b"RCPT":
+                    rcpts.append(line)
+                    conn.sendall(b"250 2.1.5 Ok\r\n")
+                elif verb == b"DATA":
+                    conn.sendall(b"354 go ahead\r\n")
+                    data = until(b"\r\n.\r\n")
+                    if data is None:
+                        break
+                    with self.cond:
+                        self.transactions.append(RawTransaction(mail, rcpts, data[:-3]))
+                        self.cond.notify_all()
+                    conn.sendall(b"250 2.0.0 Ok: recorded\r\n")
+                elif verb == b"QUIT":
+                    conn.sendall(b"221 2.0.0 Bye\r\n")
+                    break
+                else:  # RSET, NOOP
+                    conn.sendall(b"250 2.0.0 Ok\r\n")
+        except OSError:
+            pass
+        finally:
+            conn.close()
+            with self.cond:
+                self.sessions += 1
+                self.cond.notify_all()
+
+
+@pytest.fixture
+def raw_upstream() -> Iterator[RawUpstream]:
+    upstream = RawUpstream().start()
+    yield upstream
+    upstream.stop()
+
+
+# -- memory of the relay's processes --------------------------------------------------
+
+
+def process_tree(pid: int) -> list[int]:
+    """`pid` and its live descendants (the relay and its delivery process), from
+    /proc/PID/task/*/children."""
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        found.append(current)
+        for children in Path(f"/proc/{current}/task").glob("*/children"):
+            try:
+                todo.extend(int(child) for child in children.read_text().split())
+            except OSError:
+                continue  # the thread or the process ended meanwhile
+    return found
+
+
+def vm_rss_kib(pid: int) -> int:
+    """The resident memory of one process in KiB (0 once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+class RssSampler:
+    """Samples the RSS of a process tree every `every` seconds in a thread while the
+    `with` block runs: `baseline` (KiB per pid, taken on entry), `peak` (the largest
+    total), `peaks` (per pid). Figures in MiB through `growth_mib`/`summary`."""
+
+    def __init__(self, pid: int, every: float = 0.02) -> None:
+        self.pid = pid
+        self.every = every
+        self.baseline: dict[int, int] = {}
+        self.peaks: dict[int, int] = {}
+        self.peak = 0
+        self._halt = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="rss-sampler")
+
+    def sample(self) -> dict[int, int]:
+        return {p: vm_rss_kib(p) for p in process_tree(self.pid)}
+
+    def _record(self, rss: dict[int, int]) -> None:
+        for p, kib in rss.items():
+            self.peaks[p] = max(self.peaks.get(p, 0), kib)
+        self.peak = max(self.peak, sum(rss.values()))
+
+    def _run(self) -> None:
+        while not self._halt.wait(self.every):
+            self._record(self.sample())
+
+    def __enter__(self) -> RssSampler:
+        self.baseline = self.sample()
+        self._record(self.baseline)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._halt.set()
+        self._thread.join(10)
+        self._record(self.sample())
+
+    @property
+    def growth_mib(self) -> float:
+        """Peak total minus the baseline total, in MiB."""
+        return (self.peak - sum(self.baseline.values())) / 1024
+
+    def summary(self) -> str:
+        parts = [
+            f"{p}: {self.baseline.get(p, 0) / 1024:.1f}->{kib / 1024:.1f}"
+            for p, kib in sorted(self.peaks.items())
+        ]
+        return f"RSS +{self.growth_mib:.1f} MiB peak over idle (MiB per pid {', '.join(parts)})"
 
 
 # -- hygiene --------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import email
 import logging
 import re
 import time
+import tracemalloc
 from collections.abc import Callable
 from email.message import Message
 from email.utils import parsedate_to_datetime
@@ -21,9 +22,10 @@ from conftest import Received, Sink, SinkHandler, wait_until, write_config
 from flufl.bounce import all_failures, scan_message
 
 import smarthost.scheduler
+from smarthost.bounce import Bouncer
 from smarthost.config import Config, load_config
-from smarthost.receiver import take_dsn_params
-from smarthost.spool import MSG, Envelope
+from smarthost.dsn import take_dsn_params
+from smarthost.spool import MSG, Envelope, Recipient, Spool, new_id
 
 SENDER = "s@client.test"
 BODY_MARK = b"the body of the original, which a headers-only report leaves out"
@@ -802,3 +804,32 @@ def test_dsn_returning_an_8bit_original_declares_8bitmime(relay, sink, events):
     assert content in arrived.content  # returned whole, 8-bit bytes and all
     assert b"Content-Transfer-Encoding: 8bit" in arrived.content
     assert "BODY=8BITMIME" in arrived.mail_options, arrived.mail_options
+
+
+def test_a_dsn_for_a_large_message_reads_only_its_header_section(tmp_path):
+    """A failed message above return_max gets its headers back, and the DSN is built
+    from a read of its header section alone: never the whole original in memory."""
+    config = relay_config(tmp_path, 9, dsn={"return_max": "1M"})  # nothing is sent
+    spool = Spool(config.spool.dir)
+    spool.create()
+    head = BODY[: BODY.index(b"\r\n\r\n") + 4]
+    content = head + BODY_MARK + b"\r\n" + (b"x" * 998 + b"\r\n") * 8000  # 8 MB
+    failed = Recipient(
+        "gone@dest.test", state="failed", reply="550 5.1.1 no such user", status="5.1.1"
+    )
+    env = Envelope(new_id(), SENDER, [failed], time.time(), size=len(content))
+    spool.commit(env, [content])
+    queued: list[Envelope] = []
+    tracemalloc.start()
+    try:
+        dsn_id = Bouncer(config, spool, queued.append).report(env, "failed", [failed])
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert [notice.id for notice in queued] == [dsn_id]
+    report = Report(spool.read_message(dsn_id))
+    assert report.returned.get_content_type() == "text/rfc822-headers"
+    assert report.returned.get_payload(decode=True) == head[:-2]
+    assert BODY_MARK not in spool.read_message(dsn_id)
+    assert report.failures() == (set(), {b"gone@dest.test"})
+    assert peak < len(content) // 8, f"peak {peak} bytes"

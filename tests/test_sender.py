@@ -1,25 +1,40 @@
-"""Reply classification (SPEC §5) and the pieces of a session that need no network."""
+"""Reply classification (SPEC §5), the pieces of a session that need no network, and
+large mail streamed from the spool to a real upstream."""
 
 from __future__ import annotations
 
+import hashlib
+import os
+import random
+import re
 import smtplib
+import socket
 import ssl
 import sys
+import threading
+import time
+import tracemalloc
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+from conftest import write_config
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from smarthost.config import BackendConfig
+from smarthost.config import BackendConfig, Config, load_config
 from smarthost.sender import (
+    DATA_BLOCK,
     BackendFailure,
     Outcome,
+    Sender,
     classify,
     enhanced_status,
     format_reply,
     read_secret,
 )
-from smarthost.upstream import make_tls_context
+from smarthost.spool import CorruptEnvelope, Envelope, Recipient, Spool, new_id
+from smarthost.upstream import Upstreams, make_tls_context
 
 
 @pytest.mark.parametrize(
@@ -124,14 +139,289 @@ class _Recorder:
         self.sent += data
 
 
+PIECES = st.lists(st.sampled_from([b".", b"\r\n", b"\n", b"\r", b"a", b"..", b"\r\n.\r\n"]))
+
+
 @settings(max_examples=300, deadline=None, database=None)
-@given(st.lists(st.sampled_from([b".", b"\r\n", b"\n", b"\r", b"a", b"..", b"\r\n.\r\n"])))
+@given(PIECES)
 def test_send_content_puts_smtplibs_bytes_on_the_wire(parts):
+    """What smtplib sends for the content with its line endings fixed (as it fixes a
+    str message's): every bare CR and bare LF is CRLF on the wire."""
     from smarthost.sender import send_content
 
     content = b"".join(parts)
     ours, theirs = _Recorder(), _Recorder()
     ours.replies.pop(0)  # DATA and its 354 are the Exchange's
     assert send_content(ours, content) == (250, b"ok")
-    assert smtplib.SMTP.data(theirs, content) == (250, b"ok")
+    fixed = smtplib._fix_eols(content.decode("latin-1")).encode("latin-1")
+    assert smtplib.SMTP.data(theirs, fixed) == (250, b"ok")
     assert b"data\r\n" + ours.sent == theirs.sent
+
+
+@settings(max_examples=500, deadline=None, database=None)
+@given(st.lists(PIECES.map(b"".join)))
+def test_content_in_pieces_goes_out_as_the_whole_would(pieces):
+    """Wherever the pieces (a file's blocks) are cut, even between CR and LF or right
+    before a dot, the wire bytes are those of the whole content."""
+    from smarthost.sender import DataStream
+
+    whole = DataStream()
+    expected = whole.feed(b"".join(pieces)) + whole.end()
+    stream = DataStream()
+    assert b"".join(stream.feed(piece) for piece in pieces) + stream.end() == expected
+
+
+# -- delivery streamed from the spool (real Spool, real Sender, real sockets) ----------
+
+
+class RawUpstream:
+    """An SMTP server on loopback that keeps each DATA as it came over the wire, dot
+    stuffing, line endings and final dot included (the aiosmtpd Sink takes the stuffing
+    out), or with `keep=False` only its length and digest, never holding more than a
+    block: in the same process, whatever it holds counts in tracemalloc too."""
+
+    def __init__(self, keep: bool = True) -> None:
+        self.keep = keep
+        self.data: list[bytes] = []
+        self.digests: list[tuple[int, str]] = []
+        self.mail: list[bytes] = []
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(0.05)  # to notice close()
+        self.port = self.listener.getsockname()[1]
+        self.closed = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.closed.set()
+        self.thread.join(5)
+        self.listener.close()
+
+    def _serve(self) -> None:
+        while not self.closed.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except socket.timeout:
+                continue
+            conn.settimeout(None)
+            threading.Thread(target=self._session, args=(conn,), daemon=True).start()
+
+    def _session(self, conn: socket.socket) -> None:
+        with conn, conn.makefile("rb") as lines:
+            conn.sendall(b"220 raw.test ESMTP\r\n")
+            while line := lines.readline():
+                verb = line[:4].upper()
+                if verb == b"EHLO":
+                    conn.sendall(b"250-raw.test\r\n250-PIPELINING\r\n250 SIZE 100000000\r\n")
+                elif verb == b"DATA":
+                    conn.sendall(b"354 go ahead\r\n")
+                    if not self._take_data(lines):
+                        return
+                    conn.sendall(b"250 2.0.0 stored\r\n")
+                elif verb == b"QUIT":
+                    conn.sendall(b"221 bye\r\n")
+                    return
+                else:
+                    if verb == b"MAIL":
+                        self.mail.append(line)
+                    conn.sendall(b"250 ok\r\n")
+
+    def _take_data(self, lines) -> bool:
+        digest, length, kept = hashlib.sha256(), 0, []
+        tail = b"\r\n"  # DATA starts a line
+        while True:
+            block = lines.read1(65536)
+            if not block:
+                return False  # the client went away mid-DATA
+            window = tail + block
+            end = window.find(b"\r\n.\r\n")
+            if end >= 0:
+                block = block[: end + 5 - len(tail)]
+            digest.update(block)
+            length += len(block)
+            if self.keep:
+                kept.append(block)
+            if end >= 0:
+                break
+            tail = window[-4:]
+        self.digests.append((length, digest.hexdigest()))
+        if self.keep:
+            self.data.append(b"".join(kept))
+        return True
+
+
+@pytest.fixture
+def raw_upstream() -> Iterator[RawUpstream]:
+    upstream = RawUpstream()
+    yield upstream
+    upstream.close()
+
+
+def new_envelope(size: int) -> Envelope:
+    return Envelope(
+        id=new_id(),
+        sender="a@client.test",
+        recipients=[Recipient("b@dest.test")],
+        arrival=time.time(),
+        size=size,
+    )
+
+
+def spool_and_sender(config: Config) -> tuple[Spool, Sender]:
+    spool = Spool(config.spool.dir)
+    spool.create()
+    return spool, Sender(config, spool, Upstreams(config))
+
+
+def dotted_content(size: int) -> bytes:
+    """CRLF lines of many lengths, many of them starting with "." (a lone "." too),
+    the first byte a dot, and at each edge of a DATA_BLOCK in turn: a dot line that
+    starts on it, a CR before it and LF after it, then a dot line, or a dot line
+    that goes across it."""
+    rng = random.Random(13)
+    out = bytearray(b".the first byte is a dot\r\n")
+    edge = DATA_BLOCK
+    while len(out) < size:
+        while len(out) < edge - 300:
+            start = rng.choice([b".", b"..", b".x", b"", b"word", b"From "])
+            out += start + b"y" * rng.randrange(0, 200) + b"\r\n"
+        room = edge - len(out)
+        kind = edge // DATA_BLOCK % 3
+        if kind == 0:
+            out += b"f" * (room - 2) + b"\r\n.starts on the edge\r\n"
+            assert out[edge - 1 : edge + 1] == b"\n."
+        elif kind == 1:
+            out += b"f" * (room - 1) + b"\r\n.after a CRLF cut in two\r\n"
+            assert out[edge - 1 : edge + 2] == b"\r\n."
+        else:
+            out += b"f" * (room - 12) + b"\r\n.across the edge\r\n"
+        edge += DATA_BLOCK
+    return bytes(out)
+
+
+def test_a_large_message_is_streamed_from_the_spool_byte_for_byte(config, sink, monkeypatch):
+    spool, sender = spool_and_sender(config)
+    content = dotted_content(3 << 20)
+    env = new_envelope(len(content))
+    spool.commit(env, [content])
+    writes: list[tuple[int, bytes]] = []  # (length, the last bytes) of each write
+    real_send = smtplib.SMTP.send
+
+    def send(smtp, data):
+        end = data[-5:]  # smtplib sends its own commands as str
+        writes.append((len(data), end.encode() if isinstance(end, str) else end))
+        return real_send(smtp, data)
+
+    monkeypatch.setattr(smtplib.SMTP, "send", send)
+    try:
+        result = sender.attempt(env)  # no content: the claim left it to the file
+        sent = list(writes)
+    finally:
+        sender.upstreams.close_all()
+    assert [r.address for r in result.delivered] == ["b@dest.test"]
+    (received,) = sink.wait_for(1)
+    assert received.content == content
+    assert f"SIZE={len(content)}" in received.mail_options
+    # Block by block (DATA_BLOCK and its dots), and the final dot with the last one.
+    assert len(sent) > len(content) // DATA_BLOCK
+    assert max(size for size, _ in sent) < 2 * DATA_BLOCK
+    size, last = sent[-1]
+    assert last == b"\r\n.\r\n" and size > len(last)
+
+
+def bare_line_endings() -> bytes:
+    """Content-only spool file of an earlier version: bare LF, bare CR, a CR that ends
+    the first block before the LF that starts the second, a bare CR that ends the
+    second before a dot, and no line ending at the end."""
+    head = b"Subject: bare\nX-A: cr\rX-B: crlf\r\n\r\n.dot\n..dots\r.cr dot\r\r\n\n"
+    filler = b"z" * 70 + b"\n"
+    first = head + filler * ((DATA_BLOCK - len(head)) // len(filler))
+    first += b"w" * (DATA_BLOCK - 1 - len(first)) + b"\r"
+    second = b"\n.after the cut CRLF\r\n" + filler * 800
+    second += b"v" * (DATA_BLOCK - 1 - len(second)) + b"\r"
+    content = first + second + b".after a bare CR on the edge\n" + b"tail\rlast line"
+    assert content[DATA_BLOCK - 1 : DATA_BLOCK + 2] == b"\r\n."
+    assert content[2 * DATA_BLOCK - 1 : 2 * DATA_BLOCK + 2] == b"\r.a"
+    return content
+
+
+def test_bare_line_endings_go_upstream_as_crlf(tmp_path, raw_upstream):
+    config = load_config(write_config(tmp_path, raw_upstream.port))
+    spool, sender = spool_and_sender(config)
+    content = bare_line_endings()
+    streamed, whole = new_envelope(len(content)), new_envelope(len(content))
+    for env in (streamed, whole):
+        Path(spool.message_path(env.id)).write_bytes(content)  # two-file layout
+    try:
+        assert sender.attempt(streamed).delivered  # from the file, block by block
+        assert sender.attempt(whole, content).delivered  # bytes a claim read
+    finally:
+        sender.upstreams.close_all()
+    wire, again = raw_upstream.data
+    assert wire == again
+    assert wire.endswith(b"\r\n.\r\n")
+    body = wire[: -len(b".\r\n")]
+    assert body.count(b"\r") == body.count(b"\n") == body.count(b"\r\n")  # CRLF only
+    lines = body.split(b"\r\n")[:-1]
+    assert b"." not in lines  # no early end of DATA
+    unstuffed = [line[1:] if line.startswith(b".") else line for line in lines]
+    assert unstuffed == re.split(rb"\r\n|\r|\n", content)
+    assert raw_upstream.mail[0].rstrip().endswith(f"SIZE={len(content)}".encode())
+
+
+def test_streaming_a_large_message_costs_a_few_blocks_of_memory(tmp_path):
+    upstream = RawUpstream(keep=False)  # in this process: it must hold nothing either
+    config = load_config(write_config(tmp_path, upstream.port))
+    spool, sender = spool_and_sender(config)
+    lines = (b"%s line %d\r\n" % (b"." if n % 7 == 0 else b"a", n) for n in range(1, 6001))
+    block = b"".join(lines)  # a dot line every 7, none at the start
+    count = (20 << 20) // len(block) + 1
+    env = new_envelope(len(block) * count)
+    spool.commit(env, [block] * count)
+    wire = hashlib.sha256()
+    for _ in range(count):
+        wire.update(block.replace(b"\n.", b"\n.."))
+    wire.update(b".\r\n")
+    small = new_envelope(len(block))
+    spool.commit(small, [block])
+    try:
+        sender.attempt(small)  # the session, and anything done once, before measuring
+        tracemalloc.start()
+        try:
+            result = sender.attempt(env)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    finally:
+        sender.upstreams.close_all()
+        upstream.close()
+    assert result.delivered
+    assert upstream.digests[-1] == (
+        len(block) * count + count * block.count(b"\n.") + len(b".\r\n"),
+        wire.hexdigest(),
+    )
+    assert env.size > 20 << 20
+    assert peak < 2 << 20, f"peak {peak} bytes"
+
+
+@pytest.mark.parametrize("damage", ["cut short", "missing"])
+def test_unreadable_content_is_the_messages_problem_not_the_backends(config, sink, damage):
+    """As when the content was read before the attempt: the caller quarantines it."""
+    spool, sender = spool_and_sender(config)
+    content = dotted_content(200_000)
+    env, good = new_envelope(len(content)), new_envelope(len(content))
+    spool.commit(env, [content[:-10] if damage == "cut short" else content])
+    spool.commit(good, [content])
+    if damage == "missing":
+        os.unlink(spool.message_path(env.id))
+    try:
+        with pytest.raises(CorruptEnvelope if damage == "cut short" else FileNotFoundError):
+            sender.attempt(env)
+        (backend,) = sender.upstreams.backends
+        assert not backend.down and not backend.fails
+        assert sender.attempt(good).delivered  # the next message goes as ever
+    finally:
+        sender.upstreams.close_all()
+    (received,) = sink.wait_for(1)
+    assert received.content == content
+    assert env.recipients[0].state == "pending"

@@ -338,6 +338,104 @@ def test_an_embedded_envelope_without_its_end_is_corrupt(spool):
         spool.read_envelope(QUEUE, env.id)
 
 
+# -- reading a message in blocks (delivery and DSNs of large mail) ---------------------
+
+HEAD = b"Subject: big\r\nMessage-ID: <big@client.test>\r\n\r\n"
+
+
+def test_open_message_is_at_the_content_of_either_layout(spool):
+    content = HEAD + b"x" * 200_000 + b"\r\n"
+    env = make_envelope(size=len(content))
+    spool.commit(env, [content])
+    with spool.open_message(env.id, env.size) as file:
+        assert file.read() == content
+    # The two-file layout: msg/ID holds the content only.
+    Path(spool.message_path(env.id)).unlink()
+    Path(spool.message_path(env.id)).write_bytes(content)
+    with spool.open_message(env.id, env.size) as file:
+        assert file.read() == content
+
+
+def test_open_message_finds_an_envelope_longer_than_a_block(spool):
+    history = [
+        {"at": float(i), "event": "deferred", "reply": "451 " + "w" * 60} for i in range(2000)
+    ]
+    env = make_envelope(history=history)
+    assert len(env.to_bytes()) > 2 * 65536
+    spool.commit(env, CONTENT)
+    with spool.open_message(env.id, env.size) as file:
+        assert file.read() == b"".join(CONTENT)
+
+
+@pytest.mark.parametrize("error", [-1, +1, +100_000])
+def test_open_message_of_the_wrong_size_is_corrupt(spool, error):
+    env = make_envelope(size=sum(map(len, CONTENT)) + error)
+    spool.commit(env, CONTENT)
+    with pytest.raises(CorruptEnvelope, match="bytes, not"):
+        spool.open_message(env.id, env.size)
+    with spool.open_message(env.id) as file:  # no size: nothing to check against
+        assert file.read() == b"".join(CONTENT)
+
+
+def test_open_message_refuses_what_is_not_a_file(spool, tmp_path):
+    env = committed(spool)
+    path = Path(spool.message_path(env.id))
+    path.unlink()
+    target = tmp_path / "elsewhere"
+    target.write_bytes(b"".join(CONTENT))
+    path.symlink_to(target)
+    with pytest.raises(CorruptEnvelope, match="symbolic link"):
+        spool.open_message(env.id, env.size)
+    path.unlink()
+    path.mkdir()
+    with pytest.raises(CorruptEnvelope, match="directory"):
+        spool.open_message(env.id, env.size)
+    path.rmdir()
+    with pytest.raises(FileNotFoundError):
+        spool.open_message(env.id, env.size)
+
+
+def test_open_message_of_an_envelope_without_its_end_is_corrupt(spool):
+    env = make_envelope()
+    Path(spool.message_path(env.id)).write_bytes(EMBEDDED + env.to_bytes() + b"x" * 100_000)
+    with pytest.raises(CorruptEnvelope, match="no end"):
+        spool.open_message(env.id)
+
+
+@pytest.mark.parametrize(
+    ("head", "body"),
+    [
+        (HEAD, b"body\r\n" * 100_000),
+        (b"Subject: lf\n\n", b"body\n"),
+        (b"Subject: bare lf then crlf\n\r\n", b"body\r\n\r\nmore\r\n"),
+        (b"\r\n", b"no header section\r\n\r\n"),
+        (b"Subject: all header, no body\r\n", b""),
+    ],
+)
+def test_read_message_head_is_the_header_section(spool, head, body):
+    env = make_envelope(size=len(head + body))
+    spool.commit(env, [head, body])
+    assert spool.read_message_head(env.id) == head
+
+
+@pytest.mark.parametrize("split", [0, 1, 2, 3])  # bytes of "\n\r\n" in the first block
+def test_read_message_head_finds_the_end_across_blocks(spool, split):
+    field = b"X-Long: " + b"y" * (65536 - split + 3 - 24) + b"\r\n"
+    head = b"Subject: s\r\n" + field + b"\r\n"
+    assert head[65536 - split : 65536 - split + 3] == b"\n\r\n"  # the end, at the block edge
+    env = make_envelope(size=len(head) + 6)
+    spool.commit(env, [head, b"body\r\n"])
+    assert spool.read_message_head(env.id) == head
+
+
+def test_read_message_head_is_bounded(spool):
+    endless = b"X-Field: " + b"z" * 3_000_000  # no end to the header section
+    env = make_envelope(size=len(endless))
+    spool.commit(env, [endless])
+    assert spool.read_message_head(env.id, limit=100_000) == endless[:100_000]
+    assert spool.read_message_head(env.id) == endless[: 1 << 20]
+
+
 def test_commit_files_and_directories_are_private(spool):
     old_umask = os.umask(0)  # a permissive umask must not widen anything
     try:
