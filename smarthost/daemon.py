@@ -236,6 +236,12 @@ class Relay:
                 ("smtp.tls_key", self.config.smtp.tls_key, config.smtp.tls_key),
                 ("smtp.max_clients", self.config.smtp.max_clients, config.smtp.max_clients),
                 ("smtp.timeout", self.config.smtp.timeout, config.smtp.timeout),
+                (
+                    "smtp.bare_newlines",
+                    self.config.smtp.bare_newlines,
+                    config.smtp.bare_newlines,
+                ),
+                ("smtp.error_limit", self.config.smtp.error_limit, config.smtp.error_limit),
                 ("hostname", self.config.hostname, config.hostname),
                 (
                     "smtp.max_message_size",

@@ -166,34 +166,27 @@ class DataDecoder:
             self._held_cr = True
         if not piece:
             return b""
-        pairs = piece.count(b"\r\n")
-        if piece.count(b"\r") != pairs or piece.count(b"\n") != pairs:
+        lines = piece.split(b"\r\n")
+        rest = b"".join(lines)  # what is left of a line ending is a bare CR or LF
+        if b"\r" in rest or b"\n" in rest:
             if not self.normalize:
                 raise BareNewline("bare CR or LF in DATA")
             piece = piece.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
+            lines = piece.split(b"\r\n")
+        self._check_lines(lines)
         starts_line, self._line_start = self._line_start, piece.endswith(b"\n")
         if starts_line and piece.startswith(b"."):
             piece = piece[1:]
-        if b"\n." in piece:
+        if b"\r\n." in piece:
             piece = piece.replace(b"\r\n.", b"\r\n")
-        self._check_lines(piece)
         return piece
 
-    def _check_lines(self, piece: bytes) -> None:
-        """Raise LineTooLong for a line over MAX_LINE octets, also one that spans pieces.
-        Lengths here count a line's CR (its LF ends it): at most MAX_LINE + 1."""
-        first = piece.find(b"\n")
-        if first < 0:
-            self._line_length += len(piece)
-            longest = self._line_length + 1  # its CR is still to come
-        else:
-            last = piece.rfind(b"\n")
-            longest = self._line_length + first
-            if last > first:
-                longest = max(longest, *map(len, piece[first + 1 : last].split(b"\n")))
-            self._line_length = len(piece) - last - 1
-            longest = max(longest, self._line_length + 1)
-        if longest > MAX_LINE + 1:
+    def _check_lines(self, lines: list[bytes]) -> None:
+        """Raise LineTooLong for a line over MAX_LINE octets (and a transparency dot),
+        also one that spans pieces. `lines`: a piece split at its CRLFs."""
+        first = self._line_length + len(lines[0])
+        self._line_length = first if len(lines) == 1 else len(lines[-1])
+        if max(first, *map(len, lines)) > MAX_LINE + 1:
             raise LineTooLong(f"a line of the message is longer than {MAX_LINE} octets")
 
     def close(self) -> bytes:
@@ -366,21 +359,33 @@ class RelaySMTP(SMTP):
     def _timeout_cb(self) -> None:
         """The client was silent for `smtp.timeout`: tell it, and end the session."""
         peer = client_ip(self.session.peer) if self.session else None
-        log.event("protocol_error", client=peer, error="timeout: the client was silent")
-        transport = self.transport
-        if transport is not None and not transport.is_closing():
-            with contextlib.suppress(Exception):
-                transport.write(f"421 4.4.2 {self.hostname} Error: timeout exceeded\r\n".encode())
+        if self._handshaking():
+            log.event("tls_failed", client=peer, error="no TLS handshake within the timeout")
+        else:
+            log.event("protocol_error", client=peer, error="timeout: the client was silent")
+            transport = self.transport
+            if transport is not None and not transport.is_closing():
+                with contextlib.suppress(Exception):
+                    reply = f"421 4.4.2 {self.hostname} Error: timeout exceeded\r\n"
+                    transport.write(reply.encode())
         self._end_session()
+
+    def _handshaking(self) -> bool:
+        """STARTTLS was answered 220 and the TLS session is not up yet."""
+        return self._original_transport is not None and (
+            self.session is None or self.session.ssl is None
+        )
 
     def _end_session(self) -> None:
         """Close every layer of the connection and end the session's task. Closing the
         TLS layer alone is not enough during a handshake: asyncio then never tells the
         protocol the connection is gone."""
+        if self._timeout_handle is not None:
+            self._timeout_handle.cancel()
         for transport in (self.transport, self._original_transport):
             if transport is not None:
                 transport.close()
-        if self._original_transport is not None and self.session and self.session.ssl is None:
+        if self._handshaking():
             self._original_transport.abort()  # a handshake in progress: no goodbye
         if self._handler_coroutine is not None:
             self._handler_coroutine.cancel()

@@ -110,11 +110,11 @@ def test_bare_line_endings_are_refused_when_asked():
 @pytest.mark.parametrize(
     ("pieces", "too_long"),
     [
-        ([b"a" * 998 + b"\r\n"], False),
-        ([b"a" * 999 + b"\r\n"], True),
-        ([b"a" * 500, b"a" * 498 + b"\r", b"\nb\r\n"], False),  # 998 across three pieces
-        ([b"x\r\n" + b"a" * 500, b"a" * 499], True),  # still open, already too long
-        ([b"x\r\n" + b"a" * 999 + b"\r\nb\r\n"], True),  # a middle line
+        ([b"." + b"a" * 998 + b"\r\n"], False),  # 998 and a transparency dot
+        ([b"a" * 1000 + b"\r\n"], True),
+        ([b"a" * 500, b"a" * 499 + b"\r", b"\nb\r\n"], False),  # 999 across three pieces
+        ([b"x\r\n" + b"a" * 500, b"a" * 500], True),  # still open, already too long
+        ([b"x\r\n" + b"a" * 1000 + b"\r\nb\r\n"], True),  # a middle line
     ],
 )
 def test_line_length_is_checked_across_pieces(pieces, too_long):
