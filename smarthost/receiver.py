@@ -289,6 +289,7 @@ class Receiver:
             auth_user=auth_user if isinstance(auth_user, str) else None,
             source="smtp",
             smtputf8=bool(envelope.smtp_utf8),
+            crlf=True,  # DataDecoder saw to it
             body=next((o.split("=", 1)[1] for o in options if o.startswith("BODY=")), None),
             ret=mail_params.get("RET"),
             envid=mail_params.get("ENVID"),

@@ -280,7 +280,7 @@ class Sender:
         # Opened before DATA is sent, so a missing or corrupt file stops the transaction
         # before the upstream waits for content; closed when it ends.
         with self._content(env, content) as body:
-            self._exchange(session, backend, mail, sendable, body, result)
+            self._exchange(session, backend, mail, sendable, body, env.crlf, result)
 
     def _exchange(
         self,
@@ -289,9 +289,11 @@ class Sender:
         mail: bytes,
         sendable: list[tuple[Recipient, bytes]],
         content: Content,
+        crlf: bool,
         result: Attempt,
     ) -> None:
-        """MAIL, RCPT and DATA (pipelined when offered), then the content."""
+        """MAIL, RCPT and DATA (pipelined when offered), then the content (`crlf`: its
+        lines are known to end with CRLF)."""
         smtp = session.smtp
         exchange = Exchange(smtp, [mail, *(command for _, command in sendable), b"DATA\r\n"])
         code, msg = exchange.reply()
@@ -324,7 +326,7 @@ class Sender:
                 # 2xx here must not count as a delivery.
                 raise BackendFailure(f"DATA answered {format_reply(code, msg)}, not 354")
         else:
-            code, msg = send_content(smtp, content)
+            code, msg = send_content(smtp, content, crlf)
         outcome = classify("data", code)
         if outcome is Outcome.BACKEND_FAILURE:
             raise BackendFailure(format_reply(code, msg))
@@ -698,16 +700,17 @@ def rcpt_command(smtp: smtplib.SMTP, recipient: str, options: list[str]) -> byte
     return _command(smtp, f"rcpt TO:{_path(recipient)}{optionlist}")
 
 
-def send_content(smtp: smtplib.SMTP, content: Content) -> tuple[int, bytes]:
+def send_content(smtp: smtplib.SMTP, content: Content, crlf: bool = False) -> tuple[int, bytes]:
     """After 354: the content, dot-stuffed and with CRLF line endings only, then the
     final dot, as `smtp.data` sends a message whose line endings it fixed.
 
     Bytes (small mail) go in one write with the dot; a file is read and sent a block
     at a time, so a large message costs a few blocks of memory. The dot always goes
     in the same write as the end of the content: a separate small write would wait
-    for the delayed ACK of the one before.
+    for the delayed ACK of the one before. `crlf`: the content is known to end every
+    line with CRLF (the receiver made it so), which saves looking for bare ones.
     """
-    data = DataStream()
+    data = DataStream(crlf)
     if isinstance(content, bytes):
         smtp.send(data.feed(content) + data.end())
     else:
@@ -742,7 +745,8 @@ class DataStream:
     CR may end DATA early at a later hop (SMTP smuggling). A line that starts at the
     edge of a piece and a CR that ends one (CRLF, or bare?) are carried over."""
 
-    def __init__(self) -> None:
+    def __init__(self, crlf: bool = False) -> None:
+        self.crlf = crlf  # every line is known to end with CRLF
         self.line_start = True  # the next byte starts a line
         self.held_cr = False  # the last piece ended with CR: the next byte says what it is
         self.sent = False  # anything went out
@@ -766,7 +770,7 @@ class DataStream:
     def _stuff(self, piece: bytes) -> bytes:
         if not piece:
             return piece
-        stuffed = _crlf(piece).replace(b"\n.", b"\n..")
+        stuffed = (piece if self.crlf else _crlf(piece)).replace(b"\n.", b"\n..")
         if self.line_start and stuffed.startswith(b"."):
             stuffed = b"." + stuffed
         self.line_start = stuffed.endswith(b"\n")  # only ever the end of a CRLF

@@ -123,6 +123,7 @@ class Envelope:
     message_id: str | None = None
     source: str = "smtp"
     smtputf8: bool = False  # the client asked for SMTPUTF8
+    crlf: bool = False  # every line of the content was made to end with CRLF on the way in
     body: str | None = None  # MAIL BODY= (7BIT or 8BITMIME)
     attempts: int = 0
     next_attempt: float = 0.0
