@@ -43,7 +43,7 @@ TORTURE_REPORT := torture-report.jsonl
 torture: $(BIN)/smarthost
 	rm -f $(TORTURE_REPORT)
 	SMARTHOST_TORTURE_REPORT=$(CURDIR)/$(TORTURE_REPORT) $(BIN)/pytest --torture \
-	  tests/test_torture_*.py; status=$$?; \
+	  tests/test_torture_*.py tests/test_hostile.py; status=$$?; \
 	  $(BIN)/python scripts/torture_report.py $(TORTURE_REPORT) && exit $$status
 
 clean:

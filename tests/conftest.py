@@ -462,7 +462,6 @@ class RawUpstream:
         self.port = self.listener.getsockname()[1]
         self.transactions: list[RawTransaction] = []
         self.commands: list[bytes] = []
-        self.sessions = 0  # connections that ended (QUIT or closed)
         self.cond = threading.Condition()
         self._halt = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -555,9 +554,6 @@ class RawUpstream:
             pass
         finally:
             conn.close()
-            with self.cond:
-                self.sessions += 1
-                self.cond.notify_all()
 
 
 @pytest.fixture
