@@ -44,6 +44,19 @@ Scenarios:
               (backlog and new) arrived, or nothing arrived for --wait s; when the first,
               10 %, 50 %, 90 % arrived; the peak RSS of the drain (VmHWM reset just
               before, through /proc/PID/clear_refs); the relay's CPU during the drain
+  large     issue 13's large-message scenarios, each on a fresh relay:
+            flat out  --large-n messages (600) of --large-size bytes (100 KiB), as the
+              flat out scenario (same figures)
+            memory    --big-n messages (4) of --big-mib MiB (25) at once over as many
+              sessions, received and forwarded (max_message_size: --big-mib + 1 M)
+            no stalls --big-n messages of --big-mib MiB one after another on one
+              session, while a second session sends NOOP every 10 ms
+            long line one DATA of --long-line-mib MiB (64) with no CRLF before the one
+              ending it, at max_message_size 25M (the default; half the line when that
+              is smaller): it must be read to the end, discarded, and answered 552
+            empty lines one DATA of --empty-lines-mib MiB (8) of CRLF only, received
+              and forwarded, at the default max_message_size 25M
+            Each starts after --warmup small messages and once the relay settled.
 
 Figures (times are time.time() of this machine, which the processes share):
   on time      paced: messages whose MAIL went out within 10 ms of their slot; fewer
@@ -68,6 +81,21 @@ Figures (times are time.time() of this machine, which the processes share):
                arrival; ms/msg is the relay's per accepted message
   peak RSS     the sum of the two processes' VmHWM, read just before SIGTERM (warm-up
                included; two peaks that may not coincide, so at most their sum)
+  reply        large, but flat out: the replies to the text by code, one of them in
+               full, and the code expected (552 for the long line, else 250)
+  DATA->reply  the same as DATA->250, whatever the reply
+  RSS idle     large, but flat out: VmRSS of the relay process (receiver) and of its
+               children (delivery; found afresh at each sample: /proc/PID/task/*/
+               children, or a scan of /proc), after the warm-up, once settled
+  RSS peak     the highest VmRSS of each, sampled every 20 ms from the start of the
+               load until its last message reached the sink; the sum of the two peaks,
+               and its growth over idle beside issue 13's target, idle + 32 MiB
+  VmHWM        each process's peak as the kernel counts it, reset (clear_refs) when
+               the load began: the cross-check of the sampled peak, which can miss a
+               spike shorter than 20 ms (the kernel's count lags by a few hundred KiB)
+  NOOP         no stalls: round trips of the second session's NOOPs sent while a big
+               message was between its DATA command and its reply; how many took over
+               50 ms, issue 13's target for p99
   SIGTERM      the relay's exit status and how long it took to exit; `log` counts the
                relay's log events; lines marked `!` are its log records at warning level
                or above (or non-JSON stderr), and the load generator's session errors
@@ -81,10 +109,12 @@ Percentiles are nearest-rank. The relay logs at level "info", the shipped defaul
 The load generator (~0.3 ms CPU per message) and the sink (~1.5 ms: aiosmtpd) share the
 machine's cores with the relay, as they would with any relay under test.
 
-A benchmark, not a test: it asserts nothing about speed. It exits 1 when something went
-wrong: the relay did not start, logged a warning or an error (in the backlog scenario
-but `backend_down`, which it causes), refused or lost a message, or did not exit 0 on
-SIGTERM.
+A benchmark, not a test: it asserts nothing about speed or memory ("OVER" a target is
+a figure, not a failure). It exits 1 when something went wrong: the relay did not start,
+logged a warning or an error (in the backlog scenario but `backend_down`, which it
+causes; in the large ones but `protocol_error` and `rejected`, which a hostile DATA may
+cause), refused or lost a message (large: a reply other than the one expected), or did
+not exit 0 on SIGTERM.
 """
 
 from __future__ import annotations
@@ -107,13 +137,14 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from email.utils import formatdate
 from multiprocessing.connection import Connection
 from typing import Any, Callable
 
-from smarthost.config import DEFAULT_GROUP
+from smarthost.config import DEFAULT_GROUP, parse_size
 from smarthost.spool import DEFERRED, QUEUE, Envelope, Recipient, Spool, new_id
 
 HOST = "127.0.0.1"
@@ -130,6 +161,7 @@ POLL_INTERVAL = 0.05
 MAX_SESSION_FAILURES = 5  # in a row, then a client thread gives up
 LATE = 0.010  # paced: a message sent this much after its slot counts as late
 SHOWN_PROBLEMS = 10
+CHUNK = 2**20  # the load sends a message bigger than this in pieces of this size
 
 
 # -- messages ----------------------------------------------------------------------------
@@ -139,15 +171,18 @@ class Messages:
     """Message texts of `size` bytes (header and body, before the final "."), unique by
     Message-ID.
 
-    The filler is built once; per message a short header is formatted and the filler
-    cut to length. No line starts with "." so the text needs no dot-stuffing.
+    The body repeats UNIT: a 1 MiB block of it is built once; per message a short
+    header is formatted and the block cut to length. No line starts with "." so the text
+    needs no dot-stuffing. Subclasses change UNIT to give DATA a hostile line shape.
     """
+
+    UNIT = FILLER
 
     def __init__(self, run_id: str, size: int) -> None:
         self.run_id = run_id
         self.size = size
         self.date = formatdate(localtime=False).encode()
-        self.filler = FILLER * (size // len(FILLER) + 1)
+        self.block = self.UNIT * max(1, CHUNK // len(self.UNIT))
 
     def message_id(self, scenario: str, seq: int) -> str:
         return f"<{self.run_id}.{scenario}.{seq}@bench.smarthost>"
@@ -165,13 +200,46 @@ class Messages:
             + b"Message-ID: %s\r\n\r\n" % self.message_id(scenario, seq).encode()
         )
 
+    def body(self, length: int) -> Iterator[bytes]:
+        """`length` bytes of body, in pieces of at most CHUNK (the block, not copies)."""
+        whole, rest = divmod(max(0, length), len(self.block))
+        for _ in range(whole):
+            yield self.block
+        cut = self.block[:rest]
+        if cut.endswith(b"\r"):  # no bare CR where the cut falls
+            cut = cut[:-1] + b" "
+        if cut:
+            yield cut
+
+    def chunks(self, scenario: str, seq: int) -> Iterator[bytes]:
+        """The DATA payload in pieces, terminating "." included."""
+        header = self.header(scenario, seq)
+        yield header
+        yield from self.body(self.size - len(header) - 2)
+        yield b"\r\n.\r\n"
+
     def text(self, scenario: str, seq: int) -> bytes:
         """The DATA payload, terminating "." included."""
-        header = self.header(scenario, seq)
-        body = self.filler[: max(0, self.size - len(header) - 2)]
-        if body.endswith(b"\r"):  # no bare CR where the cut falls
-            body = body[:-1] + b" "
-        return header + body + b"\r\n.\r\n"
+        return b"".join(self.chunks(scenario, seq))
+
+    def pieces(self, scenario: str, seq: int) -> Iterable[bytes]:
+        """The DATA payload as the load sends it: in one write up to CHUNK (as a client
+        would), else piece by piece, so that a 64 MiB message is never built here."""
+        if self.size <= CHUNK:
+            return [self.text(scenario, seq)]
+        return self.chunks(scenario, seq)
+
+
+class LongLine(Messages):
+    """The whole body one line: no CRLF until the one before the final "."."""
+
+    UNIT = b"x"
+
+
+class EmptyLines(Messages):
+    """The body nothing but empty lines (CRLF CRLF ...): the most lines per byte."""
+
+    UNIT = b"\r\n"
 
 
 def cpu_seconds(pid: int) -> float:
@@ -411,6 +479,7 @@ def write_config(
     workers: int,
     listen_port: int = 0,
     fail_timeout: str | None = None,
+    max_message_size: str | None = None,
 ) -> str:
     """A config for one relay: its own spool, log level info, the sink as the backend."""
     path = os.path.join(directory, f"smarthost-{label}.toml")
@@ -418,7 +487,9 @@ def write_config(
     with open(path, "w", encoding="utf-8") as f:
         f.write(
             f'hostname = "bench.smarthost.test"\n\n'
-            f'[smtp]\nlisten = ["{HOST}:{listen_port}"]\n\n'
+            f'[smtp]\nlisten = ["{HOST}:{listen_port}"]\n'
+            + (f'max_message_size = "{max_message_size}"\n' if max_message_size else "")
+            + "\n"
             f"[spool]\ndir = {spool}\n\n"
             f"[delivery]\nworkers = {workers}\n\n"
             f'[log]\nlevel = "info"\n\n'
@@ -571,12 +642,25 @@ class Relay:
 # -- the load generator --------------------------------------------------------------------
 
 
+def connect(port: int, name: str, timeout: float = 60.0) -> smtplib.SMTP:
+    """An smtplib session to the relay, past EHLO."""
+    smtp = smtplib.SMTP(HOST, port, local_hostname=name, timeout=timeout)
+    # Our own Nagle/delayed-ACK stalls must not show up as the relay's latency.
+    smtp.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    code, reply = smtp.ehlo()
+    if code != 250:
+        smtp.close()
+        raise smtplib.SMTPHeloError(code, reply)
+    return smtp
+
+
 @dataclass
 class Sent:
     seq: int
     t_data: float  # just before the DATA command (0.0: not reached)
     t_reply: float  # final reply to the text read (0.0: none)
     code: int  # that reply's code; 0: the session broke
+    reply: str = ""  # the final reply to the text, as read
 
 
 class Load:
@@ -588,13 +672,20 @@ class Load:
     """
 
     def __init__(
-        self, messages: Messages, scenario: str, n: int, clients: int, rate: float = 0.0
+        self,
+        messages: Messages,
+        scenario: str,
+        n: int,
+        clients: int,
+        rate: float = 0.0,
+        timeout: float = 60.0,
     ) -> None:
         self.messages = messages
         self.scenario = scenario
         self.n = n
         self.clients = clients
         self.rate = rate
+        self.timeout = timeout  # seconds for any one reply
         self.port = 0
         self.start = 0.0
         self.sent: list[Sent] = []  # list.append is atomic: shared by the threads
@@ -629,22 +720,13 @@ class Load:
             self._next += 1
             return self._next - 1
 
-    def _connect(self, index: int) -> smtplib.SMTP:
-        smtp = smtplib.SMTP(HOST, self.port, local_hostname=f"load{index}.bench", timeout=60)
-        # Our own Nagle/delayed-ACK stalls must not show up as the relay's latency.
-        smtp.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        code, reply = smtp.ehlo()
-        if code != 250:
-            raise smtplib.SMTPHeloError(code, reply)
-        return smtp
-
     def _client(self, index: int) -> None:
         smtp: smtplib.SMTP | None = None
         failures = 0
         while (seq := self._take()) is not None:
             try:
                 if smtp is None:
-                    smtp = self._connect(index)
+                    smtp = connect(self.port, f"load{index}.bench", self.timeout)
                 self._pace(seq)
                 if not self._send(smtp, seq):
                     smtp.close()
@@ -693,9 +775,11 @@ class Load:
                     return False
                 smtp.rset()
                 return True
-        smtp.send(self.messages.text(self.scenario, seq))
-        code, _ = smtp.getreply()
-        self.sent.append(Sent(seq, t_data, time.time(), code))
+        for piece in self.messages.pieces(self.scenario, seq):
+            smtp.send(piece)
+        code, raw = smtp.getreply()
+        text = raw.decode("utf-8", "replace").replace("\n", " ")
+        self.sent.append(Sent(seq, t_data, time.time(), code, f"{code} {text}"))
         return code != 421
 
 
@@ -807,14 +891,16 @@ def end_to_end_rate(load: Load, arrivals: dict[str, list[float]]) -> float:
     return per_second(len(times), load.start, max(times, default=0.0))
 
 
+NO_REPLY = {-1: "never sent", 0: "broken session"}  # Sent.code when there was no reply
+
+
 def refused_detail(loads: list[Load]) -> tuple[int, str]:
     """How many messages were not answered 250, and why ("3 x 451, 1 x broken session")."""
     refused: Counter[int] = Counter()
     for load in loads:
         refused.update(s.code for s in load.sent if s.code != 250)
         refused[-1] += load.n - len(load.sent)  # never sent: every session gave up
-    kinds = {-1: "never sent", 0: "broken session"}
-    detail = ", ".join(f"{n} x {kinds.get(c, c)}" for c, n in sorted(refused.items()) if n)
+    detail = ", ".join(f"{n} x {NO_REPLY.get(c, c)}" for c, n in sorted(refused.items()) if n)
     return sum(refused.values()), detail
 
 
@@ -1142,6 +1228,351 @@ def run_backlog(
         sink.stop()
 
 
+# -- the large-message scenarios --------------------------------------------------------
+
+RSS_INTERVAL = 0.020  # seconds between two samples of both processes' VmRSS
+NOOP_INTERVAL = 0.010  # seconds between two NOOPs of the probe session
+RSS_TARGET_MIB = 32  # issue 13: peak RSS <= idle + this, in each memory scenario
+NOOP_TARGET_MS = 50.0  # issue 13: another session's NOOP answered within this (p99)
+SETTLE_LIMIT = 30.0  # seconds for the relay to go idle after the warm-up
+BIG_TIMEOUT = 600.0  # seconds for one reply: today's relay takes minutes on hostile DATA
+# Events at warning level that a hostile DATA may rightly cause (SPEC §8).
+CLIENT_FAILURES = frozenset({"protocol_error", "rejected"})
+
+
+def parent_pid(pid: int) -> int:
+    """The parent of a live process (0: gone, or a zombie)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            state, ppid = f.read().rsplit(")", 1)[1].split()[:2]
+    except (OSError, ValueError):
+        return 0
+    return 0 if state == "Z" else int(ppid)
+
+
+def child_pids(pid: int) -> list[int]:
+    """The live children of `pid`: /proc/PID/task/*/children where the kernel has it
+    (CONFIG_PROC_CHILDREN), else a scan of /proc for processes whose parent it is."""
+    found: set[int] = set()
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+        for task in tasks:
+            with open(f"/proc/{pid}/task/{task}/children", encoding="ascii") as f:
+                found.update(int(child) for child in f.read().split())
+        return sorted(found)
+    except FileNotFoundError:
+        pass
+    except OSError:
+        return []
+    return sorted(int(e) for e in os.listdir("/proc") if e.isdigit() and parent_pid(int(e)) == pid)
+
+
+class RssSampler:
+    """VmRSS of the relay process and of its children (the delivery process) every
+    RSS_INTERVAL, in a thread, from construction to stop(). The children are looked up
+    at each sample, so a delivery process started again is followed."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.idle = self.read()  # [receiver, delivery] KiB when sampling began
+        self.peak = list(self.idle)
+        self.samples = 0
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="rss", daemon=True)
+        self._thread.start()
+
+    def read(self) -> list[int]:
+        children = child_pids(self.pid)
+        return [
+            proc_status_kib(self.pid, "VmRSS"),
+            sum(proc_status_kib(child, "VmRSS") for child in children),
+        ]
+
+    def _sample(self) -> None:
+        self.peak = [max(a, b) for a, b in zip(self.peak, self.read())]
+        self.samples += 1
+
+    def _run(self) -> None:
+        while not self._done.wait(RSS_INTERVAL):
+            self._sample()
+
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join()
+        self._sample()
+
+
+class NoopProbe:
+    """Another client session sending NOOP every NOOP_INTERVAL, in a thread: how long a
+    session waits on the relay while another one sends a big message."""
+
+    def __init__(self, port: int) -> None:
+        self.smtp = connect(port, "probe.bench", BIG_TIMEOUT)
+        self.times: list[tuple[float, float]] = []  # (time.time() sent, round trip s)
+        self.error = ""
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="noop", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        due = time.monotonic()
+        while not self._done.is_set():
+            sent, began = time.time(), time.perf_counter()
+            try:
+                code, _ = self.smtp.docmd("NOOP")
+            except (smtplib.SMTPException, OSError) as exc:
+                self.error = f"NOOP probe: {exc!r}"
+                return
+            if code != 250:
+                self.error = f"NOOP probe: answered {code}"
+                return
+            self.times.append((sent, time.perf_counter() - began))
+            # A fixed timetable; after a stall, the next NOOP goes at once.
+            due = max(due + NOOP_INTERVAL, time.monotonic())
+            self._done.wait(due - time.monotonic())
+
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join()
+        try:
+            self.smtp.quit()
+        except (smtplib.SMTPException, OSError):
+            self.smtp.close()
+
+    def round_trips(self, start: float, end: float) -> list[float]:
+        """Round trips of the NOOPs sent from `start` to `end` (time.time())."""
+        return [rtt for sent, rtt in self.times if start <= sent <= end]
+
+
+@dataclass
+class MemoryResult:
+    title: str
+    load: Load
+    warmup: Load | None
+    expect: int  # the reply the text must get: 250, or 552 when over max_message_size
+    arrivals: dict[str, list[float]]
+    idle_kib: list[int]  # VmRSS of [receiver, delivery] when the load began
+    peak_kib: list[int]  # the highest VmRSS sampled of each
+    hwm_kib: list[int]  # VmHWM of each at the end (reset when the load began)
+    hwm_reset: bool
+    samples: int
+    noop: NoopProbe | None
+    cpu: Cpu
+    relay: RelayEnd
+
+
+def run_memory(
+    args: argparse.Namespace,
+    directory: str,
+    sink: Sink,
+    small: Messages,
+    load: Load,
+    title: str,
+    max_message_size: str,
+    probe: bool = False,
+) -> MemoryResult:
+    """Start a relay, warm it up with small messages, let it settle, then send the load
+    while sampling both processes' RSS (and timing another session's NOOPs)."""
+    config = write_config(
+        directory, load.scenario, sink.port, args.workers, max_message_size=max_message_size
+    )
+    relay = Relay(config, directory, load.scenario)
+    noop = None
+    try:
+        warmup = None
+        if args.warmup > 0:
+            warmup = Load(small, f"{load.scenario}-warmup", args.warmup, load.clients)
+            send_and_wait(warmup, relay.port, sink, args.wait)
+        wait_until_settled(relay, SETTLE_LIMIT)
+        hwm_reset = relay.reset_peak_rss()
+        sampler = RssSampler(relay.process.pid)
+        before = Cpu.now(relay, sink)
+        try:
+            noop = NoopProbe(relay.port) if probe else None
+            send_and_wait(load, relay.port, sink, args.wait)
+        finally:
+            sampler.stop()
+            if noop is not None:
+                noop.stop()
+        cpu = Cpu.now(relay, sink) - before
+        hwm = relay.memory_kib("VmHWM")
+    finally:
+        end = relay.stop(CLIENT_FAILURES)
+    sink.poll()
+    expect = 552 if load.messages.size > parse_size(max_message_size) else 250
+    return MemoryResult(
+        title,
+        load,
+        warmup,
+        expect,
+        sink.arrivals,
+        sampler.idle,
+        sampler.peak,
+        hwm,
+        hwm_reset,
+        sampler.samples,
+        noop,
+        cpu,
+        end,
+    )
+
+
+def mib_delta(peak: list[int], idle: list[int]) -> str:
+    growth = [p - i for p, i in zip(peak, idle)]
+    return (
+        f"idle + {sum(growth) / 1024:.1f} MiB "
+        f"(receiver +{growth[0] / 1024:.1f} + delivery +{growth[1] / 1024:.1f})"
+    )
+
+
+def replies_line(load: Load, expect: int) -> str:
+    """ "4 x 250 ("250 2.0.0 Ok: queued as ...")" and what was expected."""
+    codes = Counter(s.code for s in load.sent)
+    codes[-1] += load.n - len(load.sent)
+    counted = ", ".join(f"{n} x {NO_REPLY.get(c, c)}" for c, n in sorted(codes.items()) if n)
+    example = next((s.reply for s in load.sent if s.reply), "")
+    return (
+        f"reply       {counted}"
+        + (f' ("{example}")' if example else "")
+        + (f"   expected {expect}")
+    )
+
+
+def memory_lines(result: MemoryResult) -> tuple[list[str], bool]:
+    """The reply, RSS and NOOP lines of a memory scenario; False when a reply was not
+    the expected one or an accepted message was lost."""
+    load = result.load
+    replied = [s for s in load.sent if s.code]
+    lines = [
+        replies_line(load, result.expect),
+        f"DATA->reply {spread_ms([s.t_reply - s.t_data for s in replied])}",
+    ]
+    ok = len(load.sent) == load.n and all(s.code == result.expect for s in load.sent)
+    accepted = load.accepted()
+    if accepted:
+        ids = [load.message_id(s.seq) for s in accepted]
+        arrived = [(s, result.arrivals[i]) for s, i in zip(accepted, ids) if i in result.arrivals]
+        lost = len(accepted) - len(arrived)
+        duplicates = sum(len(times) - 1 for _, times in arrived)
+        lines += [
+            f"forward     {spread_ms([times[0] - s.t_reply for s, times in arrived])}"
+            "   (client's 250 -> sink has it)",
+            f"lost {lost}   duplicates {duplicates}",
+        ]
+        ok &= lost == 0
+    within = sum(result.peak_kib) - sum(result.idle_kib) <= RSS_TARGET_MIB * 1024
+    lines += [
+        f"RSS idle    {mib(result.idle_kib)}   (after the warm-up, when the load began)",
+        f"RSS peak    {mib(result.peak_kib)} = {mib_delta(result.peak_kib, result.idle_kib)}"
+        f"   {'within' if within else 'OVER'} the target idle + {RSS_TARGET_MIB} MiB"
+        f"   ({result.samples} samples, every {RSS_INTERVAL * 1000:g} ms)",
+        f"VmHWM       {mib(result.hwm_kib)} = {mib_delta(result.hwm_kib, result.idle_kib)}"
+        + (
+            "   (the kernel's peak since the load began)"
+            if result.hwm_reset
+            else "   (could not be reset: since start)"
+        ),
+    ]
+    if result.noop is not None:
+        lines.append(noop_line(result.noop, replied))
+        ok &= not result.noop.error
+    return lines, ok
+
+
+def noop_line(noop: NoopProbe, replied: list[Sent]) -> str:
+    """The probe's round trips while a big message was sent and committed: from each
+    one's DATA command to its reply (they go one after another)."""
+    trips = [t for s in replied for t in noop.round_trips(s.t_data, s.t_reply)]
+    window = sum(s.t_reply - s.t_data for s in replied)
+    if not trips:
+        return f"NOOP        none sent from DATA to its reply ({window:.2f} s)"
+    p99 = percentile(sorted(trips), 99) * 1000
+    return (
+        f"NOOP        {spread_ms(trips)}   ({len(trips)} sent in the {window:.2f} s "
+        f"from DATA to reply, {sum(t * 1000 > NOOP_TARGET_MS for t in trips)} over "
+        f"{NOOP_TARGET_MS:g} ms; p99 {'within' if p99 <= NOOP_TARGET_MS else 'OVER'} "
+        f"the target {NOOP_TARGET_MS:g} ms)"
+    )
+
+
+def report_memory(result: MemoryResult) -> bool:
+    """Print one memory scenario's block; True when nothing went wrong."""
+    lines, ok = memory_lines(result)
+    if result.warmup is not None:
+        lines.insert(0, warmup_line(result.warmup, result.arrivals))
+        ok &= load_lines(result.warmup, result.arrivals)[1]
+    lines.append(cpu_line(result.cpu, len(result.load.accepted())))
+    lines += end_lines(result.relay)
+    problems = result.load.session_errors + result.relay.problems
+    unexpected = [s for s in result.load.sent if s.code != result.expect]
+    if unexpected:
+        problems.append(f"expected {result.expect}, got: {unexpected[0].reply or 'no reply'}")
+    if result.noop is not None and result.noop.error:
+        problems.append(result.noop.error)
+    lines += [f"! {problem}" for problem in problems[:SHOWN_PROBLEMS]]
+    if len(problems) > SHOWN_PROBLEMS:
+        lines.append(f"! ... and {len(problems) - SHOWN_PROBLEMS} more")
+    print("\n  ".join([result.title, *lines]), flush=True)
+    return ok and result.relay.exit_code == 0 and not problems
+
+
+def run_large(args: argparse.Namespace, directory: str, sink: Sink, small: Messages) -> bool:
+    """100 KiB flat out, then the memory and stall scenarios, each on a fresh relay."""
+    run_id = small.run_id
+    print()
+    flat = Load(Messages(run_id, args.large_size), "large", args.large_n, args.clients)
+    title = f"large flat out: {args.large_n} msgs x {args.large_size} B, {args.clients} clients"
+    ok = report(run_scenario(args, directory, sink, flat, title))
+
+    big = Messages(run_id, args.big_mib * 2**20)
+    # Room for the relay's own count of a message of exactly --big-mib.
+    big_limit = f"{args.big_mib + 1}M"
+    # Over max_message_size, so that the whole line must be read and discarded (552):
+    # the default 25M for the 64 MiB line.
+    line_limit = f"{min(25, args.long_line_mib // 2)}M"
+    cases = [
+        (
+            Load(big, "big", args.big_n, args.big_n, timeout=BIG_TIMEOUT),
+            f"memory: {args.big_n} msgs x {args.big_mib} MiB at once, {args.big_n} clients,"
+            f" received and forwarded; max_message_size {big_limit}",
+            big_limit,
+            False,
+        ),
+        (
+            Load(big, "noop", args.big_n, 1, timeout=BIG_TIMEOUT),
+            f"no stalls: {args.big_n} msgs x {args.big_mib} MiB one after another on one "
+            f"session, another sending NOOP every {NOOP_INTERVAL * 1000:g} ms; "
+            f"max_message_size {big_limit}",
+            big_limit,
+            True,
+        ),
+        (
+            Load(LongLine(run_id, args.long_line_mib * 2**20), "line", 1, 1, timeout=BIG_TIMEOUT),
+            f"memory: one DATA of {args.long_line_mib} MiB without a CRLF (one line); "
+            f"max_message_size {line_limit}: read to the end, discarded, 552",
+            line_limit,
+            False,
+        ),
+        (
+            Load(
+                EmptyLines(run_id, args.empty_lines_mib * 2**20),
+                "empty",
+                1,
+                1,
+                timeout=BIG_TIMEOUT,
+            ),
+            f"memory: one DATA of {args.empty_lines_mib} MiB of empty lines (CRLF only), "
+            "received and forwarded; max_message_size 25M",
+            "25M",
+            False,
+        ),
+    ]
+    for load, title, limit, probe in cases:
+        print()
+        ok &= report_memory(run_memory(args, directory, sink, small, load, title, limit, probe))
+    return ok
+
+
 # -- main ---------------------------------------------------------------------------------
 
 
@@ -1164,6 +1595,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=1000,
         help="backlog: new messages sent while it waits (1000)",
     )
+    p.add_argument(
+        "--large-n", type=int, default=600, help="large: messages of --large-size flat out (600)"
+    )
+    p.add_argument(
+        "--large-size", type=int, default=100 * 1024, help="large: bytes per message (102400)"
+    )
+    p.add_argument("--big-mib", type=int, default=25, help="large: MiB per big message (25)")
+    p.add_argument("--big-n", type=int, default=4, help="large: big messages at once (4)")
+    p.add_argument(
+        "--long-line-mib", type=int, default=64, help="large: MiB of DATA in one line (64)"
+    )
+    p.add_argument(
+        "--empty-lines-mib", type=int, default=8, help="large: MiB of DATA of empty lines (8)"
+    )
     p.add_argument("--only", choices=SCENARIOS, help="run one scenario only")
     p.add_argument(
         "--wait",
@@ -1183,19 +1628,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             args.workers,
             args.backlog,
             args.backlog_new,
+            args.large_n,
+            args.large_size,
+            args.big_mib,
+            args.big_n,
+            args.empty_lines_mib,
         )
         < 1
     ):
         p.error(
-            "--n, --size, --clients, --paced-clients, --workers, --backlog and "
-            "--backlog-new must be positive"
+            "--n, --size, --clients, --paced-clients, --workers, --backlog, --backlog-new, "
+            "--large-n, --large-size, --big-mib, --big-n and --empty-lines-mib must be positive"
         )
+    if args.long_line_mib < 2:
+        p.error("--long-line-mib must be at least 2 (the line is over max_message_size)")
     if args.rate <= 0 or args.duration <= 0:
         p.error("--rate and --duration must be positive")
     return args
 
 
-SCENARIOS = ("flat", "paced", "backlog")
+SCENARIOS = ("flat", "paced", "backlog", "large")
 
 
 def scenarios(args: argparse.Namespace, messages: Messages) -> list[tuple[Load, str]]:
@@ -1242,6 +1694,12 @@ def run_all(args: argparse.Namespace, directory: str) -> bool:
     if args.only in (None, "backlog"):
         print()
         ok &= run_backlog(args, directory, messages, flat)
+    if args.only in (None, "large"):
+        sink = Sink()
+        try:
+            ok &= run_large(args, directory, sink, messages)
+        finally:
+            sink.stop()
     return ok
 
 
