@@ -146,7 +146,7 @@ class Receiver:
         self, server: SMTP, session: Session, envelope: SMTPEnvelope, mechanism: str, data: Any
     ) -> AuthResult:
         """Check a login against `smtp.auth_users`; a client that keeps failing is refused
-        for a while without hashing (scrypt is slow on purpose; this runs on the loop)."""
+        for a while without hashing (scrypt is slow on purpose; this runs in a thread)."""
         client = client_ip(session.peer) or "?"
         if self.brake.blocked(client):
             reply = "454 4.7.0 Error: too many failed logins, try again later"

@@ -532,7 +532,8 @@ class RelaySMTP(SMTP):
         raise asyncio.CancelledError  # the session is over; its task ends here
 
     # AUTH PLAIN as RFC 4616, with the authorization identity checked: acting for
-    # someone else is not something this relay grants (SPEC §4).
+    # someone else is not something this relay grants (SPEC §4). Both mechanisms check
+    # the password off the loop.
     async def auth_PLAIN(self, _: Any, args: list[str]) -> AuthResult:
         if len(args) == 1:
             blob = await self.challenge_auth("")
@@ -553,7 +554,30 @@ class RelaySMTP(SMTP):
         if authzid and authzid != login:
             await self.push("535 5.7.8 Error: authorization identity must be the login")
             return AuthResult(success=False, handled=True)
-        return self._authenticate("PLAIN", LoginPassword(login, password))
+        return await self._check_login("PLAIN", login, password)
+
+    async def auth_LOGIN(self, _: Any, args: list[str]) -> AuthResult:
+        if len(args) == 1:
+            login = await self.challenge_auth(self.AuthLoginUsernameChallenge)
+            if login is MISSING:
+                return AuthResult(success=False)
+        else:
+            try:
+                login = base64.b64decode(args[1].encode(), validate=True)
+            except (binascii.Error, ValueError):
+                await self.push("501 5.5.2 Can't decode base64")
+                return AuthResult(success=False, handled=True)
+        password = await self.challenge_auth(self.AuthLoginPasswordChallenge)
+        if password is MISSING:
+            return AuthResult(success=False)
+        assert isinstance(login, bytes) and isinstance(password, bytes)
+        return await self._check_login("LOGIN", login, password)
+
+    async def _check_login(self, mechanism: str, login: bytes, password: bytes) -> AuthResult:
+        """The password check, in a thread: its hash is slow on purpose, and the loop
+        serves every other session meanwhile."""
+        credentials = LoginPassword(login, password)
+        return await self.loop.run_in_executor(None, self._authenticate, mechanism, credentials)
 
     @syntax("DATA")
     async def smtp_DATA(self, arg: str) -> None:
@@ -704,6 +728,7 @@ class Listeners:
         for server in self.servers:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(server.wait_closed(), 1.0)
+        await self.loop.shutdown_default_executor()  # the password checks' threads
 
 
 def server_tls_context(cert: str, key: str) -> ssl.SSLContext:

@@ -6,6 +6,7 @@ import smtplib
 import ssl
 import subprocess
 import sys
+import threading
 
 import pytest
 import trustme
@@ -116,3 +117,25 @@ def test_failed_auth_is_logged_without_the_secret_and_braked(tls_relay, events):
     failures = events.events("auth_failed")
     assert len(failures) >= 5 and failures[0]["user"] == "alice"
     assert not [r for r in events.records if "guess-Xy9" in repr(r)]
+
+
+@pytest.mark.parametrize("mechanism", ["PLAIN", "LOGIN"])
+def test_the_slow_password_check_runs_off_the_event_loop(tls_relay, mechanism):
+    """scrypt takes tens of milliseconds on purpose: on the loop it would hold up every
+    other session for as long."""
+    relay, context = tls_relay
+    receiver = relay.relay.receiver
+    threads: list[str] = []
+    check = receiver.authenticate
+
+    def recording(*args):
+        threads.append(threading.current_thread().name)
+        return check(*args)
+
+    receiver.authenticate = recording
+    with relay.client() as client:
+        client.starttls(context=context)
+        client.ehlo("client.test")
+        client.user, client.password = "alice", "wonderland"
+        assert client.auth(mechanism, getattr(client, f"auth_{mechanism.lower()}"))[0] == 235
+    assert threads and all(name != "smtp" for name in threads), threads
