@@ -29,7 +29,7 @@ from .commit import GroupCommitter
 from .config import Config, ConfigError
 from .smtp_server import IDENT, ClientSlots, Listeners, RelaySMTP, client_ip, server_tls_context
 from .spool import Draft, Envelope, Recipient, Spool, SpoolError, new_id
-from .submission import MailLoop, prepare
+from .submission import Refused, prepare
 
 # The header block is held in memory until the empty line that ends it, up to this
 # much; past it, what parses as header fields is the header and the rest is body.
@@ -86,8 +86,8 @@ class Intake:
             env, chunks = self._receiver.prepare(
                 self._session, self._envelope, self.queue_id, head[:end]
             )
-        except MailLoop:
-            self.refusal = "554 5.4.6 Error: too many hops, a mail loop"
+        except Refused as exc:
+            self.refusal = exc.reply
             self.draft.discard()
             return
         self.env = env
@@ -272,7 +272,7 @@ class Receiver:
         self, session: Session, envelope: SMTPEnvelope, queue_id: str, header: bytes
     ) -> tuple[Envelope, list[bytes]]:
         """The spool envelope, and the message's start: the headers we add and the
-        client's header block, rewritten. Raises MailLoop."""
+        client's header block, rewritten. Raises submission.Refused."""
         mail_params: dict[str, str] = getattr(envelope, "dsn_mail", {})
         options = [o.upper() for o in envelope.mail_options]
         auth_user = session.auth_data if session.authenticated else None

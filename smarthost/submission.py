@@ -26,8 +26,23 @@ def scan_headers(
 MAX_HOPS = 50  # Received: fields beyond this mean a loop (Postfix's hopcount_limit)
 
 
-class MailLoop(ValueError):
+class Refused(ValueError):
+    """The relay will not take this message, whichever door it came by: `reply` is the
+    SMTP answer at the end of DATA, `exit_code` smarthost-sendmail's (sysexits)."""
+
+    reply = "554 5.6.0 Error: message refused"
+    exit_code = 65  # EX_DATAERR
+
+    def __init__(self, detail: str, reply: str | None = None) -> None:
+        super().__init__(detail)
+        if reply is not None:
+            self.reply = reply
+
+
+class MailLoop(Refused):
     """Too many Received: fields: the message is going round in circles."""
+
+    reply = "554 5.4.6 Error: too many hops, a mail loop"
 
 
 def prepare(
