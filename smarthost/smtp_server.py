@@ -675,9 +675,13 @@ class Listeners:
             raise
 
     async def _bind(self, host: str, port: int) -> asyncio.base_events.Server:
-        return await self.loop.create_server(
-            self._factory, host=host, port=port, reuse_address=True
-        )
+        try:
+            return await self.loop.create_server(
+                self._factory, host=host, port=port, reuse_address=True
+            )
+        except OSError as exc:  # asyncio's message may not name the address
+            where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            raise OSError(exc.errno, f"smtp.listen {where}: {exc.strerror or exc}") from None
 
     def _run(self) -> None:
         asyncio.set_event_loop(self.loop)

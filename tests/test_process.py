@@ -673,3 +673,17 @@ def test_every_log_line_is_a_json_object_with_time_level_event(tmp_path, sink, r
     assert received["sender"] == SENDER
     assert delivered["backend"] == "sink"
     assert delivered["reply"].startswith("250")
+
+
+def test_a_listen_address_in_use_is_named(tmp_path):
+    """A port another program holds: the error says which of the addresses it is."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        config = write_config(tmp_path, 2525, listen=f"127.0.0.1:{port}")
+        result = run_cli("-c", str(config), "serve")
+    assert result.returncode == 75, result
+    assert f"smtp.listen 127.0.0.1:{port}" in result.stderr
+    assert "in use" in result.stderr
+    assert "Traceback" not in result.stderr
