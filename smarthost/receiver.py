@@ -278,7 +278,7 @@ class Receiver:
         auth_user = session.auth_data if session.authenticated else None
         submitted = Envelope(
             id=queue_id,
-            sender="" if envelope.mail_from == "<>" else envelope.mail_from,
+            sender="" if envelope.mail_from == "<>" else envelope.mail_from or "",
             recipients=[
                 Recipient(address=a, notify=p.get("NOTIFY"), orcpt=p.get("ORCPT"))
                 for a, p in zip(envelope.rcpt_tos, _rcpt_params(envelope))

@@ -320,13 +320,14 @@ class RelaySMTP(SMTP):
             peer = transport.get_extra_info("peername")
             reply = f"421 4.7.0 {self.hostname} Error: too many connections, try later"
             log.event("rejected", client=client_ip(peer), reply=reply, status="4.7.0")
-            transport.write(reply.encode() + b"\r\n")
+            transport.write(reply.encode() + b"\r\n")  # type: ignore[attr-defined]
             transport.close()
             return
         self._holds_slot = True
         super().connection_made(transport)
         # The session's task owns the slot: its end, however it comes (even a cancel
         # before it ever ran), gives the slot back.
+        assert self._handler_coroutine is not None
         self._handler_coroutine.add_done_callback(self._give_back_slot)
 
     def _give_back_slot(self, task: object = None) -> None:
@@ -367,7 +368,7 @@ class RelaySMTP(SMTP):
             if transport is not None and not transport.is_closing():
                 with contextlib.suppress(Exception):
                     reply = f"421 4.4.2 {self.hostname} Error: timeout exceeded\r\n"
-                    transport.write(reply.encode())
+                    transport.write(reply.encode())  # type: ignore[attr-defined]
         self._end_session()
 
     def _handshaking(self) -> bool:
@@ -385,8 +386,9 @@ class RelaySMTP(SMTP):
         for transport in (self.transport, self._original_transport):
             if transport is not None:
                 transport.close()
-        if self._handshaking():
-            self._original_transport.abort()  # a handshake in progress: no goodbye
+        original = self._original_transport
+        if original is not None and self._handshaking():
+            original.abort()  # type: ignore[attr-defined]  # a handshake: no goodbye
         if self._handler_coroutine is not None:
             self._handler_coroutine.cancel()
 
