@@ -25,6 +25,7 @@ import pytest
 from conftest import Sink, spool_files, wait_until, write_config
 from faults.harness import (
     DEADLINE,
+    LARGE_SIZES,
     RCPT,
     SENDER,
     FaultyRelay,
@@ -37,6 +38,7 @@ from faults.harness import (
     events_named,
     faulty_relays,
     holding_sink,
+    lines_for_size,
     message,
     problems,
     queue_command,
@@ -49,7 +51,8 @@ from faults.harness import (
 
 from smarthost.config import load_config
 from smarthost.delivery import Delivery
-from smarthost.spool import Envelope, Recipient, Spool, new_id
+from smarthost.sender import DATA_BLOCK
+from smarthost.spool import EMBEDDED, Envelope, Recipient, Spool, new_id
 
 
 @pytest.fixture
@@ -72,13 +75,30 @@ def wait_at_rest(ledger: Ledger, sink: Sink, spool: Path, leftovers: set[str] | 
 
 
 class LoadClient(threading.Thread):
-    """Sends messages (5 per session) until halted; records each acknowledged one."""
+    """Sends messages (5 per session) until halted; records each acknowledged one.
+    A `large` share of them is large mail (LARGE_SIZES: a Draft, the two-file commit)."""
 
-    def __init__(self, port: int, tag: str, ledger: Ledger, lock: threading.Lock) -> None:
+    def __init__(
+        self,
+        port: int,
+        tag: str,
+        ledger: Ledger,
+        lock: threading.Lock,
+        large: float = 0.0,
+        seed: int = 0,
+    ) -> None:
         super().__init__(name=f"load-{tag}")
         self.port, self.tag, self.ledger, self.lock = port, tag, ledger, lock
+        self.large = large
+        self.rng = random.Random(f"{seed}.{tag}")
         self.halt = threading.Event()
         self.error: str | None = None
+        self.refused = False  # a reply other than 250 (not a broken connection)
+
+    def lines(self, message_id: str) -> int:
+        if self.large and self.rng.random() < self.large:
+            return lines_for_size(message_id, self.rng.randint(*LARGE_SIZES))
+        return 20
 
     def run(self) -> None:
         n = 0
@@ -89,34 +109,65 @@ class LoadClient(threading.Thread):
                     for _ in range(5):
                         message_id = f"<{self.tag}.{n}@client.test>"
                         n += 1
+                        lines = self.lines(message_id)
+                        with self.lock:  # known before the 250: a commit killed before
+                            self.ledger.lines[message_id] = lines  # it may go out too
                         client.mail(SENDER)
                         client.rcpt(RCPT)
-                        code, reply = client.data(message(message_id))
+                        code, reply = client.data(message(message_id, lines))
                         if code != 250:
                             raise smtplib.SMTPResponseException(code, reply)
                         queue_id = reply.decode().rsplit(" ", 1)[-1]
                         with self.lock:
                             self.ledger.acked[message_id] = queue_id
-                            self.ledger.lines[message_id] = 20
         except (OSError, smtplib.SMTPException) as exc:
+            self.refused = isinstance(exc, smtplib.SMTPResponseException)
             self.error = f"{type(exc).__name__}: {exc}"
 
 
-@pytest.mark.torture  # in `make test`, test_process.py kills the relay under load
-def test_kill_9_at_random_moments_under_load(tmp_path, sink, faulty, torture_size, torture_report):
+# mix: (share of large mail, rounds in make test and under --torture, report line)
+RANDOM_MIXES = {
+    "small": (0.0, (2, 30), "crash: kill -9 at random moments under load"),
+    "large": (0.25, (2, 16), "crash: kill -9 at random moments under load, large mail mix"),
+}
+
+
+@pytest.mark.parametrize(
+    "mix",
+    [
+        # In `make test`, test_process.py kills the relay under small-mail load.
+        pytest.param("small", marks=pytest.mark.torture),
+        "large",
+    ],
+)
+def test_kill_9_at_random_moments_under_load(
+    tmp_path, sink, faulty, mix, torture_size, torture_report
+):
     """SPEC §1.1 over many rounds: clients send, the relay is killed after a random
     number of acknowledgements and a random pause, then restarted on the same spool.
     Every acknowledged message arrives whole; extra copies are bounded by the envelopes
-    that were in active/ (claimed by an attempt) at each kill."""
-    rounds = torture_size(2, 30)
+    that were in active/ (claimed by an attempt) at each kill.
+
+    The large mix makes a quarter of the messages large mail (300 KiB - 2 MiB: written
+    into a Draft in tmp/ as it arrives, committed in two files, streamed from its file
+    to the upstream), and every other round the kill comes from the fault hook at a
+    random write into a draft: a session is then mid-DATA of a large message. What the
+    dead relay left in tmp/ (its drafts) is cleared at the next start, and nothing
+    acknowledged is quarantined."""
+    large, sizes, scenario = RANDOM_MIXES[mix]
+    rounds = torture_size(*sizes)
     seed = random.randrange(2**32)
     rng = random.Random(seed)
     spool = tmp_path / "spool"
     proc = faulty(write_config(tmp_path, sink.port))
     ledger, lock = Ledger(), threading.Lock()
+    drafts = hook_kills = 0
     proc.start()
     for round_no in range(rounds):
-        clients = [LoadClient(proc.port, f"r{round_no}c{i}", ledger, lock) for i in range(3)]
+        clients = [
+            LoadClient(proc.port, f"r{round_no}c{i}", ledger, lock, large, seed) for i in range(3)
+        ]
+        in_a_draft = bool(large) and round_no % 2 == 1
         before = len(ledger.acked)
         target = before + rng.randint(1, 25)
         for client in clients:
@@ -130,30 +181,62 @@ def test_kill_9_at_random_moments_under_load(tmp_path, sink, faulty, torture_siz
                 "acknowledgements before the kill",
             )
             assert all(c.is_alive() for c in clients), [c.error for c in clients]
-            time.sleep(rng.uniform(0, 0.25))  # paces the fault: a random moment
-            proc.kill()
-            ledger.in_flight += len(spool_files(spool)["active"])
+            if in_a_draft:
+                nth = rng.randint(1, 30)  # a write of 64 KiB at most: mid-DATA
+                rule = {"op": "write", "path": "tmp_draft", "process": "relay"}
+                proc.arm(resolve(rule, spool, nth=nth, action="kill"))
+                proc.wait_killed()
+                proc.disarm()
+                hook_kills += 1
+            else:
+                time.sleep(rng.uniform(0, 0.25))  # paces the fault: a random moment
+                proc.kill()
+            files = spool_files(spool)
+            ledger.in_flight += len(files["active"])
         finally:
             for client in clients:
                 client.halt.set()
             for client in clients:
                 client.join(30)
         assert not [c for c in clients if c.is_alive()], "a client hung after the kill"
+        assert not [c.error for c in clients if c.refused], (seed, [c.error for c in clients])
+        left = [name for name in files["tmp"] if name.endswith(".draft")]
+        assert left or not in_a_draft, (seed, files)  # the hook struck inside one
+        drafts += len(left)
         proc.start()  # the restart: same config, same spool
+        started = events_named(proc.records(), "started")[-1]
+        # Every tmp file of the dead processes (drafts too) is cleared before listening.
+        assert started["recovered"]["tmp_removed"] == len(files["tmp"]), (seed, started, files)
         # A kill between a commit's two renames, or between a removal's two unlinks,
         # leaves content without envelope: set aside whole, never an envelope.
         wait_at_rest(ledger, sink, spool, leftovers=None)
-        assert_leftovers_whole(spool)
+        assert_leftovers_whole(spool, ledger.lines)
     assert proc.stop() == 0
+    assert_no_acknowledged_mail_quarantined(proc, ledger)
     counts = ledger.counts(sink)
-    torture_report(
-        "crash: kill -9 at random moments under load",
-        rounds=rounds,
-        **counts,
-        note=f"seed {seed}; in_flight = envelopes in active/ at the kills",
-    )
+    note = f"seed {seed}; in_flight = envelopes in active/ at the kills"
+    if large:
+        big = sum(ledger.lines[m] > 20 for m in ledger.acked)
+        note += (
+            f"; {big} large acknowledged; {hook_kills} kills inside a draft write; "
+            f"{drafts} drafts left in tmp/, cleared at restart"
+        )
+    torture_report(scenario, rounds=rounds, **counts, note=note)
     ledger.assert_safe(sink, counts, seed)
     assert not problems(proc.records())
+
+
+def assert_no_acknowledged_mail_quarantined(proc: FaultyRelay, ledger: Ledger) -> None:
+    """Of an acknowledged message, recovery sets aside at most the content its removal
+    left (the envelope goes first, once delivered or bounced): never its envelope, never
+    a message that still had to go out (that one would also count as lost)."""
+    acked = set(ledger.acked.values())
+    wrong = [
+        r
+        for r in events_named(proc.records(), "quarantined")
+        if r.get("queue_id") in acked and r.get("state") != "msg"
+    ]
+    assert not wrong, wrong
 
 
 # -- 1b. kill -9 of the delivery process alone ----------------------------------------------
@@ -346,24 +429,82 @@ COMMIT_MOMENTS = [
 ]
 DEFAULT_COMMIT_MOMENTS = {"content-half-written", "after-link-into-queue"}
 
+# The same for large mail (past spool.IN_MEMORY), the two-file layout: the content is
+# written into a draft in tmp/ as it arrives, made durable (the first syncfs), the draft
+# renamed into msg/, the envelope written into a file of its own (fsynced) and renamed
+# into queue/ (the commit point), then the names made durable (the second syncfs).
+LARGE_COMMIT_MOMENTS = [
+    ("open-draft", {"op": "open", "path": "tmp_draft"}, False),
+    (
+        "draft-half-written",  # mid-DATA: the 4th piece of 64 KiB at most
+        {"op": "write", "path": "tmp_draft", "nth": 4, "partial": True},
+        False,
+    ),
+    ("before-data-syncfs", {"op": "syncfs", "path": "queue_dir", "nth": 1}, False),
+    ("before-rename-into-msg", {"op": "rename", "path": "tmp_draft", "dst": "msg"}, False),
+    (
+        "after-rename-into-msg",
+        {"op": "rename", "path": "tmp_draft", "dst": "msg", "when": "after"},
+        False,
+    ),
+    ("envelope-half-written", {"op": "write", "path": "tmp_env", "partial": True}, False),
+    ("before-rename-into-queue", {"op": "rename", "path": "tmp_env", "dst": "queue"}, False),
+    (
+        "after-rename-into-queue",
+        {"op": "rename", "path": "tmp_env", "dst": "queue", "when": "after"},
+        True,
+    ),
+    ("before-names-syncfs", {"op": "syncfs", "path": "queue_dir", "nth": 2}, True),
+]
+DEFAULT_LARGE_COMMIT_MOMENTS = {
+    "before-rename-into-msg",
+    "after-rename-into-msg",
+    "before-names-syncfs",
+}
+LARGE_COMMIT = 1 << 20  # bytes: 16 pieces of DATA, 16 writes into the draft
 
-def test_kill_9_at_each_step_of_a_commit(tmp_path, sink, faulty, torture_size, torture_report):
+# layout: (moments, those run in make test, the message's body lines, report line)
+COMMIT_LAYOUTS = {
+    "one-file": (
+        COMMIT_MOMENTS,
+        DEFAULT_COMMIT_MOMENTS,
+        lambda message_id: 2000,  # ~130 KB: several writes, still in memory
+        "crash: kill -9 at each step of a commit",
+    ),
+    "two-file": (
+        LARGE_COMMIT_MOMENTS,
+        DEFAULT_LARGE_COMMIT_MOMENTS,
+        lambda message_id: lines_for_size(message_id, LARGE_COMMIT),
+        "crash: kill -9 at each step of a large commit (draft, two files)",
+    ),
+}
+
+
+@pytest.mark.parametrize("layout", list(COMMIT_LAYOUTS))
+def test_kill_9_at_each_step_of_a_commit(
+    tmp_path, sink, faulty, layout, torture_size, torture_report
+):
     """The client never has a 250 from a commit that was killed. Before the commit point
     the message never goes out (a half-written file is never sent); from the commit
     point on it goes out whole after the restart. The client then sends again, as it
-    would after a lost connection, and that copy is acknowledged and delivered."""
+    would after a lost connection, and that copy is acknowledged and delivered. What
+    the dead relay left in tmp/ (a draft, an envelope) is cleared at the restart; a
+    large message committed is two files (content in msg/, its envelope apart)."""
+    all_moments, defaults, body_lines, scenario = COMMIT_LAYOUTS[layout]
     spool = tmp_path / "spool"
-    moments = [m for m in COMMIT_MOMENTS if torture_size(m[0] in DEFAULT_COMMIT_MOMENTS, True)]
+    moments = [m for m in all_moments if torture_size(m[0] in defaults, True)]
     proc = faulty(write_config(tmp_path, sink.port))
     ledger = Ledger()
     leftovers: set[str] = set()
     uncommitted: list[str] = []
+    tmp_cleared = 0
     proc.start()
     for name, rule, committed in moments:
         message_id = f"<commit.{name}@client.test>"
+        lines = body_lines(message_id)
         # The relay commits what it receives (the delivery process commits DSNs).
         proc.arm(resolve(rule, spool, action="kill", process="relay"))
-        reply = try_send(proc.port, message_id, lines=2000)  # ~130 KB: several writes
+        reply = try_send(proc.port, message_id, lines=lines)
         pid = proc.proc.pid
         proc.wait_killed()
         proc.disarm()
@@ -372,7 +513,8 @@ def test_kill_9_at_each_step_of_a_commit(tmp_path, sink, faulty, torture_size, t
         assert fired["op"] == rule["op"], (name, fired)
         files = spool_files(spool)
         if fired["op"] == "syncfs" or fired["path"].endswith(("/msg", "/queue")):
-            queue_id = (files["queue"] or files["active"] or ["?"])[0]
+            in_tmp = [queue_id_of(n) for n in files["tmp"]]
+            queue_id = (files["queue"] or files["active"] or in_tmp or ["?"])[0]
         else:
             queue_id = queue_id_of(fired["path"])
         # Once in queue/ a worker may claim it (active/) before the kill lands.
@@ -380,8 +522,17 @@ def test_kill_9_at_each_step_of_a_commit(tmp_path, sink, faulty, torture_size, t
         assert (queue_id in files["queue"] or claimed) == committed, (name, files)
         if queue_id in files["msg"] and not committed:
             leftovers.add(queue_id)  # content without envelope: set aside at the restart
+        in_tmp = fired["path"].startswith(f"{spool}/tmp/")
+        if in_tmp and fired["op"] != "open" and rule.get("when") != "after":
+            assert Path(fired["path"]).name in files["tmp"], (name, files)  # for recovery
+        if layout == "two-file" and committed:
+            assert_two_files(spool, "active" if claimed else "queue", queue_id)
+        ledger.lines[message_id] = lines  # what goes out of a killed commit, too
 
         proc.start()
+        started = events_named(proc.records(), "started")[-1]
+        assert started["recovered"]["tmp_removed"] == len(files["tmp"]), (name, started, files)
+        tmp_cleared += len(files["tmp"])
         if committed:
             # The commit may go out (twice if it was being delivered at the kill), and
             # so does the client's resend.
@@ -393,8 +544,8 @@ def test_kill_9_at_each_step_of_a_commit(tmp_path, sink, faulty, torture_size, t
             )
         else:
             uncommitted.append(message_id)
-        retry = try_send(proc.port, message_id, lines=2000)
-        ledger.ack(message_id, retry, lines=2000)
+        retry = try_send(proc.port, message_id, lines=lines)
+        ledger.ack(message_id, retry, lines=lines)
         wait_at_rest(ledger, sink, spool, leftovers)
     # An uncommitted message goes out only as the client's resend.
     copies = ledger.copies(sink)
@@ -402,13 +553,23 @@ def test_kill_9_at_each_step_of_a_commit(tmp_path, sink, faulty, torture_size, t
     assert proc.stop() == 0
     counts = ledger.counts(sink)
     torture_report(
-        "crash: kill -9 at each step of a commit",
+        scenario,
         rounds=len(moments),
         **counts,
-        note="in_flight = kills after the commit point (client had no 250, resends)",
+        note="in_flight = kills after the commit point (client had no 250, resends); "
+        f"{tmp_cleared} tmp/ files of the dead relay cleared at restart",
     )
     ledger.assert_safe(sink, counts)
     assert not problems(proc.records())
+
+
+def assert_two_files(spool: Path, state: str, queue_id: str) -> None:
+    """A large message committed: its content alone in msg/, its envelope in a file of
+    its own (not the one-file layout, where the two names share one file)."""
+    content, envelope = spool / "msg" / queue_id, spool / state / queue_id
+    assert not content.read_bytes().startswith(EMBEDDED), f"{queue_id}: one file, not two"
+    assert not os.path.samefile(content, envelope), queue_id
+    assert Envelope.from_bytes(envelope.read_bytes()).id == queue_id
 
 
 # -- 3. kill -9 during a delivery: DATA sent, the upstream's reply not yet back ------------
@@ -462,6 +623,68 @@ def test_kill_9_after_data_before_the_upstream_replies(
     )
     ledger.assert_safe(sink, counts)
     assert counts["duplicated"] > 0
+    assert not problems(proc.records())
+
+
+def test_kill_9_while_a_large_message_streams_to_the_upstream(
+    tmp_path, sink, faulty, torture_size, torture_report
+):
+    """Large mail goes to the upstream straight from its spool file, a block at a time.
+    The relay is killed (the fault hook, at a random block's read, once the client has
+    its 250) in the middle of that DATA: the upstream has part of the message and no end
+    of it, so keeps nothing. After
+    the restart the message is sent again, whole, once: at-least-once, never lost."""
+    rounds = torture_size(2, 8)
+    seed = random.randrange(2**32)
+    rng = random.Random(seed)
+    spool = tmp_path / "spool"
+    proc = faulty(write_config(tmp_path, sink.port)).start()
+    ledger = Ledger()
+    for round_no in range(rounds):
+        message_id = f"<streamed.{round_no}@client.test>"
+        size = rng.randint(*LARGE_SIZES)
+        # Block n is read while block n-1 waits to be sent (the final dot goes with the
+        # last): a kill before the 3rd read or later, and before the last, is mid-DATA.
+        nth = rng.randint(3, size // DATA_BLOCK)
+        # The first block's read waits for the client's 250 (the delivery process may
+        # start before the relay has answered); every read counts towards the kill's.
+        go_on = tmp_path / f"go-on-{round_no}"
+        rule = {"op": "read", "path": "msg", "process": "delivery"}
+        proc.arm(
+            resolve(rule, spool, nth=nth, action="kill"),
+            resolve(rule, spool, action="pause", pause_file=str(go_on)),
+        )
+        pid = proc.proc.pid
+        reply = try_send(proc.port, message_id, lines=lines_for_size(message_id, size))
+        ledger.ack(message_id, reply, lines=lines_for_size(message_id, size))
+        go_on.touch()
+        proc.wait_killed()
+        proc.disarm()
+        paused, fired = proc.fired(pid)
+        assert paused["action"] == "pause", paused
+        assert (fired["action"], fired["role"], fired["path"]) == (
+            "kill",
+            "delivery",
+            str(spool / "msg" / reply.queue_id),
+        ), fired
+        files = spool_files(spool)
+        assert reply.queue_id in files["active"], (round_no, files)  # its attempt's claim
+        assert_two_files(spool, "active", reply.queue_id)
+        ledger.in_flight += 1
+        proc.start()
+        wait_at_rest(ledger, sink, spool, set())
+        # The interrupted DATA was no message: only the attempt after the restart counts.
+        assert ledger.copies(sink)[message_id] == 1, (seed, round_no, nth, size)
+    assert proc.stop() == 0
+    counts = ledger.counts(sink)
+    torture_report(
+        "crash: kill -9 mid-DATA of a large message streamed to the upstream",
+        rounds=rounds,
+        **counts,
+        note=f"seed {seed}; killed at a random 64 KiB block read; in_flight = the claims",
+    )
+    ledger.assert_safe(sink, counts, seed)
+    assert counts["duplicated"] == 0
     assert not problems(proc.records())
 
 

@@ -24,10 +24,12 @@ import pytest
 from conftest import ROOT, Sink, spool_files, wait_until, write_config
 from faults.harness import (
     DEADLINE,
+    LARGE_SIZES,
     Ledger,
     assert_spool_sane,
     events_named,
     faulty_relays,
+    lines_for_size,
     problems,
     resolve,
     spool_drained,
@@ -63,24 +65,56 @@ COMMIT_FAULTS = [
     ("link-into-queue", {"op": "link", "path": "msg", "dst": "queue"}, False),
     ("syncfs-names", {"op": "syncfs", "path": "queue_dir", "nth": 2}, True),
 ]
+# The same for large mail (past spool.IN_MEMORY): its draft is written into tmp/ as DATA
+# arrives (a fault there refuses the message at the end of DATA), then the two-file
+# commit (the draft renamed into msg/, its envelope written apart, renamed into queue/).
+LARGE_COMMIT_FAULTS = [
+    ("open-draft", {"op": "open", "path": "tmp_draft"}, False),
+    ("write-draft", {"op": "write", "path": "tmp_draft", "nth": 3}, False),
+    ("short-write-draft", {"op": "write", "path": "tmp_draft", "nth": 2, "partial": True}, False),
+    ("syncfs-data", {"op": "syncfs", "path": "queue_dir", "nth": 1}, False),
+    ("rename-draft", {"op": "rename", "path": "tmp_draft"}, False),
+    ("write-envelope", {"op": "write", "path": "tmp_env"}, False),
+    ("fsync-envelope", {"op": "fsync", "path": "tmp_env"}, False),
+    ("rename-envelope", {"op": "rename", "path": "tmp_env", "dst": "queue"}, False),
+    ("syncfs-names", {"op": "syncfs", "path": "queue_dir", "nth": 2}, True),
+]
+# layout: (faults, the message's size in make test and under --torture, report line)
+COMMIT_LAYOUTS = {
+    # under --torture many writes per file, still in memory (under spool.IN_MEMORY)
+    "one-file": (
+        COMMIT_FAULTS,
+        (2 * 1024, 200 * 1024),
+        "storage: ENOSPC/EIO on each commit step (4xx)",
+    ),
+    "two-file": (
+        LARGE_COMMIT_FAULTS,
+        (640 * 1024, LARGE_SIZES[1]),  # past the 3rd write into the draft
+        "storage: ENOSPC/EIO on each step of a large message's draft and commit (4xx)",
+    ),
+}
 
 
+@pytest.mark.parametrize("layout", list(COMMIT_LAYOUTS))
 def test_enospc_and_eio_on_every_commit_step_give_4xx(
-    tmp_path, sink, faulty, torture_size, torture_report
+    tmp_path, sink, faulty, layout, torture_size, torture_report
 ):
     """One relay process, every commit step, with ENOSPC and with EIO: the client gets 452 4.3.1
-    or 451 4.3.0 (never 250), the error is logged, tmp/ is left clean, the relay keeps
-    running, and the same message is accepted and delivered once the disk heals."""
+    or 451 4.3.0 (never 250), the error is logged, nothing of the message stays in tmp/
+    or msg/, the relay keeps running, and the same message is accepted and delivered
+    once the disk heals. For large mail the steps start while DATA still arrives: the
+    draft's writes into tmp/."""
+    faults, sizes, scenario = COMMIT_LAYOUTS[layout]
     spool = tmp_path / "spool"
-    lines = torture_size(20, 3000)  # under --torture ~200 KB: many writes per file
     proc = faulty(write_config(tmp_path, sink.port)).start()
     ledger = Ledger()
     refused: dict[str, bool] = {}
     rows = 0
-    for name, rule, past_commit in COMMIT_FAULTS:
+    for name, rule, past_commit in faults:
         for error, (code, enhanced) in EXPECTED.items():
             rows += 1
             message_id = f"<{name}.{error}@client.test>"
+            lines = lines_for_size(message_id, torture_size(*sizes))
             errors_before = len(events_named(proc.records(), "spool_error"))
             # The relay commits what it receives (the delivery process commits DSNs).
             proc.arm(resolve(rule, spool, action=error, count=0, process="relay"))
@@ -96,6 +130,10 @@ def test_enospc_and_eio_on_every_commit_step_give_4xx(
                 f"{name}: a spool_error log line",
             )
             assert spool_files(spool)["tmp"] == [], (name, spool_files(spool))
+            # Nothing of it stays (what was acknowledged before has gone out meanwhile;
+            # a refused commit a worker claimed past the commit point goes out too).
+            wait_until(lambda: spool_drained(spool), DEADLINE, f"{name}: {spool_files(spool)}")
+            assert spool_files(spool)["corrupt"] == [], (name, spool_files(spool))
             # The disk is healthy again: the client's retry goes through.
             ledger.ack(message_id, try_send(proc.port, message_id, lines=lines), lines=lines)
             ledger.in_flight += past_commit
@@ -107,7 +145,7 @@ def test_enospc_and_eio_on_every_commit_step_give_4xx(
     assert proc.stop() == 0
     counts = ledger.counts(sink)
     torture_report(
-        "storage: ENOSPC/EIO on each commit step (4xx)",
+        scenario,
         rounds=rows,
         **counts,
         note=f"{rows} refused with 4xx then resent; in_flight = faults past the commit point",
@@ -236,8 +274,9 @@ def test_a_disk_full_for_a_while_delays_but_loses_nothing(
     tmp_path, sink, faulty, torture_size, torture_report
 ):
     """Every spool write fails with ENOSPC for a while: new mail is refused with 452
-    4.3.1, deferred mail cannot be rewritten; when space returns, everything that was
-    acknowledged goes out and new mail is accepted again."""
+    4.3.1 (large mail too, whose draft cannot be written), deferred mail cannot be
+    rewritten; when space returns, everything that was acknowledged goes out and new
+    mail, small and large, is accepted again."""
     spool = tmp_path / "spool"
     full = tmp_path / "disk-is-full"
     proc = faulty(write_config(tmp_path, sink.port)).start()
@@ -248,27 +287,26 @@ def test_a_disk_full_for_a_while_delays_but_loses_nothing(
         ledger.ack(message_id, try_send(proc.port, message_id, rcpt="slow@dest.test"))
     full.touch()
     proc.arm(
-        resolve(
-            {"op": ["write", "open"], "path": "tmp_msg"},
-            spool,
-            count=0,
-            while_exists=str(full),
-            action="ENOSPC",
-        ),
-        resolve(
-            {"op": ["write", "open"], "path": "tmp_env"},
-            spool,
-            count=0,
-            while_exists=str(full),
-            action="ENOSPC",
-        ),
+        *(
+            resolve(
+                {"op": ["write", "open"], "path": path},
+                spool,
+                count=0,
+                while_exists=str(full),
+                action="ENOSPC",
+            )
+            for path in ("tmp_msg", "tmp_env", "tmp_draft")
+        )
     )
     refused = 0
     deadline = time.monotonic() + torture_size(1.0, 8.0)
     n = 0
     while time.monotonic() < deadline:  # clients keep trying while the disk is full
-        reply = try_send(proc.port, f"<while-full.{n}@client.test>")
-        assert (reply.code, reply.text.split(" ", 1)[0]) == (452, "4.3.1"), reply
+        message_id = f"<while-full.{n}@client.test>"
+        lines = lines_for_size(message_id, LARGE_SIZES[0]) if n % 2 else 20
+        reply = try_send(proc.port, message_id, lines=lines)
+        assert (reply.code, reply.text.split(" ", 1)[0]) == (452, "4.3.1"), (n, reply)
+        assert spool_files(spool)["tmp"] == [], spool_files(spool)  # no draft left
         refused += 1
         n += 1
         time.sleep(0.1)  # paces the clients
@@ -283,9 +321,10 @@ def test_a_disk_full_for_a_while_delays_but_loses_nothing(
     )
     full.unlink()
     sink.handler.rcpt_replies.clear()
-    for i in range(3):
+    for i in range(4):
         message_id = f"<after-full.{i}@client.test>"
-        ledger.ack(message_id, try_send(proc.port, message_id))
+        lines = lines_for_size(message_id, LARGE_SIZES[0]) if i % 2 else 20
+        ledger.ack(message_id, try_send(proc.port, message_id, lines=lines), lines=lines)
     at_rest(ledger, sink, spool)
     copies = ledger.copies(sink)
     assert not [m for m in copies if m and m.startswith("<while-full.")], copies
@@ -295,8 +334,9 @@ def test_a_disk_full_for_a_while_delays_but_loses_nothing(
         "storage: disk full for a while (injected ENOSPC)",
         rounds=1,
         **counts,
-        note=f"{refused} submissions refused with 452 4.3.1 while full",
+        note=f"{refused} submissions (every other one large) refused with 452 4.3.1 while full",
     )
+    ledger.assert_whole(sink)
     assert counts["lost"] == 0
     assert counts["duplicated"] <= counts["in_flight"]
 
@@ -345,7 +385,8 @@ def fill(directory: Path) -> Path:
 
 def test_a_full_tmpfs_spool_gives_452_and_recovers(tmp_path, sink, faulty, torture_report):
     """A real 512 KiB filesystem as the spool: once full, DATA gets 452 4.3.1 and nothing
-    half-written stays behind; deferred mail survives; with space back, mail flows."""
+    half-written stays behind (the draft of a large message neither); deferred mail
+    survives; with space back, mail flows."""
     spool = tmp_path / "spool"
     with tmpfs(spool, "512k"):
         proc = faulty(write_config(tmp_path, sink.port)).start()
@@ -357,7 +398,9 @@ def test_a_full_tmpfs_spool_gives_452_and_recovers(tmp_path, sink, faulty, tortu
             filler = fill(spool)
             refused = []
             for n in range(3):
-                reply = try_send(proc.port, f"<tmpfs.full.{n}@client.test>", lines=1500)
+                message_id = f"<tmpfs.full.{n}@client.test>"
+                lines = lines_for_size(message_id, LARGE_SIZES[0]) if n == 1 else 1500
+                reply = try_send(proc.port, message_id, lines=lines)
                 refused.append(reply)
                 assert (reply.code, reply.text.split(" ", 1)[0]) == (452, "4.3.1"), reply
                 assert proc.alive()

@@ -13,8 +13,8 @@ Rules come from ``$SMARTHOST_FAULTS``: inline JSON (a list of rules, or one rule
 the path of a JSON file that the test may rewrite while the process runs (it is
 re-read when it changes, and every rule's counter starts again). Each rule::
 
-    {"op": "rename",            # or a list: open write fsync syncfs rename link unlink
-                                # utime chmod mkdir
+    {"op": "rename",            # or a list: open write read fsync syncfs rename link
+                                # unlink utime chmod mkdir
      "path": "/tmp/.*\\.env$",  # regex searched in the path (rename, link: the source)
      "dst": "/queue/",          # rename and link only: regex searched in the destination
      "nth": 1,                  # fire at the nth matching call (counting from 1) ...
@@ -25,6 +25,11 @@ re-read when it changes, and every rule's counter starts again). Each rule::
      "while_exists": null,      # a path: the rule is live only while this file exists
      "pause_file": null,        # pause: wait until this file exists, then go on
      "process": "any"}          # relay, delivery (the child of serve) or any
+
+"read" is a read of a binary file opened with ``os.fdopen``: how the spool hands a
+message's content to the sender, which streams it a block at a time (so "nth" counts
+blocks, and a kill there lands in the middle of DATA to the upstream); ``os.read`` is
+not wrapped.
 
 A process counts its matching calls itself (the relay's commit of a message and the
 delivery process's commit of its DSN are each the 1st in its own process). "kill" kills
@@ -304,19 +309,29 @@ def _write(fd: int, data: Any) -> int:
 
 
 class _FaultyFileIO(io.FileIO):
-    """A raw file whose writes pass the fault check (the spool writes via os.fdopen)."""
+    """A raw file whose writes and reads pass the fault check (the spool writes via
+    os.fdopen, and hands a message's content to the sender as one)."""
 
     def write(self, data: Any) -> int:  # type: ignore[override]
         return _write_through(self.fileno(), data, super().write)
 
+    def read(self, size: int = -1) -> Any:
+        return _guarded("read", super().read, self.fileno(), size)
+
+    def readinto(self, buffer: Any) -> Any:
+        return _guarded("read", super().readinto, self.fileno(), buffer)
+
 
 def _fdopen(fd: int, mode: str = "r", buffering: int = -1, *args: Any, **kwargs: Any) -> Any:
-    if "b" not in mode or not any(c in mode for c in "wax+") or args or set(kwargs) - {"closefd"}:
+    if "b" not in mode or args or set(kwargs) - {"closefd"}:
         return _real["fdopen"](fd, mode, buffering, *args, **kwargs)
+    writing = any(c in mode for c in "wax+")
     raw = _FaultyFileIO(fd, mode.replace("b", ""), closefd=kwargs.get("closefd", True))
     if buffering == 0:
         return raw
-    return io.BufferedWriter(raw)
+    if writing:
+        return io.BufferedWriter(raw)
+    return io.BufferedReader(raw, buffering if buffering > 1 else io.DEFAULT_BUFFER_SIZE)
 
 
 def _fsync(fd: Any) -> None:
