@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import errno
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
+from . import __file__ as package_init
 from . import __version__, log
 from .config import (
     Config,
@@ -27,28 +29,38 @@ EX_TEMPFAIL = 75
 EX_CONFIG = 78
 
 
+CONFIG_HELP = "config file (default: $SMARTHOST_CONFIG, else /etc/smarthost/smarthost.toml)"
+
+
+def _config_option(parser: argparse.ArgumentParser) -> None:
+    """`-c FILE` after the command too (`smarthost check -c FILE`). SUPPRESS: a
+    subcommand that is not given it leaves the one before the command in place."""
+    parser.add_argument(
+        "-c", "--config", metavar="FILE", default=argparse.SUPPRESS, help=CONFIG_HELP
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="smarthost",
         description="A store-and-forward SMTP relay to upstream smarthosts.",
     )
-    parser.add_argument(
-        "-c",
-        "--config",
-        metavar="FILE",
-        help="config file (default: $SMARTHOST_CONFIG, else /etc/smarthost/smarthost.toml)",
-    )
+    parser.add_argument("-c", "--config", metavar="FILE", help=CONFIG_HELP)
     parser.add_argument("--version", action="version", version=f"smarthost {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    commands.add_parser("serve", help="run the relay in the foreground")
+    _config_option(commands.add_parser("serve", help="run the relay in the foreground"))
     passwd = commands.add_parser("passwd", help="print a user:hash line for smtp.auth_users")
     passwd.add_argument("user", nargs="?", help="the SMTP login (default: your user name)")
     queue = commands.add_parser("queue", help="list and steer spooled messages")
+    _config_option(queue)
     queue.add_argument("--json", action="store_true", help="list: one JSON object per line")
     actions = queue.add_subparsers(dest="action", metavar="ACTION")
     listing = actions.add_parser("list", help="list spooled messages (the default)")
     listing.add_argument("--json", action="store_true", dest="list_json")
-    actions.add_parser("show", help="envelope, history and headers").add_argument("id")
+    _config_option(listing)
+    show = actions.add_parser("show", help="envelope, history and headers")
+    show.add_argument("id")
+    _config_option(show)
     for name, text in (
         ("flush", "retry now (all waiting messages when no ID is given)"),
         ("hold", "park messages: never attempted while held"),
@@ -56,14 +68,15 @@ def build_parser() -> argparse.ArgumentParser:
         ("delete", "remove messages without a DSN"),
         ("bounce", "give up now: fail the remaining recipients with a DSN"),
     ):
-        actions.add_parser(name, help=text).add_argument(
-            "ids", nargs="*" if name == "flush" else "+", metavar="ID"
-        )
+        action = actions.add_parser(name, help=text)
+        action.add_argument("ids", nargs="*" if name == "flush" else "+", metavar="ID")
+        _config_option(action)
     sendmail = commands.add_parser(
         "sendmail", help="sendmail-compatible submission (see smarthost-sendmail(8))"
     )
     sendmail.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     check = commands.add_parser("check", help="validate the config and print a summary")
+    _config_option(check)
     check.add_argument(
         "--connect",
         action="store_true",
@@ -133,23 +146,61 @@ def queue(path: str, args: argparse.Namespace) -> int:
     config = _load_or_report(path)
     if config is None:
         return EX_CONFIG
-    if config.log.file:
-        # Changes made here belong in the relay's log, next to the message's life.
-        log.setup(config.log.level, config.log.file, config.log.format)
+    _queue_logging(config)
     control = QueueControl(config)
     action = args.action or "list"
     try:
-        if action == "list":
-            return control.list(args.json or getattr(args, "list_json", False))
-        if action == "show":
-            return control.show(args.id)
-        return getattr(control, action)(args.ids)
-    except QueueError as exc:
-        print(f"{getattr(args, 'id', '')}: {exc}", file=sys.stderr)
-        return 1
+        try:
+            if action == "list":
+                code = control.list(args.json or getattr(args, "list_json", False))
+            elif action == "show":
+                code = control.show(args.id)
+            else:
+                code = getattr(control, action)(args.ids)
+            sys.stdout.flush()  # a reader gone shows here, not at exit
+            return code
+        except QueueError as exc:
+            sys.stdout.flush()
+            print(f"{getattr(args, 'id', '')}: {exc}", file=sys.stderr)
+            return 1
+    except BrokenPipeError:
+        # `smarthost queue | head -1`: the reader has what it wanted. Like a listing
+        # that ends by itself: no message, exit 0 (so `set -o pipefail` scripts and
+        # `| grep -q` work); what was acted on so far stays done.
+        _stdout_gone()
+        return EX_OK
     except OSError as exc:
         print(f"smarthost: queue {action}: {exc}", file=sys.stderr)
         return EX_TEMPFAIL
+
+
+def _queue_logging(config: Config) -> None:
+    """Where a queue command's events go: to `log.file`, next to the message's life in
+    the relay's log, when one is configured; else nowhere (the relay's log is then the
+    journal, and the command's output is the record). Never to the command's stderr,
+    which is for its own messages only."""
+    if config.log.file:
+        try:
+            log.setup(config.log.level, config.log.file, config.log.format)
+            return
+        except OSError as exc:
+            print(
+                f"smarthost: warning: log.file: cannot open {config.log.file}: "
+                f"{exc.strerror or exc}; this command's changes are not logged",
+                file=sys.stderr,
+            )
+    log.logger.addHandler(logging.NullHandler())
+    log.logger.propagate = False  # not to the root logger's last-resort stderr either
+
+
+def _stdout_gone() -> None:
+    """Point stdout at /dev/null, so that the flush at exit does not fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
 
 
 def _sendmail_command(argv: list[str]) -> list[str] | None:
@@ -186,7 +237,7 @@ def check(path: str, connect: bool) -> int:
     if file_errors:
         return 1
     print(summary(config))
-    for warning in config_warnings(config):
+    for warning in config_warnings(config) + interpreter_warnings(config):
         print(f"warning: {warning}", file=sys.stderr)
     if connect:
         from .sender import check_connections
@@ -195,6 +246,85 @@ def check(path: str, connect: bool) -> int:
         if not check_connections(config, print):
             return 1
     return EX_OK
+
+
+def interpreter_warnings(config: Config) -> list[str]:
+    """The service user must be able to run this Python and import smarthost: a venv
+    made with a python3 under /root (pyenv, a build in a home directory) is not
+    reachable by it, and the relay (or its delivery process, or a module it imports
+    later) fails after it drops root. The service user is `user`, else the owner of the
+    spool (`install -d -o smarthost`, with systemd's User=) when that is another account.
+    """
+    account = _service_account(config)
+    if account is None:
+        return []
+    groups = set(os.getgrouplist(account.pw_name, account.pw_gid))
+    needed = [
+        ("the Python interpreter", sys.executable, 0o1),
+        ("the standard library", os.__file__, 0o4),
+        ("the smarthost package", package_init, 0o4),
+    ]
+    warnings: list[str] = []
+    for what, path, bits in needed:
+        if not path:
+            continue
+        problem = _unreachable(os.path.abspath(path), account.pw_uid, groups, bits)
+        if problem:
+            real = os.path.realpath(path)
+            named = path if real == path else f"{path} (that is, {real})"
+            warnings.append(
+                f"user {account.pw_name} cannot use {what} {named}: {problem}; "
+                "install smarthost in a virtualenv made with the system Python "
+                "(/usr/bin/python3 -m venv /opt/smarthost) or let that user reach it"
+            )
+            break  # one is enough: they share the cause
+    return warnings
+
+
+def _service_account(config: Config):  # -> pwd.struct_passwd | None
+    """The account the relay runs as, when it is not the one running this command."""
+    import pwd
+
+    try:
+        if config.user:
+            account = pwd.getpwnam(config.user)
+        else:
+            account = pwd.getpwuid(os.stat(config.spool.dir).st_uid)
+    except (KeyError, OSError):
+        return None  # no such user (serve says so), or no spool yet
+    if account.pw_uid in (0, os.geteuid()):
+        return None  # root reaches everything; and we ourselves just ran it
+    return account
+
+
+def _unreachable(path: str, uid: int, groups: set[int], bits: int) -> str | None:
+    """Why `uid` (in `groups`) cannot reach `path` with `bits` (4 read, 1 execute) on
+    it, from the permission bits (ACLs aside); None if it can."""
+    parts = path.split(os.sep)
+    for end in range(1, len(parts)):
+        directory = os.sep.join(parts[:end]) or os.sep
+        if not _permits(directory, uid, groups, 0o1):
+            return f"{directory} is not searchable by it"
+    if not _permits(path, uid, groups, bits):
+        return f"{path} is not {'readable' if bits & 0o4 else 'executable'} by it"
+    real = os.path.realpath(path)
+    if real != path:
+        return _unreachable(real, uid, groups, bits)
+    return None
+
+
+def _permits(path: str, uid: int, groups: set[int], bits: int) -> bool:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return True  # not there: not ours to report
+    if st.st_uid == uid:
+        granted = st.st_mode >> 6
+    elif st.st_gid in groups:
+        granted = st.st_mode >> 3
+    else:
+        granted = st.st_mode
+    return granted & bits == bits
 
 
 def serve(path: str) -> int:
@@ -212,7 +342,7 @@ def serve(path: str) -> int:
             f"smarthost: log.file: cannot open {config.log.file}: {exc.strerror}", file=sys.stderr
         )
         return EX_CANTCREAT
-    for warning in config_warnings(config):
+    for warning in config_warnings(config) + interpreter_warnings(config):
         log.event("config_warning", level=logging.WARNING, warning=warning)
     try:
         return run(config)
@@ -230,7 +360,9 @@ def serve(path: str) -> int:
         print(f"smarthost: {exc}", file=sys.stderr)
         return EX_CANTCREAT
     except OSError as exc:  # a listen address in use or not available
-        print(f"smarthost: cannot start: {exc}", file=sys.stderr)
+        # The message names the address (`smtp.listen HOST:PORT: ...`); "[Errno 98]"
+        # tells an administrator nothing more.
+        print(f"smarthost: cannot start: {exc.strerror or exc}", file=sys.stderr)
         return EX_TEMPFAIL
 
 

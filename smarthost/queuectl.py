@@ -11,18 +11,22 @@ from __future__ import annotations
 import json
 import logging
 import os
+import stat
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from . import dsn, headers, log
+from . import drop, dsn, headers, log
 from .bounce import Bouncer
 from .config import Config
 from .spool import (
     ACTIVE,
+    DROP,
     FAILED,
     FAILED_RCPT,
     HOLD,
+    PENDING,
     QUEUE,
     TMP,
     CorruptEnvelope,
@@ -71,29 +75,116 @@ class Entry:
         }
 
 
-class QueueControl:
-    """The queue commands, acting on the spool directly."""
+class Unreadable(Exception):
+    """A spool entry under a queue-ID name that is not a readable envelope."""
 
-    def __init__(self, config: Config, out: Callable[[str], None] = print) -> None:
+
+def _to_stderr(line: str) -> None:
+    print(line, file=sys.stderr)
+
+
+@dataclass
+class Dropped:
+    """A local submission still waiting in drop/ for the relay's pickup (the relay is
+    stopped, or about to take it). It has no queue ID yet: its `id` is the drop file's
+    32 hex digits."""
+
+    entry: drop.Entry
+    status = "dropped"
+
+    def as_json(self) -> dict:
+        entry = self.entry
+        return {
+            "id": entry.id,
+            "state": self.status,
+            "arrival": log.rfc3339(entry.arrival),
+            "size": entry.size,
+            "sender": entry.sender,
+            "recipients": [
+                {"address": address, "state": PENDING, "reply": None}
+                for address in entry.recipients
+            ],
+            "attempts": 0,
+            "next_attempt": None,
+            "last_error": None,
+            "submitted_by": entry.owner,
+        }
+
+
+class QueueControl:
+    """The queue commands, acting on the spool directly.
+
+    Garbage under a queue-ID name (a link, a directory, a FIFO, a cut or corrupt
+    envelope, a file it may not read) never stops a command: each one is named on
+    `err` (stderr) and the command goes on with the good entries (SPEC §9).
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        out: Callable[[str], None] = print,
+        err: Callable[[str], None] = _to_stderr,
+    ) -> None:
         self.config = config
         self.spool = Spool(config.spool.dir)
         self.out = out
+        self.err = err
+        self.unreadable = 0  # entries named on `err` so far
 
     # -- looking -------------------------------------------------------------
 
     def entries(self) -> Iterator[Entry]:
+        """Every readable envelope, by state; each unreadable one is named on `err`."""
         for state in (ACTIVE, QUEUE, HOLD, FAILED):
-            for queue_id, due in sorted(self.spool.scan(state)):
+            for queue_id in sorted(self.spool.each_name(state)):
                 try:
-                    yield Entry(state, self.spool.read_envelope(state, queue_id), due)
-                except (FileNotFoundError, CorruptEnvelope):
-                    continue  # moved on while we looked, or for the relay to quarantine
+                    yield self._read(state, queue_id)
+                except FileNotFoundError:
+                    continue  # moved on while we looked: seen in its next state, or done
+                except Unreadable as exc:
+                    self._name_unreadable(state, queue_id, str(exc))
+
+    def _read(self, state: str, queue_id: str) -> Entry:
+        """The entry `state/queue_id`; Unreadable with the reason if it is not one.
+
+        Only a regular file is opened: a FIFO would block the command, a link would be
+        followed to a file that is not the spool's."""
+        st = os.lstat(self.spool.path(state, queue_id))
+        if not stat.S_ISREG(st.st_mode):
+            raise Unreadable(f"{_file_kind(st.st_mode)}, not an envelope")
+        try:
+            env = self.spool.read_envelope(state, queue_id)
+        except (FileNotFoundError, IsADirectoryError):
+            raise FileNotFoundError(queue_id) from None  # replaced while we looked
+        except CorruptEnvelope as exc:
+            raise Unreadable(f"unreadable envelope: {exc}") from None
+        except ValueError as exc:  # what Envelope.from_bytes lets through
+            raise Unreadable(f"unreadable envelope: {exc}") from None
+        except OSError as exc:
+            raise Unreadable(f"cannot read: {exc.strerror or exc}") from None
+        return Entry(state, env, st.st_mtime)
+
+    def _name_unreadable(self, state: str, queue_id: str, reason: str) -> None:
+        self.unreadable += 1
+        self.err(f"smarthost: queue: {state}/{queue_id}: {reason}")
+
+    def dropped(self) -> list[Dropped]:
+        """Local submissions waiting in drop/; each file there that is not one is named
+        on `err` (the relay's pickup sets it aside in corrupt/)."""
+        listing = drop.list_entries(self.spool)
+        for name, reason in listing.problems:
+            self.unreadable += 1
+            self.err(f"smarthost: queue: {DROP}/{name}: {reason}")
+        return [Dropped(entry) for entry in listing.entries]
 
     def list(self, as_json: bool = False) -> int:
+        # drop/ first: the pickup queues a message before it removes its drop file, so
+        # one that moves on meanwhile is listed twice at worst, never missed.
+        dropped = self.dropped()
         entries = list(self.entries())
         if as_json:
-            for entry in entries:
-                self.out(json.dumps(entry.as_json(), ensure_ascii=False))
+            for item in (*entries, *dropped):
+                self.out(json.dumps(item.as_json(), ensure_ascii=False))
             return 0
         now = time.time()
         for entry in entries:
@@ -107,28 +198,53 @@ class QueueControl:
                 self.out(f"    {rcpt.address}  {rcpt.state}{reply}")
             if entry.state == QUEUE and env.attempts:
                 self.out(f"    attempts {env.attempts}, next {log.rfc3339(entry.due)}")
-        count = len(entries)
-        self.out(f"-- {count} message{'s' if count != 1 else ''} in the queue")
+        for item in dropped:
+            sub = item.entry
+            self.out(
+                f"{sub.id}  {item.status:<8} {_age(now - sub.arrival):>6} {sub.size:>9}  "
+                f"{sub.sender or '<>'}"
+            )
+            for address in sub.recipients:
+                self.out(f"    {address}  {PENDING}")
+            self.out(f"    submitted by {sub.owner}, waiting in {DROP}/ for the relay")
+        count = len(entries) + len(dropped)
+        line = f"-- {count} message{'s' if count != 1 else ''} in the queue"
+        if dropped:
+            line += f" ({len(dropped)} in {DROP}/, not yet picked up)"
+        if self.unreadable:
+            line += f"; {self.unreadable} unreadable (named on stderr)"
+        self.out(line)
         return 0
 
     def show(self, queue_id: str) -> int:
-        state = self._locate(queue_id)
-        env = self.spool.read_envelope(state, queue_id)
-        entry = Entry(state, env, os.stat(self.spool.path(state, queue_id)).st_mtime)
+        entry = self._entry(queue_id)
+        env = entry.env
         self.out(json.dumps(entry.as_json(), indent=2, ensure_ascii=False))
         self.out("history:")
         for step in env.history:
             self.out("  " + json.dumps(step, ensure_ascii=False))
         self.out("headers:")
-        content = self.spool.read_message_head(queue_id)  # a large body stays on disk
+        try:
+            content = self.spool.read_message_head(queue_id)  # a large body stays on disk
+        except FileNotFoundError:
+            self.err(f"smarthost: queue: msg/{queue_id} is missing")
+            return 1
+        except (CorruptEnvelope, OSError) as exc:
+            self.err(f"smarthost: queue: msg/{queue_id} cannot be read: {_reason(exc)}")
+            return 1
         self.out(content[: headers.section_end(content)].decode("utf-8", "replace").rstrip())
         return 0
 
     # -- steering ------------------------------------------------------------
 
     def flush(self, queue_ids: list[str]) -> int:
-        """Retry now: all waiting messages, or the ones named."""
-        ids = queue_ids or [queue_id for queue_id, _ in self.spool.scan(QUEUE)]
+        """Retry now: all waiting messages, or the ones named.
+
+        The running relay sees the new due time; for a message whose backends are all
+        marked down it probes them first, and sends if they answer (scheduler.py)."""
+        if queue_ids:
+            return self._each(queue_ids, self._flush_one)
+        ids = [entry.env.id for entry in self.entries() if entry.state == QUEUE]
         return self._each(ids, self._flush_one)
 
     def hold(self, queue_ids: list[str]) -> int:
@@ -144,26 +260,34 @@ class QueueControl:
         return self._each(queue_ids, self._bounce_one)
 
     def _flush_one(self, queue_id: str) -> str:
-        state = self._locate(queue_id)
+        state = self._entry(queue_id).state
         if state != QUEUE:
             hint = ": release it first" if state == HOLD else ""
             raise QueueError(f"is {_STATE_WORDS[state]}, not waiting{hint}")
         now = time.time()
-        # The mtime is the due time; the relay's watcher sees the change at once.
-        os.utime(self.spool.path(QUEUE, queue_id), (now, now))
+        # The mtime is the due time; the relay's watcher sees the change at once. Never
+        # through a link (one planted since we looked would hand us another file).
+        try:
+            os.utime(self.spool.path(QUEUE, queue_id), (now, now), follow_symlinks=False)
+        except FileNotFoundError:
+            raise QueueError("is no longer waiting (taken by the relay)") from None
         log.event("flushed", queue_id=queue_id)
         return "will be tried now"
 
     def _hold_one(self, queue_id: str) -> str:
+        self._entry(queue_id)
         self._take(queue_id, (QUEUE,), HOLD)
         log.event("held", queue_id=queue_id)
         return "held"
 
     def _release_one(self, queue_id: str) -> str:
+        if self._entry(queue_id).state != HOLD:
+            raise QueueError("is not held")
         now = time.time()
         path = self.spool.path(HOLD, queue_id)
         try:
-            os.utime(path, (now, now))  # due now, before it becomes visible to the relay
+            # Due now, before it becomes visible to the relay.
+            os.utime(path, (now, now), follow_symlinks=False)
         except FileNotFoundError:
             raise QueueError("is not held") from None
         if not self.spool.move(queue_id, HOLD, QUEUE):
@@ -173,12 +297,14 @@ class QueueControl:
         return "released"
 
     def _delete_one(self, queue_id: str) -> str:
+        self._entry(queue_id)  # garbage under a queue-ID name is not ours to delete
         state = self._take(queue_id, (QUEUE, HOLD, FAILED), TMP)
         self.spool.discard(queue_id, TMP)
         log.event("deleted", queue_id=queue_id, state=state)
         return "deleted"
 
     def _bounce_one(self, queue_id: str) -> str:
+        self._entry(queue_id)
         # The relay hands back any claim in active/ that no live command holds.
         with self.spool.command_claims():
             source = self._take(queue_id, (QUEUE, HOLD), ACTIVE)
@@ -221,11 +347,17 @@ class QueueControl:
 
     # -- helpers ---------------------------------------------------------------
 
-    def _locate(self, queue_id: str) -> str:
-        state = self.spool.locate(queue_id)
-        if state is None:
-            raise QueueError("not in the queue")
-        return state
+    def _entry(self, queue_id: str) -> Entry:
+        """The message `queue_id` as it is now; QueueError if it is not a readable one."""
+        for _ in range(3):  # it may move from one state to the next while we look
+            for state in (QUEUE, ACTIVE, HOLD, FAILED):
+                try:
+                    return self._read(state, queue_id)
+                except FileNotFoundError:
+                    continue
+                except Unreadable as exc:
+                    raise QueueError(f"is unreadable in {state}/: {exc}") from None
+        raise QueueError("not in the queue")
 
     def _take(self, queue_id: str, sources: tuple[str, ...], target: str) -> str:
         """Move the envelope from one of `sources` to `target`, waiting out a delivery
@@ -253,6 +385,24 @@ class QueueControl:
                 self.out(f"{queue_id}: {exc}")
                 failures += 1
         return 1 if failures else 0
+
+
+def _file_kind(mode: int) -> str:
+    for test, kind in (
+        (stat.S_ISLNK, "a symbolic link"),
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+    ):
+        if test(mode):
+            return kind
+    return "not a regular file"
+
+
+def _reason(exc: BaseException) -> str:
+    return (exc.strerror if isinstance(exc, OSError) else None) or str(exc)
 
 
 def _age(seconds: float) -> str:

@@ -35,6 +35,9 @@ STRAY_ACTIVE_AGE = 120.0  # longer than a queue command waits for an attempt
 HISTORY_KEPT = 20
 # A queue file's mtime is its due time; allow for the coarse clock file times use.
 _CLOCK_SLACK = 0.05
+# Due this much before the envelope's own next_attempt: made due by an administrator
+# (`queue flush`, `queue release`), not by the relay's schedule.
+_EARLY = 1.0
 
 
 class Scheduler:
@@ -48,6 +51,7 @@ class Scheduler:
         self.bouncer = Bouncer(config, spool, self.submit)
         self.upstreams.on_up = self.release
         self._waiting: dict[str, set[str]] = {}  # group -> queue IDs waiting for it
+        self._flushed: dict[str, set[str]] = {}  # group -> flushed IDs waiting for its probe
         self._claimed: set[str] = set()  # in active/ because a worker of ours took it
         self._rescued: dict[str, tuple[Envelope, int]] = {}  # see _rescue
         self._released: set[str] = set()  # due now, whatever their files' mtime says
@@ -68,7 +72,7 @@ class Scheduler:
         self.config, self.upstreams = config, upstreams
         self.bouncer.config = config
         with self._cond:
-            groups = list(self._waiting)
+            groups = set(self._waiting) | set(self._flushed)
             self._cond.notify()
         for group in groups:
             upstreams.request_probe(group)
@@ -79,7 +83,7 @@ class Scheduler:
         """A message may be due at `due` (None: read its due time from the spool)."""
         if due is None:
             try:
-                due = os.stat(self.spool.path(QUEUE, queue_id)).st_mtime
+                due = _lstat(self.spool.path(QUEUE, queue_id)).st_mtime
             except FileNotFoundError:
                 return
         with self._cond:
@@ -168,7 +172,7 @@ class Scheduler:
                     if queue_id in self._claimed:
                         continue
                 try:
-                    moved_in = os.stat(self.spool.path(ACTIVE, queue_id)).st_ctime  # the rename
+                    moved_in = _lstat(self.spool.path(ACTIVE, queue_id)).st_ctime  # the rename
                 except FileNotFoundError:
                     continue
                 if (nobody_else or now - moved_in > STRAY_ACTIVE_AGE) and self.spool.move(
@@ -211,7 +215,7 @@ class Scheduler:
             known = set(self._index)
         for queue_id in self.spool.names(QUEUE) - known:
             try:
-                due = os.stat(self.spool.path(QUEUE, queue_id)).st_mtime
+                due = _lstat(self.spool.path(QUEUE, queue_id)).st_mtime
             except FileNotFoundError:
                 continue  # claimed or moved while we looked
             self.notify(queue_id, due)
@@ -256,13 +260,13 @@ class Scheduler:
         due = time.time() + retry.backoff(count, delivery.retry_min, delivery.retry_max)
         try:
             # Stamp the due time first: once in queue/ it must not look due at once.
-            os.utime(self.spool.path(ACTIVE, queue_id), (due, due))
+            os.utime(self.spool.path(ACTIVE, queue_id), (due, due), follow_symlinks=False)
             if self.spool.move(queue_id, ACTIVE, QUEUE):
                 self.notify(queue_id, due)
         except FileNotFoundError:
             # Never claimed (the claim itself failed): still in queue/, and no hint is
             # left for it before the next rescan.
-            if os.path.exists(self.spool.path(QUEUE, queue_id)):
+            if os.path.lexists(self.spool.path(QUEUE, queue_id)):
                 self.notify(queue_id, due)
         except OSError as exc:
             log.event("spool_error", level=logging.ERROR, queue_id=queue_id, error=repr(exc))
@@ -276,12 +280,14 @@ class Scheduler:
             released = queue_id in self._released
             self._released.discard(queue_id)
         try:
-            due = os.stat(self.spool.path(QUEUE, queue_id)).st_mtime
+            due = _lstat(self.spool.path(QUEUE, queue_id)).st_mtime
         except FileNotFoundError:
             return  # taken by someone else (queue command) or already done
         if due > time.time() + _CLOCK_SLACK and not released:
             self.notify(queue_id, due)  # a stale hint: not due yet
             return
+        if not released and self._probe_first(queue_id, due):
+            return  # sent when the probe is done
         with self._cond:
             self._claimed.add(queue_id)
         env = None
@@ -421,7 +427,7 @@ class Scheduler:
     def release(self, group: str) -> None:
         """A backend of `group` answers again: mail that waited only for it goes now."""
         with self._cond:
-            waiting = self._waiting.pop(group, set())
+            waiting = self._waiting.pop(group, set()) | self._flushed.pop(group, set())
         for queue_id in waiting:
             self.release_one(queue_id)
         if waiting:
@@ -437,11 +443,48 @@ class Scheduler:
         except (BackendFailure, *SESSION_ERRORS) as exc:
             self.upstreams.failed(backend, describe_failure(exc), time.time())
         else:
-            self.upstreams.succeeded(backend)
+            self.upstreams.succeeded(backend)  # releases the group's mail, flushed too
         finally:
             self.upstreams.probe_done(backend)
+            flushed: set[str] = set()
             with self._cond:
+                if not self.upstreams.probing(backend.group):
+                    # Every probe failed: the flushed mail gets the attempt it was
+                    # asked for (deferred, as the backends are still down).
+                    flushed = self._flushed.pop(backend.group, set())
                 self._cond.notify()
+            for queue_id in flushed:
+                self.release_one(queue_id)
+
+    def _probe_first(self, queue_id: str, due: float) -> bool:
+        """A message made due before its time by an administrator (`queue flush`,
+        `queue release`) while every backend of its groups is marked down: probe those
+        backends first and send it when the probes are done (at once when one answers),
+        instead of spending an attempt on "no backend of group ... is available" and
+        pushing its next try back. True if it now waits for a probe.
+
+        Only for such a message: new mail, and mail due by its own schedule, keep
+        waiting out `fail_timeout` (a probe per message would defeat the down-mark).
+        """
+        now = time.time()
+        if not any(b.is_down(now) for b in self.upstreams.backends):
+            return False  # the common case: no envelope read
+        try:
+            env = Envelope.from_bytes(self.spool.envelope_bytes(QUEUE, queue_id))
+        except (OSError, ValueError):
+            return False  # gone, or for the claim to quarantine
+        if env.next_attempt <= due + _EARLY:
+            return False  # due by the relay's own schedule
+        groups = set(self.upstreams.partition(env))
+        if not groups or not all(self.upstreams.all_down(group, now) for group in groups):
+            return False
+        with self._cond:
+            for group in groups:
+                self._flushed.setdefault(group, set()).add(queue_id)
+                if not self.upstreams.probing(group):
+                    self.upstreams.request_probe(group)
+            self._cond.notify()  # the scheduler thread starts the probes
+        return True
 
     def _start_probes(self, now: float) -> None:
         for backend in self.upstreams.probes_due(now):
@@ -535,6 +578,12 @@ class Scheduler:
             }
         )
         del env.history[:-HISTORY_KEPT]
+
+
+def _lstat(path: str) -> os.stat_result:
+    """A spool entry's own times: never those of what a link planted there points to
+    (nor ELOOP for a link to itself); the claim sets such garbage aside."""
+    return os.stat(path, follow_symlinks=False)
 
 
 def _last_reply(attempt: Attempt) -> str | None:

@@ -300,6 +300,18 @@ class Upstreams:
             for backend in self.groups.get(group, []):
                 backend.probe_wanted = True
 
+    def all_down(self, group: str, now: float) -> bool:
+        """Every backend of `group` is marked down (`choose` would find none for it,
+        whatever its rate)."""
+        with self._lock:
+            members = self.groups.get(group, [])
+            return bool(members) and all(b.is_down(now) for b in members)
+
+    def probing(self, group: str) -> bool:
+        """A probe of one of the group's backends is running or asked for."""
+        with self._lock:
+            return any(b.probing or b.probe_wanted for b in self.groups.get(group, []))
+
     def size(self, group: str) -> int:
         return len(self.groups.get(group, []))
 

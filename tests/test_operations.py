@@ -262,3 +262,44 @@ def test_a_strict_umask_still_leaves_the_drop_file_readable_by_the_relay(tmp_pat
     assert done.returncode == 0, done.stderr
     (dropped,) = list((tmp_path / "spool" / DROP).iterdir())
     assert dropped.stat().st_mode & 0o777 == 0o644
+
+
+def test_check_warns_when_the_service_user_cannot_run_the_interpreter(tmp_path, sink):
+    """The README's trap: a venv whose Python the service user cannot reach (made with
+    a python3 under /root). `check` names the path; with a reachable one it is quiet."""
+    import shutil
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    venv = Path(sys.prefix)
+    if venv == Path(sys.base_prefix):
+        pytest.skip("not running in a virtualenv")
+    private = Path(tempfile.mkdtemp(prefix="smarthost-private-", dir="/var/tmp"))
+    try:
+        private.chmod(0o700)  # like /root: other users cannot search it
+        (private / "venv").symlink_to(venv, target_is_directory=True)
+        path = write_config(tmp_path, sink.port)
+        path.write_text('user = "nobody"\n' + path.read_text())
+
+        def check(python: str) -> subprocess.CompletedProcess:
+            return subprocess.run(
+                [python, "-m", "smarthost", "-c", str(path), "check"],
+                capture_output=True,
+                text=True,
+                timeout=30,
+                cwd=ROOT,
+            )
+
+        done = check(str(private / "venv" / "bin" / "python"))
+        assert done.returncode == 0, done.stderr
+        assert "warning: user nobody cannot use the Python interpreter" in done.stderr
+        assert f"{private} is not searchable by it" in done.stderr
+        assert "/usr/bin/python3 -m venv" in done.stderr
+        # Without `user`, the spool's owner is the service user: here that is us.
+        path.write_text(path.read_text().replace('user = "nobody"\n', ""))
+        quiet = check(str(private / "venv" / "bin" / "python"))
+        assert quiet.returncode == 0 and "cannot use" not in quiet.stderr, quiet.stderr
+    finally:
+        shutil.rmtree(private, ignore_errors=True)

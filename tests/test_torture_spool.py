@@ -12,13 +12,17 @@ and every good message keeps flowing and is delivered.
 from __future__ import annotations
 
 import collections
+import json
 import os
+import smtplib
 import subprocess
+import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
-from conftest import RelayProcess, Sink, spool_files, wait_until, write_config
+from conftest import ROOT, RelayProcess, Sink, spool_files, wait_until, write_config
 from test_process import events_named, header_message_id
 
 from smarthost.config import load_config
@@ -417,3 +421,162 @@ def test_envelope_naming_another_id_is_quarantined(tmp_path, sink, relay_factory
     assert not (root / "active" / file_id).exists()
     assert not (root / "msg" / file_id).exists()
     assert len(list((root / "corrupt").iterdir())) == 2
+
+
+# -- 4. queue commands with garbage in the spool, while mail flows (issue #14) -----------
+
+
+def queue_command(config: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "smarthost", "-c", str(config), "queue", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,  # a FIFO opened by mistake would block: fail, do not hang
+        cwd=ROOT,
+    )
+
+
+def plant_garbage(root: Path, states: tuple[str, ...], kinds: tuple[str, ...]) -> dict[str, str]:
+    """One entry of each kind under a fresh queue-ID name in each state directory;
+    {"state/ID": kind}. Content in msg/ beside each, as if a message were there."""
+    whole = envelope("garbage", content("garbage")).to_bytes()
+    makers = {
+        "symlink": lambda p: os.symlink("/etc/passwd", p),
+        "symlink loop": lambda p: os.symlink(p.name.rsplit("-", 1)[1], p),  # its own name
+        "fifo": lambda p: os.mkfifo(p),
+        "directory": lambda p: p.mkdir(),
+        "truncated envelope": lambda p: p.write_bytes(whole[: len(whole) // 2]),
+        "empty envelope": lambda p: p.write_bytes(b""),
+        "corrupt envelope": lambda p: p.write_bytes(b"\xff{{{{"),
+    }
+    planted = {}
+    for state in states:
+        for kind in kinds:
+            queue_id = new_id()
+            (root / "msg" / queue_id).write_bytes(content(kind))
+            aside = root / "tmp" / f".garbage-{queue_id}"
+            makers[kind](aside)
+            os.rename(aside, root / state / queue_id)  # appears whole
+            planted[f"{state}/{queue_id}"] = kind
+    return planted
+
+
+def check_listing(result: subprocess.CompletedProcess, garbage: dict[str, str], root: Path) -> set:
+    """A `queue list --json` run: exit 0, no traceback, every garbage entry still in
+    place named on stderr; the IDs it listed."""
+    assert result.returncode == 0, (result.returncode, result.stderr[-2000:])
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    for where in garbage:
+        if os.path.lexists(root / where):  # still there after the run: there during it
+            assert f"{where}:" in result.stderr, (where, result.stderr[-2000:])
+    return {json.loads(line)["id"] for line in result.stdout.splitlines()}
+
+
+def test_queue_commands_with_garbage_in_every_state_while_mail_flows(
+    tmp_path, sink, relay_factory, relay_process, torture_size, torture_report
+):
+    """Links, a link loop, FIFOs, directories, cut, empty and corrupt envelopes under
+    queue-ID names in hold/ and failed/ (which the relay leaves to the administrator),
+    and the regular-file and directory kinds in queue/ (which it quarantines), while
+    messages flow and `queue list`, `queue list --json` and `queue flush` run over and
+    over: every run exits 0 and names the garbage on stderr; 0 lost."""
+    root = tmp_path / "spool"
+    count = torture_size(30, 500)
+    proc = first_run(tmp_path, sink, relay_factory, relay_process)
+    config = proc.config_path
+    everything = (
+        "symlink",
+        "symlink loop",
+        "fifo",
+        "directory",
+        "truncated envelope",
+        "empty envelope",
+        "corrupt envelope",
+    )
+    garbage = plant_garbage(root, ("hold", "failed"), everything)
+    proc.start()
+    garbage.update(
+        plant_garbage(
+            root,
+            ("queue",),
+            ("directory", "truncated envelope", "empty envelope", "corrupt envelope"),
+        )
+    )
+    acknowledged: dict[str, str] = {}  # Message-ID -> queue ID
+
+    def send_all() -> None:
+        with smtplib.SMTP("127.0.0.1", proc.port, timeout=30) as client:
+            for i in range(count):
+                client.sendmail(SENDER, [RCPT], content(f"queue.{i}"))
+                acknowledged[f"<queue.{i}@client.test>"] = ""
+
+    sender = threading.Thread(target=send_all, name="queue-torture-sender")
+    sender.start()
+    runs = 0
+    try:
+        while sender.is_alive() or not set(acknowledged) <= set(arrived(sink)):
+            for args in (("list", "--json"), ("list",), ("flush",)):
+                result = queue_command(config, *args)
+                if args[-1] == "--json":
+                    check_listing(result, garbage, root)
+                else:
+                    assert result.returncode == 0, (args, result.stderr[-2000:])
+                    assert "Traceback" not in result.stderr
+                runs += 1
+            if runs > 3000:
+                pytest.fail("mail did not flow")
+    finally:
+        sender.join(60)
+    wait_until(lambda: set(acknowledged) <= set(arrived(sink)), DEADLINE, "every message")
+    # The relay's own garbage (hold/, failed/) is left for the administrator, and still
+    # named by a last listing; the queue/ garbage was quarantined.
+    final = queue_command(config, "list", "--json")
+    assert final.returncode == 0, final.stderr
+    for where, kind in garbage.items():
+        if where.startswith(("hold/", "failed/")):
+            assert f"{where}:" in final.stderr, (where, kind, final.stderr)
+    wait_until(
+        lambda: not [w for w in garbage if w.startswith("queue/") and os.path.lexists(root / w)],
+        DEADLINE,
+        "the queue/ garbage to be quarantined",
+    )
+    assert proc.stop() == 0
+    records = proc.records()
+    no_errors(records)
+    got = arrived(sink)
+    lost = len(set(acknowledged) - set(got))
+    torture_report(
+        "spool: queue commands with garbage",
+        rounds=runs,
+        acknowledged=len(acknowledged),
+        delivered=len(set(acknowledged) & set(got)),
+        lost=lost,
+        duplicated=sum(got[m] - 1 for m in acknowledged if m in got),
+        note=f"{len(garbage)} garbage entries in 3 states; {runs} queue command runs, all exit 0",
+    )
+    assert lost == 0
+
+
+def test_links_and_fifos_in_queue_and_active_are_quarantined_while_running(
+    tmp_path, sink, relay_factory, relay_process
+):
+    """What the relay itself must do with the garbage the queue commands name: a link,
+    a link loop and a FIFO under queue-ID names in queue/ and active/ (with content in
+    msg/, as if a message were there) go to corrupt/ with a `quarantined` line, no
+    `spool_error`, and mail keeps flowing; the queue commands exit 0 meanwhile."""
+    root = tmp_path / "spool"
+    proc = first_run(tmp_path, sink, relay_factory, relay_process)
+    proc.start()
+    garbage = plant_garbage(root, ("queue", "active"), ("symlink", "symlink loop", "fifo"))
+    for where in garbage:  # touched: the watcher wakes the relay for queue/ at once
+        if where.startswith("queue/") and not os.path.islink(root / where):
+            os.utime(root / where)
+    listed = queue_command(proc.config_path, "list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    plant = Planter(root)
+    plant.good_message("after-garbage")
+    wait_until(lambda: "<after-garbage@client.test>" in arrived(sink), DEADLINE, "good mail")
+    ids = {where.split("/", 1)[1] for where in garbage}
+    wait_until(lambda: ids <= quarantined_ids(proc.records()), 25.0, "a quarantined line for each")
+    assert not events_named(proc.records(), "spool_error")
+    assert proc.stop() == 0

@@ -1,0 +1,372 @@
+"""`smarthost queue` as an administrator meets it (issue #14): garbage in the spool,
+a closed pipe, a quiet stderr, `-c` after the command, and a flush while the
+upstream is still marked down. Real commands, the relay as a real process, a real
+aiosmtpd upstream; nothing mocked."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import smtplib
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, Sink, wait_until, write_config
+
+from smarthost.spool import Envelope, Recipient, Spool, new_id
+
+SENDER = "alice@client.test"
+MESSAGE = b"Subject: queue\r\n\r\nbody\r\n"
+LATER = "451 4.2.0 later"
+
+
+def smarthost(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "smarthost", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )
+
+
+def queue(cfg: Path, *args: str, timeout: float = 30) -> subprocess.CompletedProcess:
+    return smarthost("-c", str(cfg), "queue", *args, timeout=timeout)
+
+
+def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert result.returncode == 0, (result.returncode, result.stdout, result.stderr)
+    return result
+
+
+def good_message(root: Path, state: str = "queue", recipients: int = 1) -> str:
+    """A well-formed message written straight into the spool (content, then envelope)."""
+    env = Envelope(
+        id=new_id(),
+        sender=SENDER,
+        recipients=[Recipient(f"r{n}@dest.test") for n in range(recipients)],
+        arrival=time.time(),
+        size=len(MESSAGE),
+    )
+    (root / "msg" / env.id).write_bytes(MESSAGE)
+    aside = root / "tmp" / f"{env.id}.planted"
+    aside.write_bytes(env.to_bytes())
+    os.rename(aside, root / state / env.id)
+    return env.id
+
+
+def send(port: int, rcpt: str) -> str:
+    with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+        client.ehlo("client.test")
+        client.mail(SENDER)
+        client.rcpt(rcpt)
+        code, msg = client.data(MESSAGE)
+    assert code == 250, msg
+    return msg.decode().rsplit(" ", 1)[-1]
+
+
+# -- 1. garbage under queue-ID names ------------------------------------------------------
+
+
+def test_queue_commands_list_the_good_and_name_each_bad_entry(tmp_path: Path, sink: Sink):
+    """Links, a directory, a FIFO, cut and empty envelopes in every state directory:
+    `queue list` (both forms) lists the good messages, names each bad entry on stderr,
+    exits 0, and follows no link (the link's target keeps its times)."""
+    cfg = write_config(tmp_path, sink.port)
+    root = tmp_path / "spool"
+    Spool(str(root)).create()
+    goods = {state: good_message(root, state) for state in ("queue", "active", "hold", "failed")}
+    target = tmp_path / "not-the-spools"
+    planted = (root / "queue" / goods["queue"]).read_bytes()
+    target.write_bytes(planted)
+    os.utime(target, (1_000_000, 1_000_000))
+    whole = Envelope(new_id(), SENDER, [Recipient("x@dest.test")], arrival=time.time())
+    bad = [
+        ("active", new_id(), lambda p: os.symlink(target, p)),  # the issue's case
+        ("queue", new_id(), lambda p: os.symlink(p.name, p)),  # a loop
+        ("queue", new_id(), lambda p: os.mkfifo(p)),  # would block an open()
+        ("hold", new_id(), lambda p: p.mkdir()),
+        ("failed", new_id(), lambda p: os.mkfifo(p)),
+        ("queue", whole.id, lambda p: p.write_bytes(whole.to_bytes()[:20])),  # cut short
+        ("hold", new_id(), lambda p: p.write_bytes(b"")),
+        ("failed", new_id(), lambda p: p.write_bytes(b"\xff{not json")),
+    ]
+    for state, queue_id, make in bad:
+        make(root / state / queue_id)
+
+    listed = ok(queue(cfg, "list", "--json", timeout=20))
+    ids = {json.loads(line)["id"]: json.loads(line)["state"] for line in listed.stdout.splitlines()}
+    assert ids == {
+        goods["queue"]: "queued",
+        goods["active"]: "active",
+        goods["hold"]: "held",
+        goods["failed"]: "failed",
+    }
+    for state, queue_id, _ in bad:
+        assert f"{state}/{queue_id}" in listed.stderr, (state, queue_id, listed.stderr)
+    assert len(listed.stderr.splitlines()) == len(bad), listed.stderr
+    assert "symbolic link" in listed.stderr and "FIFO" in listed.stderr
+    assert "directory" in listed.stderr and "Traceback" not in listed.stderr
+
+    human = ok(queue(cfg, timeout=20))
+    assert all(queue_id in human.stdout for queue_id in goods.values())
+    assert f"-- 4 messages in the queue; {len(bad)} unreadable" in human.stdout
+    assert len(human.stderr.splitlines()) == len(bad)
+
+    # Acting on everything waiting passes the garbage by; acting on one names it.
+    flushed = ok(queue(cfg, "flush", timeout=20))
+    assert flushed.stdout.strip() == f"{goods['queue']}: will be tried now"
+    (link_id,) = [i for (s, i, _) in bad if s == "active"]
+    for action in ("show", "hold", "delete", "bounce", "flush"):
+        refused = queue(cfg, action, link_id, timeout=20)
+        assert refused.returncode == 1, (action, refused)
+        assert "symbolic link" in refused.stdout + refused.stderr, (action, refused)
+        assert "Traceback" not in refused.stderr
+    assert target.stat().st_mtime == 1_000_000  # never touched through the link
+    assert target.read_bytes() == planted
+    assert (root / "active" / link_id).is_symlink()  # garbage stays for the relay/admin
+
+
+# -- 2. a reader that goes away -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("args", [(), ("--json",)], ids=["human", "json"])
+def test_queue_listing_into_a_closed_pipe_ends_quietly(tmp_path: Path, sink: Sink, args):
+    """`smarthost queue | head -1`: more output than a pipe holds, the reader takes one
+    line and closes. No "Broken pipe", no 75: exit 0."""
+    cfg = write_config(tmp_path, sink.port)
+    root = tmp_path / "spool"
+    Spool(str(root)).create()
+    for _ in range(150):
+        good_message(root, recipients=20)  # ~150 KiB of listing: more than a 64 KiB pipe
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "smarthost", "-c", str(cfg), "queue", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=ROOT,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    first = proc.stdout.readline()
+    proc.stdout.close()  # what head -1 does once it has its line
+    with proc.stderr:
+        err = proc.stderr.read().decode()
+    code = proc.wait(30)
+    assert first.strip(), "no first line"
+    assert err == "", err
+    assert code == 0, code
+
+
+def test_queue_into_a_closed_pipe_through_a_shell(tmp_path: Path, sink: Sink):
+    """The issue's command line, with pipefail: the pipeline succeeds."""
+    cfg = write_config(tmp_path, sink.port)
+    root = tmp_path / "spool"
+    Spool(str(root)).create()
+    for _ in range(150):
+        good_message(root, recipients=20)
+    command = f"set -o pipefail; '{sys.executable}' -m smarthost -c '{cfg}' queue | head -1"
+    done = subprocess.run(
+        ["bash", "-c", command], capture_output=True, text=True, timeout=60, cwd=ROOT
+    )
+    assert done.returncode == 0, (done.returncode, done.stderr)
+    assert done.stderr == ""
+    assert len(done.stdout.splitlines()) == 1
+
+
+# -- 3. nothing on stderr but what the command means --------------------------------------
+
+
+def test_queue_bounce_without_log_file_prints_only_its_result(
+    tmp_path: Path, sink: Sink, relay_process
+):
+    cfg = write_config(tmp_path, sink.port)
+    cfg.write_text(cfg.read_text().replace('retry_min = "1s"', 'retry_min = "10m"'))
+    cfg.write_text(cfg.read_text().replace('retry_max = "2s"', 'retry_max = "1h"'))
+    sink.handler.rcpt_replies["a@dest.test"] = LATER
+    sink.handler.rcpt_replies["b@dest.test"] = LATER
+    proc = relay_process(cfg).start()
+    queue_id = send(proc.port, "a@dest.test")
+    other = send(proc.port, "b@dest.test")
+    wait_until(
+        lambda: (
+            {r.get("queue_id") for r in proc.records() if r["event"] == "deferred"}
+            >= {queue_id, other}
+        ),
+        10.0,
+        "the deferrals",
+    )
+    bounced = queue(cfg, "bounce", queue_id)
+    assert bounced.returncode == 0, bounced
+    assert bounced.stdout.startswith(f"{queue_id}: bounced (DSN ")
+    assert bounced.stderr == "", bounced.stderr
+    for action in ("hold", "release", "flush", "delete"):
+        done = queue(cfg, action, other)
+        assert done.returncode == 0 and done.stderr == "", (action, done)
+    assert proc.stop() == 0
+
+
+# -- 5. -c after the command --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("check", "-c", "{cfg}"),
+        ("check", "--config", "{cfg}"),
+        ("check", "--config={cfg}"),
+        ("queue", "-c", "{cfg}", "list"),
+        ("queue", "list", "-c", "{cfg}"),
+        ("queue", "-c", "{cfg}"),
+        ("queue", "flush", "-c", "{cfg}"),
+    ],
+    ids=lambda a: " ".join(a).replace("{cfg}", "FILE"),
+)
+def test_config_option_after_the_command(tmp_path: Path, sink: Sink, monkeypatch, args):
+    cfg = write_config(tmp_path, sink.port)
+    Spool(str(tmp_path / "spool")).create()
+    monkeypatch.setenv("SMARTHOST_CONFIG", str(tmp_path / "no-such.toml"))
+    done = smarthost(*(a.replace("{cfg}", str(cfg)) for a in args))
+    assert done.returncode == 0, (done.returncode, done.stdout, done.stderr)
+
+
+def test_config_option_after_the_command_wins_over_the_one_before(tmp_path: Path, sink: Sink):
+    cfg = write_config(tmp_path, sink.port)
+    done = smarthost("-c", str(tmp_path / "no-such.toml"), "check", "-c", str(cfg))
+    assert done.returncode == 0, done
+    missing = smarthost("-c", str(cfg), "check", "-c", str(tmp_path / "no-such.toml"))
+    assert missing.returncode == 1 and "no-such.toml" in missing.stderr
+
+
+# -- 4. flush while the group's backends are marked down ----------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_flush_probes_a_down_backend_first_and_sends(tmp_path: Path, relay_process):
+    """The upstream refuses connections: the first attempt marks it down (for 10 min) and
+    defers the message (next try in 10 min). The upstream comes back; `queue flush`
+    sends the message within seconds, and no attempt is spent on "no backend of group
+    'default' is available"."""
+    port = free_port()
+    cfg = write_config(tmp_path, port)
+    text = cfg.read_text()
+    text = text.replace('retry_min = "1s"', 'retry_min = "10m"').replace(
+        'retry_max = "2s"', 'retry_max = "1h"'
+    )
+    cfg.write_text(text.replace('fail_timeout = "1s"', 'fail_timeout = "10m"'))
+    proc = relay_process(cfg).start()
+    queue_id = send(proc.port, "x@dest.test")
+    down = wait_until(
+        lambda: [r for r in proc.records() if r["event"] == "backend_down"], 10.0, "backend_down"
+    )
+    assert down[0]["backend"] == "sink"
+    wait_until(
+        lambda: [r for r in proc.records() if r["event"] == "deferred"], 10.0, "the deferral"
+    )
+    sink = Sink(port).start()  # the upstream is back; the relay still has it down
+    try:
+        flushed = ok(queue(cfg, "flush"))
+        assert flushed.stdout.strip() == f"{queue_id}: will be tried now"
+        (got,) = sink.wait_for(1, timeout=5.0)
+        assert got.rcpt_tos == ["x@dest.test"]
+        delivered = wait_until(
+            lambda: [r for r in proc.records() if r["event"] == "delivered"], 5.0, "delivered"
+        )
+        assert delivered[0]["queue_id"] == queue_id
+        assert delivered[0]["attempt"] == 2  # the refused one, then this one
+        deferrals = [r for r in proc.records() if r["event"] == "deferred"]
+        assert len(deferrals) == 1, deferrals
+        assert not [r for r in deferrals if "no backend" in (r.get("reply") or "")]
+        assert [r for r in proc.records() if r["event"] == "backend_up"]
+        assert proc.stop() == 0
+    finally:
+        sink.stop()
+
+
+def test_flush_while_the_backend_is_still_down_spends_one_attempt(tmp_path: Path, relay_process):
+    """The control: the probe fails, so the flushed message gets its attempt (deferred,
+    no backend) and stays queued; the relay does not loop on probes."""
+    port = free_port()
+    cfg = write_config(tmp_path, port)
+    text = cfg.read_text()
+    text = text.replace('retry_min = "1s"', 'retry_min = "10m"').replace(
+        'retry_max = "2s"', 'retry_max = "1h"'
+    )
+    cfg.write_text(text.replace('fail_timeout = "1s"', 'fail_timeout = "10m"'))
+    proc = relay_process(cfg).start()
+    queue_id = send(proc.port, "x@dest.test")
+    wait_until(
+        lambda: [r for r in proc.records() if r["event"] == "deferred"], 10.0, "the deferral"
+    )
+    ok(queue(cfg, "flush"))
+    second = wait_until(
+        lambda: [r for r in proc.records() if r["event"] == "deferred"][1:], 10.0, "a 2nd try"
+    )
+    assert second[0]["queue_id"] == queue_id and second[0]["attempt"] == 2
+    downs = [r for r in proc.records() if r["event"] == "backend_down"]
+    assert len(downs) == 2 and downs[1].get("still_down") is True  # one probe, refused
+    time.sleep(1.0)  # bounded absence check: no further probe or attempt
+    assert len([r for r in proc.records() if r["event"] == "backend_down"]) == 2
+    assert len([r for r in proc.records() if r["event"] == "deferred"]) == 2
+    entry = json.loads(ok(queue(cfg, "list", "--json")).stdout)
+    assert entry["state"] == "deferred" and entry["attempts"] == 2
+    proc.proc.send_signal(signal.SIGTERM)
+    assert proc.stop() == 0
+
+
+# -- 7. local submissions still in drop/ --------------------------------------------------
+
+
+def test_queue_list_shows_mail_waiting_in_drop_as_dropped(
+    tmp_path: Path, sink: Sink, relay_process
+):
+    """With the relay stopped, what `smarthost-sendmail` accepted waits in drop/:
+    `queue list` shows it (state `dropped`), names a bad drop file on stderr, and once
+    the relay runs the message leaves drop/ and is delivered."""
+    cfg = write_config(tmp_path, sink.port)
+    Spool(str(tmp_path / "spool")).create()
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "smarthost",
+            "-c",
+            str(cfg),
+            "sendmail",
+            "-f",
+            SENDER,
+            "x@dest.test",
+        ],
+        input=b"Subject: dropped\n\nwaiting\n",
+        capture_output=True,
+        timeout=30,
+        cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stderr
+    (tmp_path / "spool" / "drop" / ("0" * 32 + ".drop")).write_bytes(b"not a submission")
+
+    listed = ok(queue(cfg, "list", "--json"))
+    (entry,) = [json.loads(line) for line in listed.stdout.splitlines()]
+    assert entry["state"] == "dropped"
+    assert entry["sender"] == SENDER
+    assert entry["recipients"] == [{"address": "x@dest.test", "state": "pending", "reply": None}]
+    assert entry["attempts"] == 0 and entry["next_attempt"] is None
+    assert entry["size"] > 0 and entry["arrival"]
+    assert f"drop/{'0' * 32}.drop" in listed.stderr
+    human = ok(queue(cfg))
+    assert "dropped" in human.stdout and "x@dest.test" in human.stdout
+    assert "-- 1 message in the queue" in human.stdout
+
+    proc = relay_process(cfg).start()
+    (got,) = sink.wait_for(1)
+    assert got.rcpt_tos == ["x@dest.test"]
+    wait_until(lambda: ok(queue(cfg, "list", "--json")).stdout == "", 10.0, "an empty queue")
+    assert proc.stop() == 0
