@@ -32,6 +32,7 @@ import logging
 import os
 import re
 import secrets
+import stat
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -535,8 +536,9 @@ class Spool:
         the relay's own renames cost it nothing; the times are set to what they were."""
         path = self.path(QUEUE, queue_id)
         try:
-            st = os.stat(path)
-            os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+            st = os.lstat(path)
+            if stat.S_ISREG(st.st_mode):  # never the target of a link planted there
+                os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
         except FileNotFoundError:
             pass  # already taken by the relay: it knows
 
@@ -573,7 +575,7 @@ class Spool:
         Read in blocks until the envelope's line ends: most mail is one block, so a
         claim has the content too without reading the file again.
         """
-        fd = os.open(self.path(state, queue_id), os.O_RDONLY | os.O_NOFOLLOW)
+        fd = open_regular(self.path(state, queue_id), queue_id)
         try:
             data = os.read(fd, _ENVELOPE_READ)
             whole = len(data) < _ENVELOPE_READ  # a short read of a file is its end
@@ -584,12 +586,6 @@ class Spool:
                 whole = len(more) < _ENVELOPE_READ
                 data += more
             envelope, content = split_commit_file(data)
-        except IsADirectoryError:
-            raise CorruptEnvelope(f"{queue_id} is a directory") from None
-        except OSError as exc:
-            if exc.errno == errno.ELOOP:
-                raise CorruptEnvelope(f"{queue_id} is a symbolic link") from None
-            raise
         finally:
             os.close(fd)
         return envelope, (content if whole else None)
@@ -648,12 +644,7 @@ class Spool:
         return lf + 2 if lf >= 0 else -1
 
     def _open_content(self, queue_id: str) -> int:
-        try:
-            return os.open(self.message_path(queue_id), os.O_RDONLY | os.O_NOFOLLOW)
-        except OSError as exc:
-            if exc.errno == errno.ELOOP:
-                raise CorruptEnvelope(f"{queue_id} is a symbolic link") from None
-            raise
+        return open_regular(self.message_path(queue_id), queue_id)
 
     @staticmethod
     def _content_offset(fd: int, queue_id: str) -> int:
@@ -707,7 +698,7 @@ class Spool:
     def locate(self, queue_id: str) -> str | None:
         """The state directory that holds `queue_id`'s envelope, if any."""
         for state in ENVELOPE_STATES:
-            if os.path.exists(self.path(state, queue_id)):
+            if os.path.lexists(self.path(state, queue_id)):
                 return state
         return None
 
@@ -947,11 +938,28 @@ def _read_rest(fd: int) -> bytes:
 
 def _read_file(path: str) -> bytes:
     """A spool file's bytes; anything but a regular file there is corrupt."""
+    with os.fdopen(open_regular(path, os.path.basename(path)), "rb") as f:
+        return f.read()
+
+
+def open_regular(path: str, name: str) -> int:
+    """A descriptor for reading the regular file at `path`; a link, a directory, a
+    FIFO or a device there (garbage, or planted) is CorruptEnvelope, never followed
+    and never waited on (O_NONBLOCK: opening a FIFO would block for a writer)."""
     try:
-        with open(path, "rb") as f:
-            return f.read()
-    except IsADirectoryError:
-        raise CorruptEnvelope(f"{os.path.basename(path)} is a directory") from None
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise CorruptEnvelope(f"{name} is a symbolic link") from None
+        if exc.errno == errno.EISDIR:
+            raise CorruptEnvelope(f"{name} is a directory") from None
+        raise
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        kind = "a directory" if stat.S_ISDIR(mode) else "not a regular file"
+        raise CorruptEnvelope(f"{name} is {kind}")
+    return fd
 
 
 def _pid_alive(pid: int) -> bool:
