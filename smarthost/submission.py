@@ -8,7 +8,7 @@ from dataclasses import replace
 
 from . import headers, log
 from .config import Config
-from .rewrite import rewrite
+from .rewrite import HeaderInDoubt, rewrite
 from .spool import Envelope, Recipient
 
 
@@ -18,7 +18,7 @@ def scan_headers(
     """(has a Date field, the Message-ID field's value or "" if empty, or None if absent),
     from the header section only (`found`: its fields, if already parsed)."""
     if found is None:
-        found = headers.fields(content)
+        found = headers.read(content).fields
     message_ids = [f.text for f in found if f.name == "message-id"]
     return any(f.name == "date" for f in found), message_ids[0] if message_ids else None
 
@@ -45,25 +45,54 @@ class MailLoop(Refused):
     reply = "554 5.4.6 Error: too many hops, a mail loop"
 
 
+class UnreadableHeader(Refused):
+    """With `rewrite.force_from`, a header block in which an upstream might find a From
+    field that rewriting did not replace: a line another reader may take for a From
+    field and this one does not (text after a bare CR, `From` behind invisible, control
+    or 8-bit bytes), or a block not read to its end (longer than `headers.MAX_BLOCK`,
+    or cut by the door that received it). Every other doubtful line is rewritten
+    around, not refused (see `rewrite.force_header_from`). Without force_from nothing
+    is refused for the way the header is written."""
+
+    reply = "554 5.6.0 Error: the message header cannot be read without doubt (force_from)"
+
+
 def prepare(
-    config: Config, env: Envelope, received: bytes, content: bytes
+    config: Config, env: Envelope, received: bytes, content: bytes, *, complete: bool = True
 ) -> tuple[Envelope, list[bytes]]:
     """Rewrite the addresses, add Received (and Message-ID and Date where missing).
 
     `env` carries the envelope as submitted (its id, sender, recipients with their
     DSN parameters, client details); the result is what goes into the spool.
+    `content` is the header block alone (SMTP) or the whole message (local); the
+    block is read to its empty line, or to `headers.MAX_BLOCK`. `complete=False`: the
+    door cut the block short (more header lines follow that are not in `content`).
+    Raises Refused: MailLoop, UnreadableHeader.
     """
-    found = headers.fields(content)
-    hops = sum(1 for f in found if f.name == "received")
+    header = headers.read(content)
+    hops = len(header.find("received"))
     if hops > MAX_HOPS:
         raise MailLoop(f"{hops} Received: fields: a mail loop")
-    changed = rewrite(
-        config.rewrite, config.hostname, env.sender, [r.address for r in env.recipients], content
-    )
+    if config.rewrite.force_from and not complete:
+        raise UnreadableHeader("the header block was not received to its end")
+    try:
+        changed = rewrite(
+            config.rewrite,
+            config.hostname,
+            env.sender,
+            [r.address for r in env.recipients],
+            content,
+            header,
+        )
+    except HeaderInDoubt as exc:
+        raise UnreadableHeader(str(exc)) from None
     if changed.changes:
         log.event("rewritten", queue_id=env.id, changes=changed.changes)
+    found = header.fields
     if changed.content is not content:
-        content, found = changed.content, None
+        grown = max(len(changed.content) - len(content), 0)
+        content = changed.content
+        found = headers.read(content, headers.MAX_BLOCK + grown).fields
     has_date, message_id = scan_headers(content, found)
     added = [received]
     if message_id is None:
