@@ -43,11 +43,14 @@ class Delivery:
         self.scheduler.submit(env)
 
     def start(self) -> None:
-        self.scheduler.start()
+        """Watches first, then the first scans: a file that lands in drop/ or is touched
+        in queue/ while they run is either seen by the scan or wakes its reader, never
+        left for the rescan (SPEC §6: picked up within a second)."""
         self.pickup = Pickup(self.config, self.spool, self.scheduler.submit)
-        self.pickup.start()
         self.watcher = Watcher(self.spool, self.scheduler.notify, self.pickup.wake)
-        self.watcher.start()
+        self.watcher.start()  # returns once the watches are armed
+        self.scheduler.start()  # its thread scans queue/ first
+        self.pickup.start()  # its thread scans drop/ first
 
     def reload(self, config: Config) -> None:
         upstreams = Upstreams(config)

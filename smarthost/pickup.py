@@ -1,40 +1,41 @@
 """Pickup: moves local submissions from the drop area into the queue.
 
-Files in drop/ come from any local user: untrusted input. Each is opened without
-following links and without blocking (a FIFO does not hang us), must be a regular
-file of sane size with a valid record, and then goes through the same path as mail
-from SMTP (rewriting, headers, durable commit) before it is removed. Anything else is
-moved to corrupt/ with a log line; a bad file never stops the others.
+Files in drop/ come from any local user: untrusted input, read by `drop.read` (no link
+followed, no FIFO waited on, bounded in size). Each file is one of:
+
+* not a submission at all (`drop.NotADrop`: a link, a FIFO, garbage, a broken record):
+  moved to corrupt/ with a `quarantined` event; a bad file never stops the others;
+* a submission the relay refuses (`drop.admit` raises `submission.Refused`: an invalid
+  address, too big, a mail loop, whatever `submission.prepare` refuses). sendmail made
+  the same checks before it exited 0, so the config changed since or the file was
+  crafted. It is bounced, as Postfix's cleanup bounces what it refuses from its pickup:
+  a DSN to its sender (else to the user who dropped it) is committed to the queue
+  before the file is removed, with a `rejected` event. Never set aside in silence;
+* a submission: committed to the queue like mail from SMTP (rewriting, headers, the
+  same durable commit), then removed.
 """
 
 from __future__ import annotations
 
-import errno
-import json
+import contextlib
 import logging
 import os
-import pwd
 import re
-import stat
 import threading
 import time
 from collections.abc import Callable
 
-from . import headers, log
+from . import drop, dsn, log
+from .bounce import SOURCE_DSN
 from .config import Config
-from .sendmail import DROP_MAGIC, UsageError, check_address
-from .spool import DROP, Envelope, Recipient, Spool, SpoolError, new_id
-from .submission import MailLoop, prepare
+from .spool import DROP, FAILED_RCPT, Envelope, Recipient, Spool, SpoolError, new_id
+from .submission import Refused, scan_headers
 
-_DROP_NAME = re.compile(r"^[0-9a-f]{32}\.drop$")
 STALE_TMP = 3600.0  # a sendmail that never finished its write: it never exited 0
 RESCAN_INTERVAL = 10.0
 POISON_LIMIT = 5  # a file that fails this often for no reason of its own is set aside
-HEADER_ROOM = 64 * 1024  # the headers sendmail adds after checking the size
-
-
-class BadDrop(ValueError):
-    """The file is not a valid submission: it goes to corrupt/."""
+MAX_LISTED = 1000  # recipients named in the DSN for a refused submission
+_STATUS = re.compile(r"\d{3}[ -]([245]\.\d{1,3}\.\d{1,3})(?:\s|$)")
 
 
 class Pickup:
@@ -47,9 +48,13 @@ class Pickup:
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
-        # The message, plus a record that may list many recipients.
-        self.limit = 2 * config.smtp.max_message_size + 1024 * 1024
         self._failures: dict[str, int] = {}
+
+    @property
+    def limit(self) -> int:
+        """Bytes of a drop file read whole: a larger one's message is too big anyway."""
+        size = self.config.smtp.max_message_size + drop.HEADER_ROOM
+        return len(drop.MAGIC) + drop.RECORD_MAX + 1 + size
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="pickup", daemon=True)
@@ -74,35 +79,40 @@ class Pickup:
             self._wake.wait(RESCAN_INTERVAL)
 
     def scan(self) -> int:
-        """Take in every complete file in drop/; the number taken."""
+        """Take in every complete file in drop/; the number queued."""
         taken = 0
         with os.scandir(self.spool.dir(DROP)) as entries:
             names = [e.name for e in entries]
         for name in names:
             if self._stopping.is_set():
                 break
-            if name.startswith(".tmp-"):
+            if drop.is_tmp_name(name):
                 self._remove_if_stale(name)
             elif self.take(name):
                 taken += 1
         return taken
 
     def take(self, name: str) -> bool:
-        """Validate one drop file and queue it; quarantine it if it is bad."""
-        path = os.path.join(self.spool.dir(DROP), name)
+        """Queue one drop file (True); bounce it if refused, quarantine it if bad."""
         try:
-            data, owner = self._read(path, name)
-            env, content = self._parse(data, owner)
-            env.to_bytes()  # an envelope that cannot be stored is bad input, found now
+            sub, info = drop.read(self.spool.dir(DROP), name, self.limit)
         except FileNotFoundError:
             return False
-        except BadDrop as exc:
+        except drop.NotADrop as exc:
             self._quarantine(name, str(exc))
             return False
         except Exception as exc:
             # Not the file's fault as far as we know (EMFILE, EIO, a bug): it was
             # acknowledged to its sender, so it stays, and is set aside only if it
             # keeps failing.
+            return self._failed_again(name, exc)
+        owner = drop.user_name(info.st_uid)
+        try:
+            env, content = drop.admit(self.config, sub, owner)
+        except Refused as exc:
+            self._bounce(name, sub, owner, exc)
+            return False
+        except Exception as exc:
             return self._failed_again(name, exc)
         try:
             self.spool.commit(env, content)
@@ -119,9 +129,109 @@ class Pickup:
             size=env.size,
             message_id=env.message_id,
         )
-        os.unlink(path)
+        self._remove(name)
         self.submit(env)
         return True
+
+    def _bounce(self, name: str, sub: drop.Submission, owner: str, refusal: Refused) -> None:
+        """Tell the submitter that the relay refuses its drop file: a DSN, committed
+        before the file goes (a crash in between sends a second DSN, never none)."""
+        try:
+            refused, notice, content = self._refusal_dsn(sub, owner, refusal)
+        except Exception as exc:
+            self._failed_again(name, exc)
+            return
+        try:
+            self.spool.commit(notice, [content])
+        except SpoolError as exc:
+            log.event("spool_error", level=logging.ERROR, queue_id=notice.id, error=str(exc))
+            return  # stays in drop/ for the next scan
+        listed = [r.address for r in refused.recipients]
+        log.event(
+            "rejected",
+            level=logging.WARNING,
+            queue_id=refused.id,
+            client="local",
+            user=owner,
+            file=f"drop/{name[:64]}",
+            sender=_printable(sub.sender),
+            recipients=listed,
+            reply=refusal.reply,
+            status=refused.recipients[0].status,
+            reason=str(refusal),
+        )
+        log.event(
+            "dsn_queued",
+            queue_id=refused.id,
+            dsn_queue_id=notice.id,
+            action=dsn.FAILED,
+            recipients=listed,
+            sender=refused.sender,
+        )
+        self._remove(name)
+        self.submit(notice)
+
+    def _refusal_dsn(
+        self, sub: drop.Submission, owner: str, refusal: Refused
+    ) -> tuple[Envelope, Envelope, bytes]:
+        """(the refused submission as an envelope, the DSN's envelope, its content)."""
+        now = time.time()
+        hostname = self.config.hostname
+        to = drop.submitter(sub, owner, hostname)
+        match = _STATUS.match(refusal.reply)
+        status = match.group(1) if match else "5.0.0"
+        failed = [
+            Recipient(
+                address=_printable(a),
+                state=FAILED_RCPT,
+                reply=refusal.reply,
+                status=status,
+                updated=now,
+            )
+            for a in sub.recipients[:MAX_LISTED]
+        ]
+        message_id = scan_headers(sub.content)[1] if sub.whole else None
+        refused = Envelope(
+            id=new_id(),
+            sender=to,  # who the DSN goes to
+            recipients=failed,
+            arrival=sub.time if sub.time is not None else now,
+            size=sub.size,
+            client="local",
+            helo=owner,
+            message_id=message_id or None,
+            source="local",
+        )
+        dsn_id = new_id()
+        content = dsn.build_dsn(
+            refused,
+            failed,
+            dsn.FAILED,
+            sub.content,
+            reporting_mta=hostname,
+            from_address=self.config.dsn.from_address,
+            return_max=self.config.dsn.return_max,
+            now=now,
+            dsn_id=dsn_id,
+            # Too big to take is too big to send back: its header section only.
+            headers_only=True if status == "5.3.4" or not sub.whole else None,
+        )
+        notice = Envelope(
+            id=dsn_id,
+            sender="",
+            recipients=[Recipient(address=to)],
+            arrival=now,
+            size=len(content),
+            message_id=f"<{dsn_id}@{hostname}>",
+            source=SOURCE_DSN,
+            smtputf8=not to.isascii(),
+            body=None if content.isascii() else "8BITMIME",
+        )
+        return refused, notice, content
+
+    def _remove(self, name: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(self.spool.dir(DROP), name))
 
     def _failed_again(self, name: str, error: Exception) -> bool:
         count = self._failures.get(name, 0) + 1
@@ -131,68 +241,6 @@ class Pickup:
             del self._failures[name]
             self._quarantine(name, f"failed {count} times: {error!r}")
         return False
-
-    def _read(self, path: str, name: str) -> tuple[bytes, str]:
-        if not _DROP_NAME.match(name):
-            raise BadDrop("not a drop file name")
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-        except OSError as exc:
-            if exc.errno in (errno.ELOOP, errno.ENXIO, errno.EACCES, errno.EPERM):
-                raise BadDrop(f"cannot open: {exc.strerror}") from None
-            raise
-        try:
-            info = os.fstat(fd)
-            if not stat.S_ISREG(info.st_mode):
-                raise BadDrop("not a regular file")
-            if info.st_nlink != 1:
-                raise BadDrop("a file with other names (hard links)")
-            if info.st_size > self.limit:
-                raise BadDrop(f"larger than {self.limit} bytes")
-            with os.fdopen(fd, "rb", closefd=False) as f:
-                data = f.read(self.limit + 1)
-        finally:
-            os.close(fd)
-        return data, _user_name(info.st_uid)
-
-    def _parse(self, data: bytes, owner: str) -> tuple[Envelope, list[bytes]]:
-        if not data.startswith(DROP_MAGIC):
-            raise BadDrop("no drop record")
-        line_end = data.find(b"\n", len(DROP_MAGIC))
-        if line_end < 0:
-            raise BadDrop("truncated drop record")
-        try:
-            record = json.loads(data[len(DROP_MAGIC) : line_end])
-            sender, recipients = record["sender"], record["recipients"]
-            if not isinstance(sender, str) or not isinstance(recipients, list):
-                raise TypeError("sender must be a string and recipients a list")
-            for address in [*recipients, sender or "x"]:
-                check_address(address)
-        except (ValueError, KeyError, TypeError, RecursionError, UsageError) as exc:
-            raise BadDrop(f"bad drop record: {exc}") from None
-        if not recipients:
-            raise BadDrop("no recipients")
-        if len(data) - line_end > self.config.smtp.max_message_size + HEADER_ROOM:
-            raise BadDrop("message larger than smtp.max_message_size")
-        queue_id = new_id()
-        submitted = Envelope(
-            id=queue_id,
-            sender=sender,
-            recipients=[Recipient(address=a) for a in recipients],
-            arrival=time.time(),
-            client="local",
-            helo=owner,
-            source="local",
-            smtputf8=not all(a.isascii() for a in [sender, *recipients]),
-        )
-        received = (
-            f"Received: by {self.config.hostname} (smarthost, from userid {owner})\r\n"
-            f"\tid {queue_id}; {headers.date_now()}\r\n"
-        ).encode()
-        try:
-            return prepare(self.config, submitted, received, data[line_end + 1 :])
-        except MailLoop as exc:
-            raise BadDrop(str(exc)) from None
 
     def _quarantine(self, name: str, reason: str) -> None:
         source = os.path.join(self.spool.dir(DROP), name)
@@ -212,8 +260,7 @@ class Pickup:
             pass
 
 
-def _user_name(uid: int) -> str:
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return f"uid{uid}"
+def _printable(address: str) -> str:
+    """An address from a refused record, fit for a report and a log line: what is not
+    UTF-8 (a lone surrogate from JSON) escaped."""
+    return address.encode("utf-8", "backslashreplace").decode("utf-8")

@@ -1,6 +1,12 @@
 """Filesystem hints: watchdog wakes the scheduler when a message in queue/ is touched
 and the pickup when something lands in the drop area.
 
+`start()` returns once the watches are armed (watchdog's emitters add their inotify
+watches before its threads start): the delivery half starts the watcher before the
+scheduler and the pickup make their first scans, so a file that arrives while they
+scan is either seen by the scan or wakes them. Armed after a scan, a file dropped in
+between would wait for the next rescan.
+
 Events only wake; they are never the truth. inotify drops events when its queue
 overflows and watchdog does not say so (watchdog issue #654), so the scheduler also
 rescans the spool on a timer, and every event is answered by looking at the file itself.
@@ -77,6 +83,7 @@ class Watcher:
         )
 
     def start(self) -> None:
+        """Arm the watches (before this returns) and start dispatching their events."""
         self._observer.start()
 
     def stop(self) -> None:

@@ -21,6 +21,7 @@ import pwd
 import secrets
 import shutil
 import smtplib
+import socket
 import stat
 import subprocess
 import sys
@@ -35,8 +36,12 @@ import pytest
 from conftest import ROOT, Received, Sink, wait_until, write_config
 
 import smarthost.scheduler
+from smarthost import drop
 from smarthost.config import load_config
+from smarthost.delivery import Delivery
+from smarthost.pickup import Pickup
 from smarthost.spool import Spool
+from smarthost.watcher import Watcher
 
 DROP_MAGIC = b"SMARTHOST-DROP 1\n"
 HOSTNAME = "relay.test"  # write_config's hostname
@@ -177,6 +182,29 @@ def user() -> str:
 def hostile_name() -> str:
     """A name the pickup takes for a drop file."""
     return secrets.token_hex(16) + ".drop"
+
+
+def drop_file(sender: str, recipients: list[str], content: bytes) -> bytes:
+    """A drop file as smarthost-sendmail writes one (its format: smarthost.drop)."""
+    record = json.dumps({"sender": sender, "recipients": recipients, "time": time.time()})
+    return DROP_MAGIC + record.encode() + b"\n" + content.replace(b"\n", b"\r\n")
+
+
+def dsn_about(subject: str) -> Callable[[Received], bool]:
+    """A DSN (null sender) that returns the message with this subject."""
+    return lambda m: m.mail_from == "" and f"Subject: {subject}".encode() in m.content
+
+
+def dsn_text(received: Received) -> str:
+    return received.content.decode("utf-8", "replace")
+
+
+def hops(count: int) -> list[str]:
+    """`count` Received: fields, as a message that went round in circles has them."""
+    date = "Mon, 1 Jan 2026 00:00:00 +0000"
+    return [
+        f"Received: from h{n}.client.test by h{n + 1}.client.test; {date}" for n in range(count)
+    ]
 
 
 def place_in_drop(drop: Path, name: str, make: Callable[[Path], None]) -> None:
@@ -840,20 +868,26 @@ def test_hostile_drop_files_are_quarantined_and_good_mail_flows(
     drop = drop_dir(tmp_path)
     passwd = Path("/etc/passwd")
     passwd_before = (hashlib.sha256(passwd.read_bytes()).hexdigest(), passwd.stat().st_mtime)
-    record = json.dumps({"sender": "a@client.test", "recipients": ["x@dest.test"]}).encode()
-    oversized = DROP_MAGIC + record + b"\n" + b"Subject: big\r\n\r\n" + b"z" * (80 * 1024)
-    injected = json.dumps({"sender": "a@client.test", "recipients": ["-oQ/tmp"]}).encode()
     hostile = {
         "symlink": lambda p: os.symlink("/etc/passwd", p),
         "fifo": lambda p: os.mkfifo(p, 0o644),
-        "oversized": lambda p: p.write_bytes(oversized),
         "garbage": lambda p: p.write_bytes(b"\x00\xff" + os.urandom(510)),
         "bad-json": lambda p: p.write_bytes(DROP_MAGIC + b'{"sender": "a@b", \n\r\n\r\nhi'),
-        "dash-recipient": lambda p: p.write_bytes(DROP_MAGIC + injected + b"\n\r\nhi\r\n"),
+        "not-an-object": lambda p: p.write_bytes(DROP_MAGIC + b'["a@b", ["x@dest.test"]]\n'),
     }
-    names = {kind: hostile_name() for kind in hostile}
+    # Submissions (a sender, recipients, a message) that the relay refuses: bounced to
+    # their sender, not set aside (test_refused_drop_files_are_bounced_to_the_submitter).
+    big, dash = token(), token()
+    long_body = ("z" * 76 + "\n") * 1100  # 85 KiB
+    oversized = drop_file("a@client.test", ["x@dest.test"], message(big, body=long_body))
+    injected = drop_file("a@client.test", ["-oQ/tmp"], message(dash))
+    refused = {
+        "oversized": lambda p: p.write_bytes(oversized),
+        "dash-recipient": lambda p: p.write_bytes(injected),
+    }
+    names = {kind: hostile_name() for kind in (*hostile, *refused)}
     good = token()
-    for kind, make in hostile.items():
+    for kind, make in {**hostile, **refused}.items():
         place_in_drop(drop, names[kind], make)
     ok(sendmail(cfg, "x@dest.test", stdin=message(good)))  # at the same time
 
@@ -862,28 +896,30 @@ def test_hostile_drop_files_are_quarantined_and_good_mail_flows(
 
     def quarantined() -> dict[str, dict]:
         found = {r["file"]: r for r in proc.records() if r.get("event") == "quarantined"}
-        return found if len(found) >= len(names) else {}
+        return found if len(found) >= len(hostile) else {}
 
     events = wait_until(quarantined, PROMPT, "every hostile file to be quarantined")
-    for kind, name in names.items():
-        assert f"drop/{name}" in events, (kind, events)
-        assert events[f"drop/{name}"]["level"] == "warning"
+    assert sorted(events) == sorted(f"drop/{names[kind]}" for kind in hostile)
+    for record in events.values():
+        assert record["level"] == "warning"
     assert "not a regular file" in events[f"drop/{names['fifo']}"]["reason"]
-    assert "larger than" in events[f"drop/{names['oversized']}"]["reason"]
     assert "no drop record" in events[f"drop/{names['garbage']}"]["reason"]
-    assert "bad drop record" in events[f"drop/{names['dash-recipient']}"]["reason"]
-    assert drop_files(tmp_path) == []
+    assert "not a JSON object" in events[f"drop/{names['not-an-object']}"]["reason"]
+    for subject, status in ((big, "5.3.4"), (dash, "5.1.3")):
+        dsn = wait_message(sink, dsn_about(subject), PROMPT, f"the DSN for {status}")
+        assert dsn.rcpt_tos == ["a@client.test"] and f"Status: {status}" in dsn_text(dsn)
+    wait_until(lambda: not drop_files(tmp_path), PROMPT, "the drop area to be empty")
 
     # Moved aside, not deleted, and the link itself moved, not what it points to.
     corrupt = {p.name.split("-", 2)[2]: p for p in (tmp_path / "spool" / "corrupt").iterdir()}
-    assert sorted(corrupt) == sorted(names.values())
+    assert sorted(corrupt) == sorted(names[kind] for kind in hostile)
     link = corrupt[names["symlink"]]
     assert link.is_symlink() and os.readlink(link) == "/etc/passwd"
     assert stat.S_ISFIFO(corrupt[names["fifo"]].lstat().st_mode)
-    assert corrupt[names["oversized"]].read_bytes() == oversized
     after = (hashlib.sha256(passwd.read_bytes()).hexdigest(), passwd.stat().st_mtime)
     assert after == passwd_before
-    assert not [m for m in sink.messages if b"-oQ" in m.content or "-oQ/tmp" in m.rcpt_tos]
+    assert not [m for m in sink.messages if "-oQ/tmp" in m.rcpt_tos]
+    assert not [m for m in sink.messages if m.mail_from and big.encode() in m.content]
 
     # Still alive and still answering SMTP.
     assert proc.proc is not None and proc.proc.poll() is None
@@ -942,3 +978,361 @@ def test_quarantine_never_overwrites_an_earlier_file(
         pytest.skip("crossed a second boundary: cannot show the collision this time")
     kept = sorted(p.read_bytes() for p in corrupt.iterdir() if name in p.name)
     assert kept == [b"garbage 1\n", b"garbage 2\n"]
+
+
+# -- 7. exit 0 is the promise of 250 ---------------------------------------------------------
+
+
+def test_sendmail_refuses_a_mail_loop_before_it_exits_0(
+    tmp_path: Path, sink: Sink, relay_process
+) -> None:
+    # Issue #14, observation 1: 51 Received: fields, sendmail exited 0, then the pickup
+    # quarantined the file and nobody was told. Now sendmail refuses it itself.
+    cfg = write_config(tmp_path, sink.port)
+    looped, fifty = token(), token()
+    result = sendmail(cfg, "-i", "x@dest.test", stdin=message(looped, *hops(51)))
+    assert result.returncode == 65, (result.returncode, result.stderr)
+    err = result.stderr.decode()
+    assert err.startswith("smarthost-sendmail: ") and "mail loop" in err and "5.4.6" in err, err
+    assert "Traceback" not in err
+    assert drop_files(tmp_path) == []
+    # Positive control: 50 hops are not a loop yet; the relay takes and sends it.
+    ok(sendmail(cfg, "-i", "x@dest.test", stdin=message(fifty, *hops(50))))
+    proc = relay_process(cfg).start()
+    wait_message(sink, subject_is(fifty), 10.0, "the message with 50 hops")
+    assert not [r for r in proc.records() if r.get("event") in ("quarantined", "rejected")]
+    assert not (tmp_path / "spool" / "corrupt").exists() or not list(
+        (tmp_path / "spool" / "corrupt").iterdir()
+    )
+    assert proc.stop() == 0
+
+
+def test_refused_drop_files_are_bounced_to_the_submitter(
+    tmp_path: Path, sink: Sink, relay_process
+) -> None:
+    """A drop file the relay still refuses at pickup (crafted, or the config changed
+    since sendmail checked it) gets a DSN, to its sender or else to the user who dropped
+    it; nothing goes to corrupt/, nothing is sent as it was."""
+    cfg = config_with(tmp_path, sink, size=("[smtp]\n", '[smtp]\nmax_message_size = "64K"\n'))
+    shrunk = token()
+    # Accepted under a 64 KiB limit; the relay then starts with 10 KiB.
+    ok(sendmail(cfg, "-i", "-f", "carol@client.test", "x@dest.test", stdin=message(
+        shrunk, body=("y" * 76 + "\n") * 500
+    )))  # fmt: skip
+    cfg.write_text(cfg.read_text().replace('max_message_size = "64K"', 'max_message_size = "10K"'))
+    Spool(str(tmp_path / "spool")).create()
+    loop, null_loop, bad_sender = token(), token(), token()
+    crafted = {
+        loop: (drop_file("bob@client.test", ["x@dest.test"], message(loop, *hops(51))), "5.4.6"),
+        null_loop: (drop_file("", ["x@dest.test"], message(null_loop, *hops(60))), "5.4.6"),
+        bad_sender: (drop_file("-oQ/tmp", ["x@dest.test"], message(bad_sender)), "5.1.7"),
+    }
+    for data, _ in crafted.values():
+        place_in_drop(drop_dir(tmp_path), hostile_name(), lambda p, d=data: p.write_bytes(d))
+    expected = {
+        shrunk: ("carol@client.test", "5.3.4"),
+        loop: ("bob@client.test", "5.4.6"),
+        null_loop: (f"{user()}@{HOSTNAME}", "5.4.6"),  # no sender: the user who dropped it
+        bad_sender: (f"{user()}@{HOSTNAME}", "5.1.7"),
+    }
+    proc = relay_process(cfg).start()
+    for subject, (to, status) in expected.items():
+        dsn = wait_message(sink, dsn_about(subject), PROMPT, f"the DSN for {subject}")
+        assert dsn.rcpt_tos == [to], (subject, dsn.rcpt_tos)
+        text = dsn_text(dsn)
+        assert f"Status: {status}" in text and "Action: failed" in text, text
+        assert "Final-Recipient: rfc822; x@dest.test" in text
+        assert "Remote-MTA" not in text  # the relay's own refusal
+    wait_until(lambda: not drop_files(tmp_path), PROMPT, "the drop area to be empty")
+    records = proc.records()
+    rejected = [r for r in records if r.get("event") == "rejected" and r.get("client") == "local"]
+    assert len(rejected) == len(expected), rejected
+    assert {r["status"] for r in rejected} == {"5.3.4", "5.4.6", "5.1.7"}
+    assert all(r["file"].startswith("drop/") and r["user"] == user() for r in rejected)
+    assert not [r for r in records if r.get("event") == "quarantined"]
+    assert not list((tmp_path / "spool" / "corrupt").iterdir())
+    # Never sent as they were: every message at the sink is a DSN.
+    assert all(m.mail_from == "" for m in sink.messages), [m.mail_from for m in sink.messages]
+    assert proc.stop() == 0
+
+
+def test_8bit_local_mail_goes_upstream_with_body_8bitmime(
+    tmp_path: Path, sink: Sink, relay_process
+) -> None:
+    cfg = write_config(tmp_path, sink.port)
+    proc = relay_process(cfg).start()
+    eight, seven = token(), token()
+    ok(sendmail(cfg, "-i", "x@dest.test", stdin=message(eight, body="Grüße, señor\n")))
+    ok(sendmail(cfg, "-i", "x@dest.test", stdin=message(seven, body="plain ASCII\n")))
+    got = wait_message(sink, subject_is(eight), PROMPT, "the 8-bit message")
+    assert "BODY=8BITMIME" in got.mail_options, got.mail_options
+    assert "Grüße, señor\r\n".encode() in got.content
+    control = wait_message(sink, subject_is(seven), PROMPT, "the 7-bit message")
+    assert not [o for o in control.mail_options if o.upper().startswith("BODY=")]
+    assert proc.stop() == 0
+
+
+def test_mail_dropped_while_the_relay_starts_is_picked_up_at_once(
+    tmp_path: Path, sink: Sink, relay_process
+) -> None:
+    """Submissions throughout the start: every one is taken in at once, none waits for
+    the pickup's 10 s rescan (the watch is armed before the first scan)."""
+    cfg = write_config(tmp_path, sink.port)
+    spool = Spool(str(tmp_path / "spool"))
+    spool.create()
+    dropped: dict[str, float] = {}  # subject -> when it was durably in drop/ (wall clock)
+    failures: list[object] = []
+    stop = threading.Event()
+
+    def writer() -> None:
+        # As fast as a loop goes, in sendmail's format through its own code: the real
+        # command takes ~0.1 s to start, too slow to land in a window of milliseconds.
+        while not stop.is_set():
+            subject = token()
+            drop.write(spool, SENDER, ["x@dest.test"], message(subject).replace(b"\n", b"\r\n"))
+            dropped[subject] = time.time()
+
+    def command() -> None:
+        while not stop.is_set():
+            subject = token()
+            result = sendmail_entry(cfg, "-i", "x@dest.test", stdin=message(subject))
+            if result.returncode != 0:
+                failures.append(result)
+            dropped[subject] = time.time()
+
+    threads = [threading.Thread(target=f) for f in (writer, command, command, command)]
+    proc = relay_process(cfg)
+    for thread in threads:
+        thread.start()
+    try:
+        offset = proc.spawn()
+        proc.wait_started(offset, 20.0)
+        time.sleep(0.5)  # keep submitting for a while after the start
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(30)
+    assert not failures, failures
+    stopped = time.time()
+
+    def received() -> dict[str, float]:
+        found = {}
+        for r in proc.records():
+            if r.get("event") == "received" and r.get("client") == "local":
+                found[r["message_id"]] = datetime.fromisoformat(r["time"]).timestamp()
+        return found
+
+    # 5 s after the last submission: far below the 10 s rescan that would have found a
+    # file the pickup missed, far above what a backlog of these files takes.
+    wait_until(lambda: len(received()) >= len(dropped), 5.0, "every dropped file taken in")
+    assert time.time() - stopped < 10.0
+    assert len(received()) == len(dropped)
+    assert drop_files(tmp_path) == []
+    got = sink.wait_for(len(dropped), 30.0)
+    subjects = {m.content.split(b"Subject: ", 1)[1].split(b"\r\n", 1)[0].decode() for m in got}
+    assert subjects >= set(dropped)
+    assert proc.stop() == 0
+
+
+def test_watches_are_armed_before_the_first_scans(tmp_path: Path, sink: Sink, monkeypatch) -> None:
+    """The order behind the test above, which a race rarely shows: the delivery half
+    arms its watches on drop/ and queue/ before the pickup's and the scheduler's first
+    scans. Armed after, a file landing between a scan's listing and the arming waits
+    for the 10 s rescan unless some later file wakes the pickup."""
+    armed = threading.Event()
+    first_scans: dict[str, bool] = {}  # scan -> were the watches armed when it began
+    scanned = threading.Condition()
+    watcher_start, pickup_scan = Watcher.start, Pickup.scan
+    scheduler_scan = smarthost.scheduler.Scheduler._scan
+
+    def start(self) -> None:
+        watcher_start(self)
+        armed.set()
+
+    def record(name: str, original: Callable) -> Callable:
+        def scan(self, *args, **kwargs):
+            with scanned:
+                first_scans.setdefault(name, armed.is_set())
+                scanned.notify_all()
+            return original(self, *args, **kwargs)
+
+        return scan
+
+    monkeypatch.setattr(Watcher, "start", start)
+    monkeypatch.setattr(Pickup, "scan", record("drop/", pickup_scan))
+    monkeypatch.setattr(smarthost.scheduler.Scheduler, "_scan", record("queue/", scheduler_scan))
+    config = load_config(write_config(tmp_path, sink.port))
+    spool = Spool(config.spool.dir)
+    spool.create()
+    delivery = Delivery(config, spool)
+    delivery.start()
+    try:
+        with scanned:
+            assert scanned.wait_for(lambda: len(first_scans) == 2, 10.0), first_scans
+    finally:
+        delivery.stop(5.0)
+    assert first_scans == {"drop/": True, "queue/": True}
+
+
+def test_drop_list_entries_lists_submissions_and_names_garbage(tmp_path: Path) -> None:
+    """`drop.list_entries`, what `queue list` shows as state `dropped`: every readable
+    submission from its record alone, and each bad entry named; never an exception."""
+    cfg = write_config(tmp_path, 1)
+    first, second = token(), token()
+    ok(sendmail(cfg, "-i", "-f", "bob@client.test", "x@dest.test", "y@dest.test",
+                stdin=message(first)))  # fmt: skip
+    ok(sendmail(cfg, "-i", "z@dest.test", stdin=message(second, body="b" * 300_000 + "\n")))
+    directory = drop_dir(tmp_path)
+    bad = {name: hostile_name() for name in ("symlink", "fifo", "dir", "truncated", "garbage")}
+    os.symlink("/etc/passwd", directory / bad["symlink"])
+    os.mkfifo(directory / bad["fifo"])
+    (directory / bad["dir"]).mkdir()
+    (directory / bad["truncated"]).write_bytes(DROP_MAGIC + b'{"sender": "a@b", "recip')
+    (directory / bad["garbage"]).write_bytes(b"\x00" * 64)
+    (directory / "not-a-drop-name").write_bytes(b"x")
+    (directory / f".tmp-{secrets.token_hex(16)}").write_bytes(b"being written")
+
+    listing = drop.list_entries(Spool(str(tmp_path / "spool")))
+    assert [e.recipients for e in listing.entries] == [
+        ["x@dest.test", "y@dest.test"],
+        ["z@dest.test"],
+    ]
+    one, two = listing.entries
+    assert (one.sender, two.sender) == ("bob@client.test", f"{user()}@{HOSTNAME}")
+    assert one.owner == user() and one.id + ".drop" == one.name and len(one.id) == 32
+    assert abs(one.arrival - time.time()) < 60 and one.arrival <= two.arrival
+    _, content = read_drop(directory / two.name)
+    assert two.size == len(content) > 300_000
+    problems = dict(listing.problems)
+    assert sorted(problems) == sorted([*bad.values(), "not-a-drop-name"]), problems
+    assert "cannot open" in problems[bad["symlink"]]
+    assert "not a regular file" in problems[bad["fifo"]]
+    assert "truncated" in problems[bad["truncated"]]
+    # A drop area that does not exist yet is empty, not an error.
+    assert drop.list_entries(Spool(str(tmp_path / "nowhere"))) == drop.Listing()
+
+
+# -- 8. sendmail -bs: SMTP on standard input and output ---------------------------------------
+
+
+def bs_command(cfg: Path) -> list[str]:
+    """`smarthost-sendmail -C CFG -bs`, through the console script's entry point."""
+    code = "import sys; from smarthost.cli import sendmail_main; sys.exit(sendmail_main())"
+    return [sys.executable, "-c", code, "-C", str(cfg), "-bs"]
+
+
+def bs_client(cfg: Path) -> tuple[smtplib.SMTP, subprocess.Popen]:
+    """smtplib speaking to `sendmail -bs` over a socket pair as its stdin and stdout."""
+    ours, theirs = socket.socketpair()
+    proc = subprocess.Popen(
+        bs_command(cfg), stdin=theirs, stdout=theirs, stderr=subprocess.PIPE, cwd=ROOT
+    )
+    theirs.close()
+    ours.settimeout(30)
+    client = smtplib.SMTP()
+    client.sock = ours
+    code, greeting = client.getreply()
+    assert code == 220 and greeting.startswith(HOSTNAME.encode()), greeting
+    return client, proc
+
+
+def test_bs_speaks_smtp_and_the_relay_delivers(tmp_path: Path, sink: Sink, relay_process) -> None:
+    # Symfony Mailer's and Laravel's default: `sendmail -bs`, then EHLO, MAIL, RCPT, DATA.
+    cfg = write_config(tmp_path, sink.port)
+    client, proc = bs_client(cfg)
+    code, features = client.ehlo("web1.client.test")
+    assert code == 250
+    for feature in ("pipelining", "size", "8bitmime", "smtputf8", "enhancedstatuscodes"):
+        assert client.has_extn(feature), features
+    subject = token()
+    body = ".leading dot\n..two\n.\nend\n"
+    content = message(subject, f"From: {SENDER}", body=body).replace(b"\n", b"\r\n")
+    refused = client.sendmail(SENDER, ["bob@dest.test", "carol@dest.test"], content)
+    assert refused == {}
+    assert client.noop()[0] == 250
+    assert client.quit()[0] == 221
+    assert proc.wait(30) == 0
+    assert b"Traceback" not in proc.stderr.read()
+    proc.stderr.close()
+    # Durably in the drop area already (the 250 came after the write), relay stopped.
+    record, dropped = only_drop(tmp_path)
+    assert record["sender"] == SENDER
+    assert record["recipients"] == ["bob@dest.test", "carol@dest.test"]
+    assert dropped.endswith(b"\r\n\r\n.leading dot\r\n..two\r\n.\r\nend\r\n"), dropped
+
+    relay = relay_process(cfg).start()
+    got = wait_message(sink, subject_is(subject), 10.0, "the message given with -bs")
+    assert sorted(got.rcpt_tos) == ["bob@dest.test", "carol@dest.test"]
+    assert got.mail_from == SENDER
+    assert got.content.endswith(b"\r\n\r\n.leading dot\r\n..two\r\n.\r\nend\r\n")
+    assert relay.stop() == 0
+
+
+def test_bs_is_strict_and_makes_the_same_checks(tmp_path: Path, sink: Sink) -> None:
+    cfg = config_with(tmp_path, sink, size=("[smtp]\n", '[smtp]\nmax_message_size = "10K"\n'))
+    good, looped, big = token(), token(), token()
+
+    def data(content: bytes) -> bytes:
+        return content.replace(b"\n", b"\r\n").replace(b"\r\n.", b"\r\n..") + b".\r\n"
+
+    session = [
+        (b"MAIL FROM:<a@client.test>", "503 5.5.1"),  # before EHLO
+        (b"EHLO client.test", "250"),
+        (b"RCPT TO:<x@dest.test>", "503 5.5.1"),  # before MAIL
+        (b"DATA", "503 5.5.1"),
+        (b"MAIL FROM:a@client.test", "501 5.5.4"),  # no angle brackets
+        (b"MAIL FROM:<a@client.test> FOO=BAR", "555 5.5.4"),
+        (b"MAIL FROM:<a@client.test> SIZE=99999999", "552 5.3.4"),
+        (b"MAIL FROM:<-oQ/tmp>", "501 5.1.7"),
+        (b"MAIL FROM:<a@client.test> BODY=8BITMIME", "250 2.1.0"),
+        (b"MAIL FROM:<b@client.test>", "503 5.5.1"),  # nested
+        (b"DATA", "554 5.5.1"),  # no recipients
+        # A CR LF inside an address: two lines, two syntax errors, no recipient.
+        (b"RCPT TO:<x@dest.test", "501 5.5.4"),
+        (b"RCPT TO:<spy@evil.test>>", "501 5.5.4"),
+        (b"RCPT TO:<>", "501 5.1.3"),
+        (b"RCPT TO:<Eve <spy@evil.test>>", "501 5.5.4"),
+        (b"RCPT TO:<x@dest.test,spy@evil.test>", "501 5.1.3"),
+        (b"RCPT TO:<-oQ/tmp>", "501 5.1.3"),
+        ("RCPT TO:<zoë@dest.test>".encode(), "553 5.6.7"),  # no SMTPUTF8 on MAIL
+        (b"RCPT TO:<x@dest.test> NOTIFY=NEVER", "555 5.5.4"),
+        (b"RCPT TO:<x@dest.test>", "250 2.1.5"),
+        (b"NOOP", "250 2.0.0"),
+        (b"VRFY root", "502 5.5.1"),
+        (b"XYZZY", "500 5.5.2"),
+        (b"DATA", "354"),
+        (data(message(good, f"From: {SENDER}", body=".dot\n")), "250 2.0.0"),
+        (b"MAIL FROM:<a@client.test>", "250"),
+        (b"RCPT TO:<x@dest.test>", "250"),
+        (b"DATA", "354"),
+        (data(message(looped, *hops(51))), "554 5.4.6"),  # the relay's own hop check
+        (b"MAIL FROM:<a@client.test>", "250"),
+        (b"RCPT TO:<x@dest.test>", "250"),
+        (b"DATA", "354"),
+        (data(message(big, body=("z" * 70 + "\n") * 200)), "552 5.3.4"),
+        (b"RSET", "250 2.0.0"),
+        (b"QUIT", "221 2.0.0"),
+    ]
+    stdin = b"".join(line if line.endswith(b".\r\n") else line + b"\r\n" for line, _ in session)
+    done = subprocess.run(bs_command(cfg), input=stdin, capture_output=True, timeout=60, cwd=ROOT)
+    assert done.returncode == 0, done
+    replies = [line for line in done.stdout.decode().split("\r\n") if line[3:4] == " "]
+    assert replies[0].startswith("220 "), replies
+    got = replies[1:]
+    expected = [want for _, want in session]
+    assert len(got) == len(expected), (got, expected)
+    for reply, want in zip(got, expected):
+        assert reply.startswith(want), (reply, want, got)
+    assert "mail loop" in done.stderr.decode()
+    # Only the good message is in the drop area.
+    record, content = only_drop(tmp_path)
+    assert record["recipients"] == ["x@dest.test"] and record["sender"] == "a@client.test"
+    assert f"Subject: {good}".encode() in content and content.endswith(b"\r\n\r\n.dot\r\n")
+
+
+def test_bs_with_recipients_or_t_is_a_usage_error(tmp_path: Path) -> None:
+    cfg = write_config(tmp_path, 1)
+    for extra in (["x@dest.test"], ["-t"]):
+        result = sendmail(cfg, "-bs", *extra, stdin=b"QUIT\r\n")
+        assert result.returncode == 64, result
+        assert b"-bs" in result.stderr and b"Traceback" not in result.stderr
