@@ -241,7 +241,7 @@ def _recipient_fields(
         fields.append(("Remote-MTA", f"dns; {_field_text(rcpt.remote_mta)}"))
     if rcpt.reply:
         # RFC 3464 §2.3.6: "smtp" only for an SMTP reply; a local error is our own type.
-        kind = "smtp" if re.match(r"[2-5]\d\d([\s-]|$)", rcpt.reply) else "X-Smarthost"
+        kind = "smtp" if _is_smtp_reply(rcpt.reply) else "X-Smarthost"
         fields.append(("Diagnostic-Code", f"{kind}; {_field_text(rcpt.reply)}"))
     fields.append(("Last-Attempt-Date", _date(rcpt.updated if rcpt.updated else now)))
     if action == DELAYED and will_retry_until is not None:
@@ -271,13 +271,27 @@ def _one_line(s: str) -> str:
     return "".join("?" if ord(c) < 32 or ord(c) == 127 else c for c in " ".join(s.split()))
 
 
-def _explain(rcpt: Recipient) -> str:
+def is_own_reply(rcpt: Recipient) -> bool:
+    """The reply is the relay's own (it refused the recipient itself, e.g. for want of
+    SMTPUTF8 upstream): an SMTP reply that no remote host gave. The report then names
+    no Remote-MTA, and the reporting MTA, the relay, is the one that said it."""
+    return bool(rcpt.reply) and not rcpt.remote_mta and _is_smtp_reply(rcpt.reply or "")
+
+
+def _is_smtp_reply(text: str) -> bool:
+    return re.match(r"[2-5]\d\d([\s-]|$)", text) is not None
+
+
+def _explain(rcpt: Recipient, reporting_mta: str) -> str:
     """One recipient's line in the human part, like Postfix's."""
     line = f"<{_one_line(rcpt.address)}>: "
     if rcpt.status == "4.4.7":
         line += "delivery time expired; "
     if rcpt.reply and rcpt.remote_mta:
         return line + f"host {_one_line(rcpt.remote_mta)} said: {_one_line(rcpt.reply)}"
+    if is_own_reply(rcpt):
+        mta = _one_line(reporting_mta)
+        return line + f"this mail system ({mta}) refused it itself: {_one_line(rcpt.reply or '')}"
     if rcpt.reply:
         return line + _one_line(rcpt.reply)
     return line + "no reply from any server"
@@ -318,7 +332,7 @@ def _human_text(
     for paragraph in paragraphs:
         lines += [*textwrap.wrap(paragraph, width=72, break_on_hyphens=False), ""]
     lines += ["                   The mail system", ""]
-    lines += [_explain(r) for r in recipients]
+    lines += [_explain(r, reporting_mta) for r in recipients]
     return _CRLF.join(lines) + _CRLF
 
 

@@ -322,6 +322,7 @@ class QueueControl:
         now = time.time()
         for rcpt in cancelled:
             rcpt.state, rcpt.reply, rcpt.status, rcpt.updated = FAILED_RCPT, CANCELLED, "5.0.0", now
+            rcpt.remote_mta = None  # this relay's own decision: no upstream said it
             log.event(
                 "failed",
                 level=logging.WARNING,

@@ -14,9 +14,10 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import Any
 
@@ -27,20 +28,37 @@ from . import headers, log
 from .auth import FailureBrake, load_users, verify_password
 from .commit import GroupCommitter
 from .config import Config, ConfigError
-from .smtp_server import IDENT, ClientSlots, Listeners, RelaySMTP, client_ip, server_tls_context
+from .smtp_server import (
+    IDENT,
+    ClientSlots,
+    Listeners,
+    RelaySMTP,
+    address_literal_ok,
+    address_problem,
+    client_ip,
+    server_tls_context,
+)
 from .spool import Draft, Envelope, Recipient, Spool, SpoolError, new_id
 from .submission import Refused, prepare
 
 # The header block is held in memory until the empty line that ends it, up to this
 # much; past it, what parses as header fields is the header and the rest is body.
 HEADER_MAX = 256 * 1024
+# A header block up to this size is prepared on the event loop (well under a
+# millisecond); a larger one in a thread.
+PREPARE_ON_LOOP = 16 * 1024
 
 
 class Intake:
     """One message arriving over SMTP: its header block, then its content, into a Draft.
 
-    `refusal` is set when the message must not be accepted whatever follows (a mail
-    loop); the rest of DATA is then only read, by the caller, and discarded.
+    The header block is prepared once it has ended (or reached HEADER_MAX): on the
+    loop when it is small, as nearly all are; in a thread when it is large, so that a
+    hostile header (thousands of fields or addresses) holds up no other session:
+    `write` then returns an awaitable, and the caller reads no further until it is
+    done. `refusal` is set when the message must not be accepted whatever follows (a
+    mail loop, a header force_from cannot vouch for); the rest of DATA is then only
+    read, by the caller, and discarded.
     """
 
     def __init__(self, receiver: Receiver, session: Session, envelope: SMTPEnvelope) -> None:
@@ -53,24 +71,27 @@ class Intake:
         self.refusal: str | None = None
         self._head = bytearray()
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes) -> Awaitable[None] | None:
         if self.refusal is not None:
-            return
+            return None
         if self.env is not None:
             self.draft.write(data)
-            return
+            return None
         searched = max(len(self._head) - 3, 0)
         self._head += data
         end = header_block_end(self._head, searched)
         if end is not None:
-            self._prepare(end)
-        elif len(self._head) >= HEADER_MAX:
-            self._prepare(self._head.rfind(b"\n") + 1 or len(self._head))
+            return self._prepare(end, complete=True)
+        if len(self._head) >= HEADER_MAX:
+            return self._prepare(self._head.rfind(b"\n") + 1 or len(self._head), complete=False)
+        return None
 
-    def finish(self) -> tuple[Envelope, Draft] | str:
+    async def finish(self) -> tuple[Envelope, Draft] | str:
         """(the envelope, the content) to commit, or the reply that refuses the message."""
         if self.env is None and self.refusal is None:
-            self._prepare(len(self._head))  # no empty line: all of it is header
+            pending = self._prepare(len(self._head), complete=True)  # no empty line: all header
+            if pending is not None:
+                await pending
         if self.refusal is not None:
             return self.refusal
         assert self.env is not None
@@ -80,17 +101,36 @@ class Intake:
         self._head = bytearray()
         self.draft.discard()
 
-    def _prepare(self, end: int) -> None:
+    def _prepare(self, end: int, complete: bool) -> Awaitable[None] | None:
         head, self._head = bytes(self._head), bytearray()
+        if len(head) <= PREPARE_ON_LOOP:
+            self._prepared(head, end, self._prepare_header(head[:end], complete))
+            return None
+        loop = asyncio.get_running_loop()
+        work = loop.run_in_executor(None, self._prepare_header, head[:end], complete)
+        return self._prepared_when_done(work, head, end)
+
+    def _prepare_header(
+        self, header: bytes, complete: bool
+    ) -> tuple[Envelope, list[bytes]] | Refused:
         try:
-            env, chunks = self._receiver.prepare(
-                self._session, self._envelope, self.queue_id, head[:end]
+            return self._receiver.prepare(
+                self._session, self._envelope, self.queue_id, header, complete=complete
             )
         except Refused as exc:
-            self.refusal = exc.reply
+            return exc
+
+    async def _prepared_when_done(self, work: Awaitable, head: bytes, end: int) -> None:
+        self._prepared(head, end, await work)
+
+    def _prepared(
+        self, head: bytes, end: int, result: tuple[Envelope, list[bytes]] | Refused
+    ) -> None:
+        if isinstance(result, Refused):
+            self.refusal = result.reply
             self.draft.discard()
             return
-        self.env = env
+        self.env, chunks = result
         for chunk in chunks:
             self.draft.write(chunk)
         self.draft.write(head[end:])
@@ -163,6 +203,10 @@ class Receiver:
     async def handle_MAIL(
         self, server: SMTP, session: Session, envelope: SMTPEnvelope, address: str, options: list
     ) -> str:
+        if address != "<>":
+            problem = self._address_problem(address, sender=True)
+            if problem:
+                return f"501 5.1.3 Error: bad sender address syntax: {problem}"
         if not envelope.smtp_utf8 and not address.isascii():
             return "553 5.6.7 Error: a non-ASCII address needs SMTPUTF8 on MAIL"
         # The null sender stays "<>" here: aiosmtpd takes an empty mail_from for "no MAIL".
@@ -175,6 +219,9 @@ class Receiver:
     ) -> str:
         if address == "<>":
             return "501 5.1.3 Error: the null address is not a valid recipient"
+        problem = self._address_problem(address, sender=False)
+        if problem:
+            return f"501 5.1.3 Error: bad recipient address syntax: {problem}"
         if not envelope.smtp_utf8 and not address.isascii():
             return "553 5.6.7 Error: a non-ASCII address needs SMTPUTF8 on MAIL"
         if not self.may_relay(session):
@@ -196,7 +243,7 @@ class Receiver:
         self, server: SMTP, session: Session, envelope: SMTPEnvelope, intake: Intake
     ) -> str:
         """At the end of DATA: commit durably, then 250; or 4xx/5xx, never a false 250."""
-        outcome = intake.finish()
+        outcome = await intake.finish()
         if isinstance(outcome, str):
             return outcome
         env, draft = outcome
@@ -251,6 +298,14 @@ class Receiver:
 
     # -- policy --------------------------------------------------------------
 
+    def _address_problem(self, address: str, sender: bool) -> str | None:
+        """What RFC 5321 rules out in an envelope address (see `address_problem`). An
+        address without a domain is taken, as Postfix takes it: it gets @hostname
+        before it is queued (submission.prepare), so that is the address checked."""
+        if "@" not in address:
+            address = f"{address}@{self.config.hostname}"
+        return address_problem(address)
+
     def may_relay(self, session: Session) -> bool:
         """Only clients in `smtp.allow`, or authenticated ones, relay. No exceptions."""
         if session.authenticated:
@@ -269,7 +324,13 @@ class Receiver:
     # -- the message ---------------------------------------------------------
 
     def prepare(
-        self, session: Session, envelope: SMTPEnvelope, queue_id: str, header: bytes
+        self,
+        session: Session,
+        envelope: SMTPEnvelope,
+        queue_id: str,
+        header: bytes,
+        *,
+        complete: bool = True,
     ) -> tuple[Envelope, list[bytes]]:
         """The spool envelope, and the message's start: the headers we add and the
         client's header block, rewritten. Raises submission.Refused."""
@@ -295,7 +356,7 @@ class Receiver:
             envid=mail_params.get("ENVID"),
         )
         received = received_header(session, envelope, queue_id, self.config.hostname)
-        return prepare(self.config, submitted, received, header)
+        return prepare(self.config, submitted, received, header, complete=complete)
 
 
 def _rcpt_params(envelope: SMTPEnvelope) -> list[dict[str, str]]:
@@ -307,22 +368,56 @@ def _rcpt_params(envelope: SMTPEnvelope) -> list[dict[str, str]]:
 def received_header(
     session: Session, envelope: SMTPEnvelope, queue_id: str, hostname: str
 ) -> bytes:
-    """`Received:` as Postfix writes it; `for` only with a single recipient (privacy)."""
+    """`Received:` as Postfix writes it; `for` only with a single recipient (privacy).
+
+    What the client chose is made harmless first: its HELO name as it is only when it
+    is an atom or an address literal (else a quoted string, control and non-ASCII
+    characters as "?"), the address only when it is one, the recipient only when it
+    has nothing that could end the field or the angle brackets early.
+    """
     protocol = "ESMTP" if session.extended_smtp else "SMTP"
     if session.ssl:
         protocol += "S"
     if session.authenticated:
         protocol += "A"
-    helo = session.host_name or "unknown"
-    ip = client_ip(session.peer) or "unknown"
+    helo = _received_token(session.host_name) if session.host_name else "unknown"
+    ip = _received_ip(client_ip(session.peer))
     lines = [
         f"Received: from {helo} ([{ip}])",
         f"\tby {hostname} (smarthost) with {protocol} id {queue_id}",
     ]
-    if len(envelope.rcpt_tos) == 1:
+    if len(envelope.rcpt_tos) == 1 and _RECEIVED_FOR.match(envelope.rcpt_tos[0]):
         lines.append(f"\tfor <{envelope.rcpt_tos[0]}>")
     lines[-1] += f"; {headers.date_now()}"
     return ("\r\n".join(lines) + "\r\n").encode("utf-8", "surrogateescape")
+
+
+# An RFC 5322 atom (a host name, with sloppy underscores), or an address literal.
+_RECEIVED_ATOM = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+\Z|\[[A-Za-z0-9:.]+\]\Z")
+# An address `for <...>` may show: printable, and without white space outside quotes
+# that could not be folded back; nothing that ends a line.
+_RECEIVED_FOR = re.compile(
+    r'(?:[!#-~\u00a0-\U0010ffff]|"(?:[ !#-\[\]-~\u00a0-\U0010ffff]|\\[ -~])*")+\Z'
+)
+_UNPRINTABLE = re.compile(r'[^ -~]|["\\]')
+
+
+def _received_token(text: str) -> str:
+    """`text` as one received-token: itself if an atom or an address literal, else a
+    quoted string (`\\` and `"` escaped, anything else not printable ASCII as "?")."""
+    if _RECEIVED_ATOM.match(text):
+        return text
+    quoted = _UNPRINTABLE.sub(lambda m: "\\" + m.group() if m.group() in '"\\' else "?", text)
+    return f'"{quoted}"'
+
+
+def _received_ip(ip: str | None) -> str:
+    """The client's address as an address literal's inside, or "unknown"."""
+    if ip is None:
+        return "unknown"
+    ip = ip.split("%", 1)[0]  # a link-local address's scope is the relay's business
+    inner = ip if ":" not in ip else f"IPv6:{ip}"
+    return ip if address_literal_ok(f"[{inner}]") else "unknown"
 
 
 def start_listeners(

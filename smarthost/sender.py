@@ -25,6 +25,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import BinaryIO, Union
 
+from . import headers
 from .config import BackendConfig, Config
 from .dsn import xtext_encode
 from .retry import failover
@@ -81,6 +82,7 @@ def format_reply(code: int, message: bytes | str) -> str:
 
 
 _NOT_ASCII = b"5.6.7 this address cannot be sent to the upstream without SMTPUTF8"
+_NO_SMTPUTF8 = b"5.6.7 the upstream does not offer SMTPUTF8, which this message needs"
 
 # What a broken session raises: the network, TLS (ssl errors are OSErrors; a bad TLS
 # set-up is a ValueError) and the protocol.
@@ -103,12 +105,14 @@ class ContentUnreadable(Exception):
 
 
 class BackendFailure(Exception):
-    """This backend cannot take mail now; the next one should be tried."""
+    """This backend cannot take mail now; the next one should be tried. `backend`: the
+    one that failed, once known (a DSN names it as the Remote-MTA of its reply)."""
 
     def __init__(self, reply: str, status: str = "4.4.1") -> None:
         super().__init__(reply)
         self.reply = reply
         self.status = status
+        self.backend: Backend | None = None
 
 
 @dataclass
@@ -124,6 +128,7 @@ class Attempt:
     relayed: list[Recipient] = field(default_factory=list)  # NOTIFY=SUCCESS, next hop has no DSN
     rate_wait: float | None = None  # some recipients wait for a rate-limit slot until then
     started: float = field(default_factory=time.time)
+    header_utf8: bool | None = None  # the header section is not ASCII (once looked at)
 
     @property
     def progressed(self) -> bool:
@@ -186,17 +191,23 @@ class Sender:
         if wait_until is not None:
             result.rate_wait = min(result.rate_wait or wait_until, wait_until)
             return
+        failed_backend = None
         if errors:
             reply, status = errors[-1].reply, errors[-1].status
+            # An upstream's own reply (a 421, a refused AUTH) names that upstream.
+            failed_backend = errors[-1].backend if _is_smtp_reply(reply) else None
         else:
             reply, status = f"no backend of group {group!r} is available", "4.4.1"
         for rcpt in rcpts:
             if rcpt.unfinished:
-                # Keep the last word an upstream said: it is what a DSN must quote.
-                said = (
-                    rcpt.reply if _is_smtp_reply(rcpt.reply) and not _is_smtp_reply(reply) else None
-                )
-                _settle(rcpt, DEFERRED, said or reply, status, None, result)
+                if _is_smtp_reply(rcpt.reply) and not _is_smtp_reply(reply):
+                    # Keep the last word an upstream said, and who said it: it is what
+                    # a DSN must quote.
+                    said_by = rcpt.remote_mta
+                    _settle(rcpt, DEFERRED, rcpt.reply or reply, status, None, result)
+                    rcpt.remote_mta = said_by
+                else:
+                    _settle(rcpt, DEFERRED, reply, status, failed_backend, result)
         result.waiting_groups.add(group)
 
     def _deliver_via(
@@ -211,6 +222,7 @@ class Sender:
         try:
             self._session_transaction(backend, env, rcpts, content, result)
         except BackendFailure as exc:
+            exc.backend = exc.backend or backend
             result.backend_errors.append((backend.name, exc.reply))
             errors.append(exc)
             self.upstreams.failed(backend, exc.reply, time.time())
@@ -256,27 +268,37 @@ class Sender:
         session.used_now = False
         if not session.clean:
             _expect_ok("rset", *smtp.rset())
-        if env.smtputf8 and not smtp.has_extn("smtputf8") and not _is_ascii(env):
-            # RFC 6531 §3.2: without SMTPUTF8 upstream, UTF-8 addresses cannot be relayed.
-            reply = b"5.6.7 the upstream does not support SMTPUTF8 for these addresses"
-            self._settle_all(rcpts, Outcome.FAIL_MESSAGE, 553, reply, backend, result)
-            return
-        session.clean = False
+        # SMTPUTF8 only for what needs it (RFC 6531 §3.4), decided afresh for each
+        # transaction: nothing of the last one on this session carries over.
+        utf8, refused = self._smtputf8(smtp, env, rcpts, content, result)
+
+        def refuse(rcpts: list[Recipient], reply: bytes = _NOT_ASCII) -> None:
+            # The message's problem, not the backend's (never a reason to mark it
+            # down), and the relay's own refusal, not the upstream's (RFC 6531 §3.2).
+            for rcpt in rcpts:
+                self._settle_one(rcpt, Outcome.FAIL_RECIPIENT, 553, reply, backend, result, True)
+
+        if refused:
+            if len(refused) == len(rcpts):
+                refuse(rcpts, _NO_SMTPUTF8)
+                return
+            rcpts = [r for r in rcpts if all(r is not x for x in refused)]
+            refuse(refused)
         try:
-            mail = mail_command(smtp, env.sender, self._mail_options(smtp, env))
+            mail = mail_command(smtp, env.sender, self._mail_options(smtp, env, utf8))
         except UnicodeEncodeError:
-            # An address this upstream cannot take without SMTPUTF8: the message's
-            # problem, not the backend's (and never a reason to mark it down).
-            self._settle_all(rcpts, Outcome.FAIL_MESSAGE, 553, _NOT_ASCII, backend, result)
+            refuse(rcpts)
             return
         sendable = []
         for rcpt in rcpts:
             try:
-                sendable.append((rcpt, rcpt_command(smtp, rcpt.address, _rcpt_options(smtp, rcpt))))
+                options = _rcpt_options(smtp, rcpt)
+                sendable.append((rcpt, rcpt_command(smtp, rcpt.address, options, utf8)))
             except UnicodeEncodeError:
-                self._settle_one(rcpt, Outcome.FAIL_RECIPIENT, 553, _NOT_ASCII, backend, result)
+                refuse([rcpt])
         if not sendable:
-            return
+            return  # nothing was sent: the session is as clean as it was
+        session.clean = False
         # Opened before DATA is sent, so a missing or corrupt file stops the transaction
         # before the upstream waits for content; closed when it ends.
         with self._content(env, content) as body:
@@ -352,14 +374,56 @@ class Sender:
         with file:
             yield file
 
-    def _mail_options(self, smtp: smtplib.SMTP, env: Envelope) -> list[str]:
+    def _smtputf8(
+        self,
+        smtp: smtplib.SMTP,
+        env: Envelope,
+        rcpts: list[Recipient],
+        content: bytes | None,
+        result: Attempt,
+    ) -> tuple[bool, list[Recipient]]:
+        """(whether MAIL says SMTPUTF8, the recipients this upstream cannot take).
+
+        A transaction needs SMTPUTF8 when an address in it is not ASCII, or when the
+        client asked for it and the header section is not ASCII: a client that did
+        not ask promised none (RFC 6531 §3.1), and the header is read only for mail
+        whose client asked and whose addresses are ASCII. Without SMTPUTF8 upstream,
+        the ASCII recipients of a message whose sender and header are ASCII still go.
+        """
+        sender_ascii = env.sender.isascii()
+        others = [r for r in rcpts if not r.address.isascii()]
+        if smtp.has_extn("smtputf8"):
+            if others or not sender_ascii:
+                return True, []
+            return self._header_utf8(env, content, result), []
+        if not sender_ascii or self._header_utf8(env, content, result):
+            return False, list(rcpts)
+        return False, others
+
+    def _header_utf8(self, env: Envelope, content: bytes | None, result: Attempt) -> bool:
+        """The client asked for SMTPUTF8 and the header section is not ASCII; looked
+        at once per attempt."""
+        if not env.smtputf8:
+            return False
+        if result.header_utf8 is None:
+            if content is not None:
+                head = content[: headers.section_end(content)]
+            else:
+                try:
+                    head = self.spool.read_message_head(env.id)
+                except (CorruptEnvelope, OSError) as exc:
+                    raise ContentUnreadable(exc) from exc
+            result.header_utf8 = not head.isascii()
+        return result.header_utf8
+
+    def _mail_options(self, smtp: smtplib.SMTP, env: Envelope, utf8: bool) -> list[str]:
         options = []
         if smtp.has_extn("size"):
             # The spooled size: the content itself may not be in memory.
             options.append(f"SIZE={env.size}")
         if env.body and smtp.has_extn("8bitmime"):
             options.append(f"BODY={env.body}")
-        if env.smtputf8 and smtp.has_extn("smtputf8"):
+        if utf8:
             options.append("SMTPUTF8")
         if smtp.has_extn("dsn"):
             if env.ret:
@@ -368,14 +432,16 @@ class Sender:
                 options.append(f"ENVID={xtext_encode(env.envid)}")
         return options
 
-    def _settle_all(self, rcpts, outcome, code, msg, backend, result) -> None:
+    def _settle_all(self, rcpts, outcome, code, msg, backend, result, own=False) -> None:
         per_rcpt = (
             Outcome.DEFER_RECIPIENT if outcome is Outcome.DEFER_MESSAGE else Outcome.FAIL_RECIPIENT
         )
         for rcpt in rcpts:
-            self._settle_one(rcpt, per_rcpt, code, msg, backend, result)
+            self._settle_one(rcpt, per_rcpt, code, msg, backend, result, own)
 
-    def _settle_one(self, rcpt, outcome, code, msg, backend, result) -> None:
+    def _settle_one(self, rcpt, outcome, code, msg, backend, result, own=False) -> None:
+        """`own`: the relay's own reply, not `backend`'s (it only names the backend the
+        attempt was on)."""
         reply = format_reply(code, msg)
         state = {
             Outcome.OK: DELIVERED,
@@ -384,7 +450,7 @@ class Sender:
             Outcome.FAIL_RECIPIENT: FAILED_RCPT,
             Outcome.FAIL_MESSAGE: FAILED_RCPT,
         }[outcome]
-        _settle(rcpt, state, reply, enhanced_status(code, reply[4:]), backend, result)
+        _settle(rcpt, state, reply, enhanced_status(code, reply[4:]), backend, result, own)
 
     # -- opening a session --------------------------------------------------
 
@@ -581,10 +647,15 @@ def _settle(
     status: str,
     backend: Backend | None,
     result: Attempt,
+    own: bool = False,
 ) -> None:
+    """Record a recipient's outcome. `backend`: the upstream the outcome came from,
+    whose host a DSN names as the Remote-MTA of `reply`; but `own`: the relay itself
+    decided (`reply` is its own), so no Remote-MTA, never the relay's own words put
+    in an upstream's mouth."""
     rcpt.state, rcpt.reply, rcpt.status = state, reply, status
     rcpt.backend = backend.name if backend else None
-    rcpt.remote_mta = backend.config.host if backend else None
+    rcpt.remote_mta = backend.config.host if backend and not own else None
     rcpt.updated = time.time()
     # A recipient deferred by one backend may be delivered by the next in one attempt.
     for settled in (result.delivered, result.deferred, result.failed):
@@ -596,10 +667,6 @@ def _settle(
 
 def _is_smtp_reply(text: str | None) -> bool:
     return bool(text) and text[:3].isdigit()
-
-
-def _is_ascii(env: Envelope) -> bool:
-    return env.sender.isascii() and all(r.address.isascii() for r in env.recipients)
 
 
 def describe_failure(exc: BaseException) -> str:
@@ -675,29 +742,38 @@ class Exchange:
             self.smtp.getreply()
 
 
-def _command(smtp: smtplib.SMTP, text: str) -> bytes:
-    """A command line as smtplib's putcmd would send it."""
+def _command(text: str, utf8: bool) -> bytes:
+    """A command line as smtplib's putcmd would send it: UTF-8 only in a transaction
+    whose MAIL said SMTPUTF8, else ASCII (a UnicodeEncodeError for anything else).
+
+    The encoding is the transaction's, never the session's: smtplib's `mail()` sets
+    `command_encoding` for the session and never sets it back, so the next message on
+    a reused session would go out in UTF-8 without SMTPUTF8.
+    """
     if "\r" in text or "\n" in text:
         raise ValueError(f"command contains a line break: {text!r}")
-    return f"{text}\r\n".encode(smtp.command_encoding)
+    return f"{text}\r\n".encode("utf-8" if utf8 else "ascii")
 
 
 def mail_command(smtp: smtplib.SMTP, sender: str, options: list[str]) -> bytes:
-    """MAIL FROM, as `smtp.mail(sender, options)` words it."""
-    optionlist = ""
+    """MAIL FROM, as `smtp.mail(sender, options)` words it (UTF-8 with SMTPUTF8)."""
+    optionlist, utf8 = "", False
     if options and smtp.does_esmtp:
         if any(option.lower() == "smtputf8" for option in options):
             if not smtp.has_extn("smtputf8"):
                 raise smtplib.SMTPNotSupportedError("SMTPUTF8 not supported by server")
-            smtp.command_encoding = "utf-8"
+            utf8 = True
         optionlist = " " + " ".join(options)
-    return _command(smtp, f"mail FROM:{_path(sender)}{optionlist}")
+    return _command(f"mail FROM:{_path(sender)}{optionlist}", utf8)
 
 
-def rcpt_command(smtp: smtplib.SMTP, recipient: str, options: list[str]) -> bytes:
-    """RCPT TO, as `smtp.rcpt(recipient, options)` words it."""
+def rcpt_command(
+    smtp: smtplib.SMTP, recipient: str, options: list[str], utf8: bool = False
+) -> bytes:
+    """RCPT TO, as `smtp.rcpt(recipient, options)` words it; `utf8`: its MAIL said
+    SMTPUTF8."""
     optionlist = " " + " ".join(options) if options and smtp.does_esmtp else ""
-    return _command(smtp, f"rcpt TO:{_path(recipient)}{optionlist}")
+    return _command(f"rcpt TO:{_path(recipient)}{optionlist}", utf8)
 
 
 def send_content(smtp: smtplib.SMTP, content: Content, crlf: bool = False) -> tuple[int, bytes]:

@@ -33,7 +33,7 @@ import os
 import re
 import ssl
 import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, LoginPassword, syntax
@@ -211,10 +211,13 @@ def _may_begin_end(data: bytes, dotless: bool = False) -> int:
 
 
 async def read_data(
-    reader: asyncio.StreamReader, take: Callable[[bytes], None], progress: Callable[[], None]
+    reader: asyncio.StreamReader,
+    take: Callable[[bytes], Awaitable[None] | None],
+    progress: Callable[[], None],
 ) -> None:
     """Read DATA up to CRLF . CRLF, handing the message to `take` in pieces (with the
     last line's CRLF, without the `.CRLF`), calling `progress()` after every read.
+    When `take` returns an awaitable, nothing more is read until it is done.
 
     The end is looked for by the reader itself (readuntil), which never reads past it:
     commands a client pipelines after the dot stay for the session. Bytes that could
@@ -230,22 +233,24 @@ async def read_data(
     peeked = False
     pieces = 0
 
-    def give(data: bytes) -> None:
+    async def give(data: bytes) -> None:
         nonlocal virtual
         data, virtual = data[virtual:], 0
         if data:
-            take(data)
+            pending = take(data)
+            if pending is not None:  # `take` works on it off the loop: wait before reading on
+                await pending
 
     while True:
         if b"." in held:  # CRLF . or CRLF . CR read: only the next bytes can tell
             data = held + await reader.readexactly(len(END_OF_DATA) - len(held))
             if data == END_OF_DATA:
-                give(b"\r\n")
+                await give(b"\r\n")
                 return
         elif held == b"\r\n" and not peeked:
             data = held + await reader.readexactly(3)
             if data == END_OF_DATA:
-                give(b"\r\n")
+                await give(b"\r\n")
                 return
             peeked = True
         else:
@@ -260,11 +265,11 @@ async def read_data(
                 keep = _may_begin_end(data, dotless=True) if held else 0
             else:
                 if data.endswith(END_OF_DATA):
-                    give(data[:-3])
+                    await give(data[:-3])
                     progress()
                     return
                 keep = 2  # it ends with CRLF, which the end may follow
-            give(data[: len(data) - keep])
+            await give(data[: len(data) - keep])
             held = data[len(data) - keep :]
             progress()
             pieces += 1
@@ -272,7 +277,7 @@ async def read_data(
                 await asyncio.sleep(0)  # short pieces come without a wait: let others run
             continue
         keep = _may_begin_end(data)
-        give(data[: len(data) - keep])
+        await give(data[: len(data) - keep])
         held = data[len(data) - keep :]
         progress()
 
@@ -739,7 +744,7 @@ class RelaySMTP(SMTP):
             refusal = reply
             intake.discard()  # from now on read and discarded
 
-        def take(piece: bytes) -> None:
+        def take(piece: bytes) -> Awaitable[None] | None:
             nonlocal size
             data = piece  # counted as it came once the message is refused
             if not refusal:
@@ -750,13 +755,14 @@ class RelaySMTP(SMTP):
             size += len(data)
             if limit and size > limit and refusal != _TOO_BIG:
                 refuse(_TOO_BIG)  # whatever else was wrong: the size is what matters most
-            if not refusal:
-                intake.write(data)
+            return None if refusal else intake.write(data)
 
         try:
             await read_data(self._reader, take, self._reset_timeout)
             if not refusal:
-                intake.write(decoder.close())
+                pending = intake.write(decoder.close())
+                if pending is not None:
+                    await pending
         except BareNewline:
             refuse(_DATA_REFUSALS[BareNewline])
         except BaseException:

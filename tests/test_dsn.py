@@ -224,6 +224,21 @@ def test_human_part_explains_each_outcome():
     assert "said: 550 5.7.1 a? b" in text(FAILED, reply="550 5.7.1 a\x00 b")
 
 
+def test_the_relays_own_refusal_names_no_remote_mta():
+    """A recipient the relay refused itself (no SMTPUTF8 upstream): the reporting MTA
+    said it, so no Remote-MTA and no "host ... said", but still an SMTP diagnostic."""
+    own = "553 5.6.7 the upstream does not offer SMTPUTF8, which this message needs"
+    rcpt = recipient(FAILED, reply=own, status="5.6.7", remote_mta=None)
+    msg = parse(build(envelope(), [rcpt], FAILED))
+    _, (block,) = report(msg)
+    assert "Remote-MTA" not in block
+    assert block["Diagnostic-Code"] == f"smtp; {own}"
+    assert block["Status"] == "5.6.7"
+    text = " ".join(msg.get_payload()[0].get_content().split())
+    assert f"<user@example.com>: this mail system ({MTA}) refused it itself: {own}" in text
+    assert " said:" not in text
+
+
 def test_expiry_keeps_4_4_7_and_the_last_reply():
     rcpt = recipient(FAILED, status="4.4.7", reply="421 4.4.2 connection dropped")
     _, (block,) = report(parse(build(envelope(), [rcpt], FAILED)))

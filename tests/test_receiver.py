@@ -579,3 +579,45 @@ def make_env() -> smarthost.spool.Envelope:
     return Envelope(
         id=new_id(), sender="a@client.test", recipients=[Recipient("b@dest.test")], arrival=0.0
     )
+
+
+# -- large header blocks -------------------------------------------------------------
+
+
+def test_a_large_header_block_is_prepared_off_the_loop(relay, sink, monkeypatch):
+    """A header block past PREPARE_ON_LOOP is rewritten in a thread (a hostile one can
+    cost a large fraction of a second); the message comes out the same."""
+    threads: list[str] = []
+    prepare = relay.relay.receiver.prepare
+
+    def recording(*args, **kwargs):
+        threads.append(threading.current_thread().name)
+        return prepare(*args, **kwargs)
+
+    monkeypatch.setattr(relay.relay.receiver, "prepare", recording)
+    small = b"Subject: small\r\n\r\nbody\r\n"
+    large = b"".join(b"X-Filler-%05d: %s\r\n" % (i, b"f" * 60) for i in range(1000))
+    large += b"Subject: large\r\n\r\nbody\r\n"
+    with contextlib.closing(session(relay)) as client:
+        for content in (small, large):
+            assert client.sendmail("a@client.test", ["b@dest.test"], content) == {}
+    first, second = sink.wait_for(2, timeout=30)
+    assert first.content.endswith(small) and second.content.endswith(large)
+    assert threads[0] == "smtp"  # a small block: on the loop
+    assert threads[1] != "smtp"  # a large one: not
+
+
+def test_force_from_refuses_a_header_block_cut_at_its_bound(tmp_path, sink, relay_factory):
+    """A header block longer than HEADER_MAX is not read to its end: a From after the
+    bound could reach the upstream unrewritten, so force_from refuses the message."""
+    path = write_config(tmp_path, sink.port, '[rewrite]\nforce_from = "relay@example.com"')
+    relay = relay_factory(load_config(path))
+    header = b"".join(b"X-Filler-%06d: %s\r\n" % (i, b"f" * 60) for i in range(4000))
+    content = header + b"From: ceo@bank.example\r\n\r\nbody\r\n"
+    with contextlib.closing(session(relay)) as client:
+        client.mail("a@client.test")
+        client.rcpt("b@dest.test")
+        code, msg = client.data(content)
+        assert (code, msg[:5]) == (554, b"5.6.0"), msg
+        assert client.noop()[0] == 250  # the session goes on
+    assert sink.messages == []

@@ -425,3 +425,73 @@ def test_unreadable_content_is_the_messages_problem_not_the_backends(config, sin
     (received,) = sink.wait_for(1)
     assert received.content == content
     assert env.recipients[0].state == "pending"
+
+
+# -- SMTPUTF8 per transaction on a reused session (SPEC §4) -------------------------------
+
+
+def utf8_envelope(sender: str, rcpt: str, smtputf8: bool) -> Envelope:
+    return Envelope(
+        id=new_id(),
+        sender=sender,
+        recipients=[Recipient(rcpt)],
+        arrival=time.time(),
+        smtputf8=smtputf8,
+    )
+
+
+def test_nothing_of_a_utf8_transaction_carries_over_on_a_reused_session(config, sink):
+    """Issue #14 item 3: after an SMTPUTF8 message, smtplib's session-wide
+    `command_encoding = "utf-8"` sent a later `RCPT TO:<pläin@...>` raw under a MAIL
+    without SMTPUTF8. Each transaction now says SMTPUTF8 exactly when its own addresses
+    need it (an envelope from before the listener checked, smtputf8 unset, included)."""
+    spool, sender = spool_and_sender(config)
+    ehlos: list[str] = []
+    original = sink.handler.handle_EHLO
+
+    async def counting(server, session, envelope, hostname, responses):
+        ehlos.append(hostname)
+        return await original(server, session, envelope, hostname, responses)
+
+    sink.handler.handle_EHLO = counting  # type: ignore[method-assign]
+    body = b"From: a@client.test\r\nSubject: s\r\n\r\nhi\r\n"
+    envelopes = [
+        utf8_envelope("ü@client.test", "b@dest.test", True),
+        utf8_envelope("a@client.test", "pläin@dest.test", False),
+        utf8_envelope("a@client.test", "b@dest.test", False),
+        utf8_envelope("a@client.test", "b@dest.test", True),  # asked, needs nothing
+    ]
+    try:
+        for env in envelopes:
+            spool.commit(env, [body])
+            assert sender.attempt(env, body).delivered, env.recipients[0]
+    finally:
+        sender.upstreams.close_all()
+    got = sink.wait_for(4)
+    assert [m.rcpt_tos for m in got] == [[e.recipients[0].address] for e in envelopes]
+    assert [("SMTPUTF8" in m.mail_options) for m in got] == [True, True, False, False]
+    assert len(ehlos) == 1, ehlos  # all on one session
+
+
+def test_the_header_is_read_for_smtputf8_only_when_the_client_asked(config, sink, monkeypatch):
+    """Streamed from the spool (no content in memory): a UTF-8 header makes SMTPUTF8
+    only for mail whose client asked for it, and costs a header read only then."""
+    spool, sender = spool_and_sender(config)
+    reads: list[str] = []
+    real = Spool.read_message_head
+    monkeypatch.setattr(
+        Spool, "read_message_head", lambda self, qid, *a: reads.append(qid) or real(self, qid, *a)
+    )
+    body = "From: a@client.test\r\nSubject: Grüße\r\n\r\nhi\r\n".encode()
+    asked = utf8_envelope("a@client.test", "b@dest.test", True)
+    not_asked = utf8_envelope("a@client.test", "b@dest.test", False)
+    try:
+        for env in (asked, not_asked):
+            spool.commit(env, [body])
+            env.size = len(body)
+            assert sender.attempt(env).delivered
+    finally:
+        sender.upstreams.close_all()
+    first, second = sink.wait_for(2)
+    assert "SMTPUTF8" in first.mail_options and "SMTPUTF8" not in second.mail_options
+    assert reads == [asked.id]

@@ -8,6 +8,8 @@ in-process (or as a real process where a restart is the point)."""
 from __future__ import annotations
 
 import asyncio
+import email
+import email.message
 import json
 import os
 import random
@@ -580,3 +582,126 @@ def test_mail_deferred_while_its_group_comes_back_is_still_released(
     wait_until(lambda: events.events("deferred", queue_id=queue_id), what="the deferral")
     # Fast recovery should carry b@shop.test within seconds, not after 10 min.
     wait_until(lambda: shop.messages, timeout=3, what="b@shop.test released")
+
+
+# -- SMTPUTF8 (SPEC §4), and the relay's own refusals in DSNs (SPEC §7) ------------------
+
+
+class NoSmtpUtf8Handler(EhloCountingHandler):
+    """An upstream that does not offer SMTPUTF8 (as Postfix with smtputf8_enable = no)."""
+
+    async def handle_EHLO(self, server, session, envelope, hostname, responses):
+        responses = await super().handle_EHLO(server, session, envelope, hostname, responses)
+        return [r for r in responses if "SMTPUTF8" not in r.upper()]
+
+
+def submit(port: int, sender: str, rcpts: list[str], content: bytes, utf8: bool) -> None:
+    with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+        client.ehlo("client.test")
+        options = ["SMTPUTF8"] if utf8 else []
+        assert client.sendmail(sender, rcpts, content, mail_options=options) == {}
+
+
+def subject(text: str) -> bytes:
+    return f"From: a@client.test\r\nSubject: {text}\r\n\r\nhello\r\n".encode()
+
+
+def test_smtputf8_only_for_mail_that_needs_it_on_one_reused_session(tmp_path, sinks, relay_factory):
+    """One upstream session carries them all, one at a time: SMTPUTF8 goes with the
+    messages that have a UTF-8 address or (asked for by the client) a UTF-8 header, and
+    nothing of one transaction is left for the next."""
+    counting = EhloCountingHandler()
+    upstream = sinks(handler=counting)
+    relay = relay_factory(load_config(make_config(tmp_path, [Up("only", upstream.port)])))
+    cases = [  # (sender, recipients, content, client asks SMTPUTF8, expected upstream)
+        ("ü@client.test", ["b@dest.test"], subject("1"), True, True),
+        ("a@client.test", ["b@dest.test"], subject("2"), True, False),  # needs nothing
+        ("a@client.test", ["b@dest.test"], subject("3 Grüße"), True, True),  # the header
+        ("a@client.test", ["用户@dest.test"], subject("4"), True, True),
+        ("a@client.test", ["b@dest.test"], subject("5"), False, False),
+    ]
+    for n, (sender, rcpts, content, asked, _) in enumerate(cases, 1):
+        submit(relay.port, sender, rcpts, content, asked)
+        upstream.wait_for(n)  # one at a time: the idle session is taken again
+    got = {m.content.split(b"Subject: ")[1][:1]: m for m in upstream.messages}
+    for n, (sender, rcpts, _, _, expected) in enumerate(cases, 1):
+        msg = got[str(n).encode()]
+        assert (msg.mail_from, msg.rcpt_tos) == (sender, rcpts)
+        assert ("SMTPUTF8" in msg.mail_options) is expected, (n, msg.mail_options)
+    assert len(counting.ehlos) == 1, counting.ehlos
+
+
+def dsn_parts(content: bytes) -> tuple[str, list[email.message.Message]]:
+    """A DSN's human text and its per-recipient delivery-status blocks."""
+    report = email.message_from_bytes(content)
+    text, status, _ = report.get_payload()
+    _, *recipients = status.get_payload()
+    return text.get_payload(decode=True).decode(), recipients
+
+
+def test_without_smtputf8_upstream_the_relay_itself_refuses_with_5_6_7(
+    tmp_path, sinks, relay_factory, events
+):
+    """The ASCII recipient still goes (without SMTPUTF8); the UTF-8 one fails with
+    5.6.7, and the DSN says that the relay refused it, not the upstream: no Remote-MTA,
+    no "host 127.0.0.1 said" (issue #14 item 8)."""
+    upstream = sinks(handler=NoSmtpUtf8Handler())
+    relay = relay_factory(load_config(make_config(tmp_path, [Up("only", upstream.port)])))
+    submit(relay.port, "a@client.test", ["ok@dest.test", "ü@dest.test"], subject("mixed"), True)
+    failed = wait_until(lambda: events.events("failed", recipient="ü@dest.test"), what="failed")
+    assert failed[0]["reply"].startswith("553 5.6.7 "), failed
+    assert failed[0]["status"] == "5.6.7" and failed[0]["backend"] == "only"
+    wait_until(lambda: len(upstream.messages) == 2, what="the original and the DSN")
+    (original,) = [m for m in upstream.messages if m.mail_from]
+    assert original.rcpt_tos == ["ok@dest.test"]
+    assert "SMTPUTF8" not in original.mail_options
+    (dsn,) = [m for m in upstream.messages if not m.mail_from]
+    assert dsn.rcpt_tos == ["a@client.test"]
+    text, (block,) = dsn_parts(dsn.content)
+    assert block["Final-Recipient"] == "utf-8; \\x{FC}@dest.test"  # RFC 6533 utf-8-addr-xtext
+    assert block["Status"] == "5.6.7"
+    assert block["Remote-MTA"] is None, block["Remote-MTA"]
+    assert block["Diagnostic-Code"].startswith("smtp; 553 5.6.7 "), block["Diagnostic-Code"]
+    assert "127.0.0.1" not in text and " said:" not in text, text
+    assert "this mail system (relay.test) refused it itself: 553 5.6.7" in " ".join(text.split())
+
+
+def test_a_utf8_header_needs_smtputf8_too(tmp_path, sinks, relay_factory, events):
+    """The client asked for SMTPUTF8 and the header is UTF-8: an upstream without it
+    cannot take the message (the relay does not downgrade headers); a DSN says so."""
+    upstream = sinks(handler=NoSmtpUtf8Handler())
+    relay = relay_factory(load_config(make_config(tmp_path, [Up("only", upstream.port)])))
+    submit(relay.port, "a@client.test", ["b@dest.test"], subject("Grüße"), True)
+    wait_until(lambda: events.events("failed", recipient="b@dest.test"), what="failed")
+    (dsn,) = upstream.wait_for(1)
+    assert dsn.mail_from == "" and dsn.rcpt_tos == ["a@client.test"]
+    _, (block,) = dsn_parts(dsn.content)
+    assert block["Status"] == "5.6.7" and block["Remote-MTA"] is None
+    assert block["Diagnostic-Code"].startswith("smtp; 553 5.6.7 ")
+    # The same message without a UTF-8 header goes through this upstream.
+    submit(relay.port, "a@client.test", ["b@dest.test"], subject("plain"), True)
+    assert upstream.wait_for(2)[1].rcpt_tos == ["b@dest.test"]
+
+
+def test_an_upstreams_own_reply_keeps_its_remote_mta(tmp_path, sinks, relay_factory, events):
+    """A backend failure with an upstream's reply (421 at MAIL) names that upstream:
+    the relay's own refusals are the only ones without a Remote-MTA."""
+    handler = EhloCountingHandler()
+    handler.mail_reply = "421 4.3.2 going down"
+    upstream = sinks(handler=handler)
+    relay = relay_factory(load_config(make_config(tmp_path, [Up("only", upstream.port)])))
+    queue_id = relay.send("a@client.test", ["b@dest.test"], BODY)
+    wait_until(lambda: events.events("deferred", queue_id=queue_id), what="deferred")
+    spool = relay.relay.spool
+
+    def envelope():
+        state = spool.locate(queue_id)
+        try:
+            return spool.read_envelope(state, queue_id) if state else None
+        except FileNotFoundError:
+            return None
+
+    env = wait_until(envelope, what="the envelope")
+    (rcpt,) = env.recipients
+    assert rcpt.reply == "421 4.3.2 going down"
+    assert rcpt.remote_mta == "127.0.0.1"
