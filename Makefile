@@ -30,8 +30,9 @@ manlint:
 	  if [ -n "$$out" ]; then echo "$$m:"; echo "$$out"; exit 1; fi; \
 	done; echo "man pages: no warnings"
 
+# Three workers (pytest-xdist): most tests wait on sockets and processes, not the CPU.
 pytest: $(BIN)/smarthost
-	$(BIN)/pytest
+	$(BIN)/pytest -n 3
 
 test: lint manlint pytest
 

@@ -27,7 +27,15 @@ setup(
         'tomli>=1.1; python_version < "3.11"',
     ],
     extras_require={
-        "dev": ["pytest>=7", "ruff", "vermin", "trustme", "flufl.bounce", "hypothesis"],
+        "dev": [
+            "pytest>=7",
+            "pytest-xdist>=3",
+            "ruff",
+            "vermin",
+            "trustme",
+            "flufl.bounce",
+            "hypothesis",
+        ],
     },
     entry_points={
         "console_scripts": [
