@@ -88,33 +88,20 @@ class Bouncer:
         will_retry_until: float | None = None,
     ) -> str:
         """Build the report and commit it durably before anything else happens."""
-        dsn_id = new_id()
-        hostname = self.config.hostname
         original, headers_only = self._original(env)
-        content = dsn.build_dsn(
+        notice, content = build_notice(
+            self.config,
             env,
             recipients,
             action,
             original,
-            reporting_mta=hostname,
-            from_address=self.config.dsn.from_address,
-            return_max=self.config.dsn.return_max,
-            now=now,
-            dsn_id=dsn_id,
-            will_retry_until=will_retry_until,
-            headers_only=headers_only,
-        )
-        notice = Envelope(
-            id=dsn_id,
-            sender="",
-            recipients=[Recipient(address=to)],
-            arrival=now,
-            size=len(content),
-            message_id=f"<{dsn_id}@{hostname}>",
+            to=to,
             source=source,
-            smtputf8=not to.isascii(),
-            body=None if content.isascii() else "8BITMIME",
+            now=now,
+            headers_only=headers_only,
+            will_retry_until=will_retry_until,
         )
+        dsn_id = notice.id
         self.spool.commit(notice, [content])
         log.event(
             "dsn_queued",
@@ -135,3 +122,47 @@ class Bouncer:
             return self.spool.read_message_head(env.id), True
         # Bounded by return_max, as long as the envelope tells its size right.
         return self.spool.read_message(env.id), None
+
+
+def build_notice(
+    config: Config,
+    env: Envelope,
+    recipients: list[Recipient],
+    action: str,
+    original: bytes,
+    *,
+    to: str,
+    source: str,
+    now: float,
+    headers_only: bool | None = None,
+    will_retry_until: float | None = None,
+) -> tuple[Envelope, bytes]:
+    """A DSN about `env` for `recipients` as a new message to `to`: its envelope (sender
+    `<>`) and its content, ready to commit."""
+    dsn_id = new_id()
+    hostname = config.hostname
+    content = dsn.build_dsn(
+        env,
+        recipients,
+        action,
+        original,
+        reporting_mta=hostname,
+        from_address=config.dsn.from_address,
+        return_max=config.dsn.return_max,
+        now=now,
+        dsn_id=dsn_id,
+        will_retry_until=will_retry_until,
+        headers_only=headers_only,
+    )
+    notice = Envelope(
+        id=dsn_id,
+        sender="",
+        recipients=[Recipient(address=to)],
+        arrival=now,
+        size=len(content),
+        message_id=f"<{dsn_id}@{hostname}>",
+        source=source,
+        smtputf8=not to.isascii(),
+        body=None if content.isascii() else "8BITMIME",
+    )
+    return notice, content

@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable
 
 from . import drop, dsn, log
-from .bounce import SOURCE_DSN
+from .bounce import SOURCE_DSN, build_notice
 from .config import Config
 from .spool import DROP, FAILED_RCPT, Envelope, Recipient, Spool, SpoolError, new_id
 from .submission import Refused, scan_headers
@@ -202,30 +202,17 @@ class Pickup:
             message_id=message_id or None,
             source="local",
         )
-        dsn_id = new_id()
-        content = dsn.build_dsn(
+        notice, content = build_notice(
+            self.config,
             refused,
             failed,
             dsn.FAILED,
             sub.content,
-            reporting_mta=hostname,
-            from_address=self.config.dsn.from_address,
-            return_max=self.config.dsn.return_max,
+            to=to,
+            source=SOURCE_DSN,
             now=now,
-            dsn_id=dsn_id,
             # Too big to take is too big to send back: its header section only.
             headers_only=True if status == "5.3.4" or not sub.whole else None,
-        )
-        notice = Envelope(
-            id=dsn_id,
-            sender="",
-            recipients=[Recipient(address=to)],
-            arrival=now,
-            size=len(content),
-            message_id=f"<{dsn_id}@{hostname}>",
-            source=SOURCE_DSN,
-            smtputf8=not to.isascii(),
-            body=None if content.isascii() else "8BITMIME",
         )
         return refused, notice, content
 
