@@ -15,7 +15,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
-import re
 import smtplib
 import ssl
 import statistics
@@ -30,6 +29,7 @@ from conftest import (
     RawUpstream,
     RelayProcess,
     RssSampler,
+    parse_logfmt,
     spool_files,
     wait_until,
     write_config,
@@ -497,57 +497,6 @@ def test_bare_newlines_rejected_when_configured(
 
 
 # -- 10. text log: no forged fields ---------------------------------------------------
-
-LOGFMT_KEY = re.compile(r'([^\s="]+)=')
-LOGFMT_ESCAPES = {'"': '"', "\\": "\\", "n": "\n", "r": "\r", "t": "\t"}
-
-
-def parse_logfmt(line: str) -> tuple[list[str], list[tuple[str, str]]]:
-    """A logfmt line: its bare tokens (time, level, event) and its key=value pairs in
-    order (duplicates kept). Values may be double-quoted with backslash escapes."""
-    bare: list[str] = []
-    pairs: list[tuple[str, str]] = []
-    i = 0
-    while i < len(line):
-        if line[i] == " ":
-            i += 1
-            continue
-        key = LOGFMT_KEY.match(line, i)
-        if key:
-            i = key.end()
-        if i < len(line) and line[i] == '"':
-            value, i = _quoted(line, i + 1)
-        else:
-            end = line.find(" ", i)
-            end = len(line) if end < 0 else end
-            value, i = line[i:end], end
-        if key:
-            pairs.append((key.group(1), value))
-        else:
-            bare.append(value)
-    return bare, pairs
-
-
-def _quoted(line: str, i: int) -> tuple[str, int]:
-    out = []
-    while True:
-        if i >= len(line):
-            raise ValueError(f"unterminated quoted value: {line!r}")
-        char = line[i]
-        if char == '"':
-            return "".join(out), i + 1
-        if char != "\\":
-            out.append(char)
-            i += 1
-            continue
-        code = line[i + 1]
-        if code in LOGFMT_ESCAPES:
-            out.append(LOGFMT_ESCAPES[code])
-            i += 2
-        else:
-            digits = {"x": 2, "u": 4, "U": 8}[code]
-            out.append(chr(int(line[i + 2 : i + 2 + digits], 16)))
-            i += 2 + digits
 
 
 def text_log(proc: RelayProcess) -> list[tuple[list[str], dict[str, str]]]:

@@ -10,58 +10,11 @@ import re
 from collections.abc import Iterator
 
 import pytest
+from conftest import parse_logfmt
 from hypothesis import given
 from hypothesis import strategies as st
 
 from smarthost import log
-
-_KEY = re.compile(r"[a-z_][a-z0-9_]*")
-_ESCAPES = {'"': '"', "\\": "\\", "n": "\n", "r": "\r", "t": "\t"}
-_HEX_ESCAPES = {"x": 2, "u": 4, "U": 8}
-
-
-def _token(line: str, pos: int) -> tuple[str, int]:
-    """One value starting at `pos`: bare up to the next space, or quoted with escapes."""
-    if line[pos : pos + 1] != '"':
-        end = line.find(" ", pos)
-        end = len(line) if end < 0 else end
-        bare = line[pos:end]
-        assert bare and '"' not in bare and "=" not in bare and "\\" not in bare, bare
-        return bare, end
-    out, pos = [], pos + 1
-    while True:
-        char = line[pos]
-        if char == '"':
-            return "".join(out), pos + 1
-        if char != "\\":
-            out.append(char)
-            pos += 1
-            continue
-        kind = line[pos + 1]
-        if kind in _ESCAPES:
-            out.append(_ESCAPES[kind])
-            pos += 2
-        else:
-            width = _HEX_ESCAPES[kind]
-            out.append(chr(int(line[pos + 2 : pos + 2 + width], 16)))
-            pos += 2 + width
-
-
-def parse_logfmt(line: str) -> tuple[list[str], list[tuple[str, str]]]:
-    """`time level event key=value ...` as (the three positional words, the pairs in
-    order). Strict: anything a logfmt reader could take two ways fails the test."""
-    words = line.split(" ", 3)
-    positional, rest = words[:3], words[3] if len(words) > 3 else ""
-    pairs, pos = [], 0
-    while pos < len(rest):
-        key = _KEY.match(rest, pos)
-        assert key and rest[key.end()] == "=", f"no key at {rest[pos:]!r}"
-        value, pos = _token(rest, key.end() + 1)
-        pairs.append((key.group(), value))
-        if pos < len(rest):
-            assert rest[pos] == " ", f"junk after a value: {rest[pos:]!r}"
-            pos += 1
-    return positional, pairs
 
 
 def _capture(formatter: logging.Formatter, *filters: logging.Filter) -> Iterator[io.StringIO]:
