@@ -23,6 +23,7 @@ lint: $(BIN)/smarthost
 	$(BIN)/ruff check smarthost tests scripts bench setup.py
 	$(BIN)/ruff format --check smarthost tests scripts bench setup.py
 	$(BIN)/vermin -q -t=3.9- --violations --no-tips --eval-annotations smarthost
+	$(BIN)/mypy smarthost
 
 manlint:
 	@for m in $(MANS); do \

@@ -32,6 +32,8 @@ setup(
             "pytest-xdist>=3",
             "ruff",
             "vermin",
+            "mypy<2",  # mypy 2 cannot check for Python 3.9 (pyproject.toml: python_version)
+            'tomli; python_version >= "3.11"',  # for mypy: config.py's Python 3.9 import
             "trustme",
             "flufl.bounce",
             "hypothesis",

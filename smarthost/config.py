@@ -338,6 +338,8 @@ def _is_loopback(host: str) -> bool:
 # with a message that already starts with the key path.
 
 Converter = Callable[[Any, str], Any]
+# A table's schema: TOML key -> converter.
+Schema = dict[str, Converter]
 
 
 def _integer(minimum: int = 0, maximum: int | None = None) -> Converter:
@@ -506,9 +508,9 @@ def _aliases(value: Any, key: str) -> tuple[tuple[str, str], ...]:
 
 _FIELD_NAMES = {"from": "from_address"}
 
-_TOP = {"hostname": _hostname, "user": _optional_string}
+_TOP: Schema = {"hostname": _hostname, "user": _optional_string}
 
-_SMTP = {
+_SMTP: Schema = {
     "listen": _listen,
     "allow": _list_of(_network),
     "max_message_size": _size(positive=True),
@@ -521,8 +523,8 @@ _SMTP = {
     "bare_newlines": _choice(*BARE_NEWLINES),
     "error_limit": _integer(1),
 }
-_SPOOL = {"dir": _string}
-_DELIVERY = {
+_SPOOL: Schema = {"dir": _string}
+_DELIVERY: Schema = {
     "workers": _integer(1, 256),
     "retry_min": _duration(positive=True),
     "retry_max": _duration(positive=True),
@@ -531,10 +533,18 @@ _DELIVERY = {
     "connect_timeout": _duration(positive=True),
     "timeout": _duration(positive=True),
 }
-_DSN = {"from": _address, "return_max": _size(), "postmaster": _optional_address}
-_REWRITE = {"aliases": _aliases, "masquerade": _optional_domain, "force_from": _optional_address}
-_LOG = {"level": _choice(*LOG_LEVELS), "file": _optional_string, "format": _choice(*LOG_FORMATS)}
-_BACKEND = {
+_DSN: Schema = {"from": _address, "return_max": _size(), "postmaster": _optional_address}
+_REWRITE: Schema = {
+    "aliases": _aliases,
+    "masquerade": _optional_domain,
+    "force_from": _optional_address,
+}
+_LOG: Schema = {
+    "level": _choice(*LOG_LEVELS),
+    "file": _optional_string,
+    "format": _choice(*LOG_FORMATS),
+}
+_BACKEND: Schema = {
     "name": _string,
     "host": _string,
     "port": _integer(1, 65535),
@@ -554,13 +564,13 @@ _BACKEND = {
     "fail_timeout": _duration(positive=True),
     "group": _string,
 }
-_ROUTE = {
+_ROUTE: Schema = {
     "sender_domain": _list_of(_domain),
     "recipient_domain": _list_of(_domain),
     "group": _string,
 }
 # Tables: TOML name (also the Config field) -> (schema, dataclass).
-_TABLES = {
+_TABLES: dict[str, tuple[Schema, Callable[..., Any]]] = {
     "smtp": (_SMTP, SmtpConfig),
     "spool": (_SPOOL, SpoolConfig),
     "delivery": (_DELIVERY, DeliveryConfig),
@@ -582,12 +592,13 @@ def _unknown_key(path: str, key: str, known: Any) -> str:
     return f"{_join(path, key)}: unknown key{hint}"
 
 
-def _parse_table(raw: Any, path: str, schema: dict, errors: list[str]) -> dict[str, Any]:
+def _parse_table(raw: Any, path: str, schema: Schema, errors: list[str]) -> dict[str, Any]:
     """Convert the known keys of one TOML table; report unknown keys and bad values."""
     if not isinstance(raw, dict):
         errors.append(f"{path}: expected a table, got {_type_name(raw)}")
         return {}
-    values = {}
+    values: dict[str, Any] = {}
+    key: str  # a TOML table's keys are strings
     for key, value in raw.items():
         if key not in schema:
             errors.append(_unknown_key(path, key, schema))

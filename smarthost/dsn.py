@@ -260,7 +260,7 @@ def _status_part(
     part = Message()
     part["Content-Description"] = "Delivery report"
     part["Content-Type"] = "message/delivery-status"
-    blocks = [_block(_message_fields(env, reporting_mta))]
+    blocks: list[Message | str] = [_block(_message_fields(env, reporting_mta))]
     blocks += [_block(_recipient_fields(r, action, now, will_retry_until)) for r in recipients]
     part.set_payload(blocks)
     return part
@@ -341,7 +341,9 @@ def _text_part(text: str) -> Message:
     part["Content-Description"] = "Notification"
     utf8 = _charset.Charset("utf-8")
     # 7bit when it is plain ASCII, else quoted-printable: never 8-bit, never base64.
-    utf8.body_encoding = None if text.isascii() else _charset.QP
+    # typeshed types body_encoding as int, but None (no transfer encoding) is what the
+    # stdlib itself uses for us-ascii and 8bit charsets.
+    utf8.body_encoding = None if text.isascii() else _charset.QP  # type: ignore[assignment]
     part.set_payload(text, utf8)
     del part["MIME-Version"]  # set_payload adds one; it belongs on the top level only
     return part
@@ -455,7 +457,8 @@ def build_dsn(
     )
     if eight_bit:
         _set(msg, "Content-Transfer-Encoding", "8bit")
-    msg.set_payload(parts)
+    payload: list[Message | str] = [*parts]  # set_payload's list type, which is invariant
+    msg.set_payload(payload)
 
     out = BytesIO()
     _Generator(out, mangle_from_=False, policy=_POLICY).flatten(msg)

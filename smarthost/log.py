@@ -13,6 +13,7 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
 
@@ -115,8 +116,10 @@ class TextFormatter(logging.Formatter):
     """
 
     _STANDARD = frozenset(vars(logging.makeLogRecord({})))
-    # The line ends in `Z`: the time must be UTC, not the host's local time.
-    converter = time.gmtime
+    # The line ends in `Z`: the time must be UTC, not the host's local time. Annotated
+    # as on logging.Formatter, for mypy: a plain function, not a method (a builtin such
+    # as time.gmtime is never bound to `self`).
+    converter: Callable[[float | None], time.struct_time] = time.gmtime
 
     def format(self, record: logging.LogRecord) -> str:
         when = self.formatTime(record, "%Y-%m-%dT%H:%M:%S")

@@ -8,6 +8,7 @@ command waits for that attempt to end, then acts on what is left.
 
 from __future__ import annotations
 
+import builtins
 import json
 import logging
 import os
@@ -119,6 +120,8 @@ class QueueControl:
     `err` (stderr) and the command goes on with the good entries (SPEC §9).
     """
 
+    # Annotations in this class say builtins.list: the `list` method shadows the builtin.
+
     def __init__(
         self,
         config: Config,
@@ -168,7 +171,7 @@ class QueueControl:
         self.unreadable += 1
         self.err(f"smarthost: queue: {state}/{queue_id}: {reason}")
 
-    def dropped(self) -> list[Dropped]:
+    def dropped(self) -> builtins.list[Dropped]:
         """Local submissions waiting in drop/; each file there that is not one is named
         on `err` (the relay's pickup sets it aside in corrupt/)."""
         listing = drop.list_entries(self.spool)
@@ -183,7 +186,8 @@ class QueueControl:
         dropped = self.dropped()
         entries = list(self.entries())
         if as_json:
-            for item in (*entries, *dropped):
+            listed: tuple[Entry | Dropped, ...] = (*entries, *dropped)
+            for item in listed:
                 self.out(json.dumps(item.as_json(), ensure_ascii=False))
             return 0
         now = time.time()
@@ -237,7 +241,7 @@ class QueueControl:
 
     # -- steering ------------------------------------------------------------
 
-    def flush(self, queue_ids: list[str]) -> int:
+    def flush(self, queue_ids: builtins.list[str]) -> int:
         """Retry now: all waiting messages, or the ones named.
 
         The running relay sees the new due time; for a message whose backends are all
@@ -247,16 +251,16 @@ class QueueControl:
         ids = [entry.env.id for entry in self.entries() if entry.state == QUEUE]
         return self._each(ids, self._flush_one)
 
-    def hold(self, queue_ids: list[str]) -> int:
+    def hold(self, queue_ids: builtins.list[str]) -> int:
         return self._each(queue_ids, self._hold_one)
 
-    def release(self, queue_ids: list[str]) -> int:
+    def release(self, queue_ids: builtins.list[str]) -> int:
         return self._each(queue_ids, self._release_one)
 
-    def delete(self, queue_ids: list[str]) -> int:
+    def delete(self, queue_ids: builtins.list[str]) -> int:
         return self._each(queue_ids, self._delete_one)
 
-    def bounce(self, queue_ids: list[str]) -> int:
+    def bounce(self, queue_ids: builtins.list[str]) -> int:
         return self._each(queue_ids, self._bounce_one)
 
     def _flush_one(self, queue_id: str) -> str:
@@ -377,7 +381,7 @@ class QueueControl:
                 raise QueueError("is still being delivered; try again")
             time.sleep(0.05)  # an attempt in flight: it ends within the upstream timeouts
 
-    def _each(self, queue_ids: list[str], action: Callable[[str], str]) -> int:
+    def _each(self, queue_ids: builtins.list[str], action: Callable[[str], str]) -> int:
         failures = 0
         for queue_id in queue_ids:
             try:

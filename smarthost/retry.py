@@ -29,7 +29,7 @@ from tenacity import (
 def backoff(attempts: int, retry_min: float, retry_max: float) -> float:
     """Seconds to wait after the `attempts`-th failed attempt (1-based)."""
     wait = wait_exponential(multiplier=retry_min, max=retry_max) + wait_random(0, retry_min / 2)
-    state = RetryCallState(retry_object=None, fn=None, args=(), kwargs={})
+    state = RetryCallState(retry_object=Retrying(wait=wait), fn=None, args=(), kwargs={})
     state.attempt_number = max(1, attempts)
     return min(float(wait(state)), retry_max)
 

@@ -15,6 +15,7 @@ import os
 import queue
 import threading
 import time
+from typing import TypedDict
 
 from . import dsn, log, retry
 from .bounce import Bouncer
@@ -38,6 +39,14 @@ _CLOCK_SLACK = 0.05
 # Due this much before the envelope's own next_attempt: made due by an administrator
 # (`queue flush`, `queue release`), not by the relay's schedule.
 _EARLY = 1.0
+
+
+class _AttemptFields(TypedDict):
+    """The log fields every outcome of one attempt carries."""
+
+    queue_id: str
+    attempt: int
+    delay: float
 
 
 class Scheduler:
@@ -541,7 +550,11 @@ class Scheduler:
         )
 
     def _log_attempt(self, env: Envelope, attempt: Attempt, now: float) -> None:
-        common = {"queue_id": env.id, "attempt": env.attempts, "delay": round(now - env.arrival, 3)}
+        common: _AttemptFields = {
+            "queue_id": env.id,
+            "attempt": env.attempts,
+            "delay": round(now - env.arrival, 3),
+        }
         by_backend: dict[str | None, list] = {}
         for rcpt in attempt.delivered:
             by_backend.setdefault(rcpt.backend, []).append(rcpt)

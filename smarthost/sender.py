@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import BinaryIO, Union
+from typing import BinaryIO, Union, cast
 
 from . import headers
 from .config import BackendConfig, Config
@@ -559,9 +559,20 @@ def describe_tls(smtp: smtplib.SMTP, backend: BackendConfig) -> str:
     if not backend.tls_verify:
         return f"{text}, certificate NOT verified (tls_verify = false)"
     cert = sock.getpeercert() or {}
-    subject = ", ".join(f"{k}={v}" for rdn in cert.get("subject", ()) for k, v in rdn)
-    issuer = ", ".join(f"{k}={v}" for rdn in cert.get("issuer", ()) for k, v in rdn)
+    subject = _dn_text(cert.get("subject", ()))
+    issuer = _dn_text(cert.get("issuer", ()))
     return f"{text}, certificate {subject or '?'} (issuer {issuer or '?'}), verified"
+
+
+# A certificate's subject or issuer as getpeercert() gives it: a tuple of RDNs, each a
+# tuple of (name, value) pairs. typeshed types every field of that dict alike, as
+# str | tuple, hence the cast in _dn_text.
+_DistinguishedName = tuple[tuple[tuple[str, str], ...], ...]
+
+
+def _dn_text(value: object) -> str:
+    rdns = cast(_DistinguishedName, value)
+    return ", ".join(f"{k}={v}" for rdn in rdns for k, v in rdn)
 
 
 def check_connections(config: Config, out: Callable[[str], None]) -> bool:
@@ -666,7 +677,7 @@ def _settle(
 
 
 def _is_smtp_reply(text: str | None) -> bool:
-    return bool(text) and text[:3].isdigit()
+    return text is not None and text[:3].isdigit()
 
 
 def describe_failure(exc: BaseException) -> str:
