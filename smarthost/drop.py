@@ -205,11 +205,26 @@ def admit(
     env, parts = prepare(config, submitted, received, sub.content)
     if not all(part.isascii() for part in parts):
         env = replace(env, body="8BITMIME")  # as Postfix's pickup marks 8-bit mail
+        if _utf8_header(parts[-1]):
+            # RFC 6532 header fields: a local program cannot say SMTPUTF8, its mail can.
+            env = replace(env, smtputf8=True)
     try:
         env.to_bytes()
     except (ValueError, TypeError) as exc:  # an envelope that cannot be stored
         raise Refused(f"cannot be queued: {exc}") from None
     return env, parts
+
+
+def _utf8_header(content: bytes) -> bool:
+    """The header section holds non-ASCII text in UTF-8 (not legacy 8-bit bytes)."""
+    header = content[: headers.section_end(content)]
+    if header.isascii():
+        return False
+    try:
+        header.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def submitter(sub: Submission, owner: str, hostname: str) -> str:

@@ -1067,8 +1067,23 @@ def test_8bit_local_mail_goes_upstream_with_body_8bitmime(
     got = wait_message(sink, subject_is(eight), PROMPT, "the 8-bit message")
     assert "BODY=8BITMIME" in got.mail_options, got.mail_options
     assert "Grüße, señor\r\n".encode() in got.content
+    assert "SMTPUTF8" not in got.mail_options  # 8-bit text in the body only
     control = wait_message(sink, subject_is(seven), PROMPT, "the 7-bit message")
     assert not [o for o in control.mail_options if o.upper().startswith("BODY=")]
+    assert proc.stop() == 0
+
+
+def test_local_mail_with_a_utf8_header_goes_upstream_with_smtputf8(
+    tmp_path: Path, sink: Sink, relay_process
+) -> None:
+    """A local program cannot ask for SMTPUTF8; a header in UTF-8 (RFC 6532) needs it."""
+    cfg = write_config(tmp_path, sink.port)
+    proc = relay_process(cfg).start()
+    subject = token()
+    ok(sendmail(cfg, "-i", "x@dest.test", stdin=message(subject, "X-Greeting: Grüße")))
+    got = wait_message(sink, subject_is(subject), PROMPT, "the UTF-8 header message")
+    assert "SMTPUTF8" in got.mail_options, got.mail_options
+    assert "X-Greeting: Grüße".encode() in got.content
     assert proc.stop() == 0
 
 
