@@ -58,6 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
     listing = actions.add_parser("list", help="list spooled messages (the default)")
     listing.add_argument("--json", action="store_true", dest="list_json")
     _config_option(listing)
+    summary = actions.add_parser("summary", help="the queue's shape by age, as qshape")
+    summary.add_argument("--by", choices=("domain", "backend", "sender"), default="domain")
+    summary.add_argument("--json", action="store_true", dest="summary_json")
+    summary.add_argument("--top", type=_positive, metavar="N", help="only the N largest rows")
+    _config_option(summary)
     show = actions.add_parser("show", help="envelope, history and headers")
     show.add_argument("id")
     _config_option(show)
@@ -83,6 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="also open a session to every backend and report each step",
     )
     return parser
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"not a positive number: {text!r}")
+    return int(text)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -153,6 +164,10 @@ def queue(path: str, args: argparse.Namespace) -> int:
         try:
             if action == "list":
                 code = control.list(args.json or getattr(args, "list_json", False))
+            elif action == "summary":
+                code = control.summary(
+                    args.by, args.json or args.summary_json, getattr(args, "top", None)
+                )
             elif action == "show":
                 code = control.show(args.id)
             else:

@@ -8,6 +8,7 @@ command waits for that attempt to end, then acts on what is left.
 
 from __future__ import annotations
 
+import bisect
 import builtins
 import json
 import logging
@@ -23,6 +24,7 @@ from .bounce import Bouncer
 from .config import Config
 from .spool import (
     ACTIVE,
+    DEFERRED,
     DROP,
     FAILED,
     FAILED_RCPT,
@@ -32,6 +34,7 @@ from .spool import (
     TMP,
     CorruptEnvelope,
     Envelope,
+    Recipient,
     Spool,
 )
 
@@ -220,6 +223,96 @@ class QueueControl:
         self.out(line)
         return 0
 
+    def summary(self, by: str = "domain", as_json: bool = False, top: int | None = None) -> int:
+        """The queue's shape, as Postfix's qshape: per row key (recipient domain,
+        backend, or sender domain) the messages waiting in queue/ and active/ by age.
+
+        A message counts once in each row it has unfinished recipients for (messages,
+        not recipients: one mail to 500 people at one domain is one message there);
+        TOTAL counts each message once, so the rows may add up to more than TOTAL.
+        Held, failed and dropped are counted apart: hold/ and failed/ from their names
+        and lstat() alone (never read), drop/ from each record. Envelopes are read one
+        at a time; the age is from the envelope's arrival."""
+        key_of = _SUMMARY_KEYS[by]
+        now = time.time()
+        rows: dict[str, builtins.list[int]] = {}
+        total = [0] * len(SUMMARY_BUCKETS)
+        deferred = 0
+        for state in (ACTIVE, QUEUE):
+            for queue_id in self.spool.each_name(state):
+                try:
+                    env = self._read(state, queue_id).env
+                except FileNotFoundError:
+                    continue  # moved on while we looked
+                except Unreadable as exc:
+                    self._name_unreadable(state, queue_id, str(exc))
+                    continue
+                unfinished = env.unfinished()
+                if not unfinished:
+                    continue  # all done: the relay is about to remove it
+                bucket = _bucket(now - env.arrival)
+                total[bucket] += 1
+                if any(r.state == DEFERRED for r in unfinished):
+                    deferred += 1
+                for key in {key_of(env, rcpt) for rcpt in unfinished}:
+                    counts = rows.get(key)
+                    if counts is None:
+                        counts = rows[key] = [0] * len(SUMMARY_BUCKETS)
+                    counts[bucket] += 1
+        apart = {"held": self._count_apart(HOLD), "failed": self._count_apart(FAILED)}
+        apart["dropped"] = len(self.dropped())
+        ranked = sorted(rows.items(), key=lambda item: (-sum(item[1]), item[0]))
+        if top is not None:
+            ranked = ranked[:top]
+        if as_json:
+            summary = {
+                "by": by,
+                "buckets": list(SUMMARY_BUCKETS),
+                "rows": [
+                    {"key": key, "total": sum(counts), "counts": counts} for key, counts in ranked
+                ],
+                "total": {"total": sum(total), "counts": total, "deferred": deferred},
+                **apart,
+            }
+            self.out(json.dumps(summary, ensure_ascii=False))
+            return 0
+        header = ["T", *SUMMARY_BUCKETS]
+        table = [("TOTAL", [sum(total), *total])]
+        table += [(key, [sum(counts), *counts]) for key, counts in ranked]
+        key_width = max(len(key) for key, _ in table)
+        widths = [
+            max(len(name), *(len(str(cells[n])) for _, cells in table))
+            for n, name in enumerate(header)
+        ]
+        self.out(" ".join([" " * key_width, *(h.rjust(w) for h, w in zip(header, widths))]))
+        for key, cells in table:
+            numbers = (str(c).rjust(w) for c, w in zip(cells, widths))
+            self.out(" ".join([key.rjust(key_width), *numbers]))
+        line = f"-- deferred {deferred}, held {apart['held']}, failed {apart['failed']}"
+        line += f", dropped {apart['dropped']}"
+        if self.unreadable:
+            line += f"; {self.unreadable} unreadable (named on stderr)"
+        self.out(line)
+        return 0
+
+    def _count_apart(self, state: str) -> int:
+        """The envelopes in `state`, counted from lstat() alone; an entry that is not a
+        regular file is named on `err` and not counted."""
+        count = 0
+        for queue_id in self.spool.each_name(state):
+            try:
+                mode = os.lstat(self.spool.path(state, queue_id)).st_mode
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                self._name_unreadable(state, queue_id, f"cannot read: {_reason(exc)}")
+                continue
+            if stat.S_ISREG(mode):
+                count += 1
+            else:
+                self._name_unreadable(state, queue_id, f"{_file_kind(mode)}, not an envelope")
+        return count
+
     def show(self, queue_id: str) -> int:
         entry = self._entry(queue_id)
         env = entry.env
@@ -390,6 +483,28 @@ class QueueControl:
                 self.out(f"{queue_id}: {exc}")
                 failures += 1
         return 1 if failures else 0
+
+
+# qshape's age buckets, doubling from 5 minutes: the upper bound of each, in seconds.
+SUMMARY_BUCKETS = ("0-5m", "5-10m", "10-20m", "20-40m", "40-80m", "80-160m", "160-320m", "320m+")
+_BUCKET_ENDS = tuple(minutes * 60 for minutes in (5, 10, 20, 40, 80, 160, 320))
+
+
+def _bucket(age: float) -> int:
+    """The bucket of a message `age` seconds old: 0-5m is [0, 5m), 320m+ is [320m, ...);
+    an arrival in the future (a clock set back) is 0-5m."""
+    return bisect.bisect_right(_BUCKET_ENDS, age)
+
+
+def _domain(address: str) -> str:
+    return address.rpartition("@")[2].lower() or "-"
+
+
+_SUMMARY_KEYS: dict[str, Callable[[Envelope, Recipient], str]] = {
+    "domain": lambda env, rcpt: _domain(rcpt.address),
+    "backend": lambda env, rcpt: rcpt.backend or "-",
+    "sender": lambda env, rcpt: _domain(env.sender) if env.sender else "<>",
+}
 
 
 def _file_kind(mode: int) -> str:
