@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import logging
 import os
@@ -28,6 +29,11 @@ EX_CANTCREAT = 73
 EX_TEMPFAIL = 75
 EX_CONFIG = 78
 
+
+DRAIN_DEFAULT_TIMEOUT = 300.0
+# Beyond the drain's timeout: the relay's own orderly stop (commits, sessions,
+# delivery attempts in flight get a few seconds each).
+DRAIN_STOP_MARGIN = 30.0
 
 CONFIG_HELP = "config file (default: $SMARTHOST_CONFIG, else /etc/smarthost/smarthost.toml)"
 
@@ -80,6 +86,17 @@ def build_parser() -> argparse.ArgumentParser:
         "sendmail", help="sendmail-compatible submission (see smarthost-sendmail(8))"
     )
     sendmail.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    drain = commands.add_parser(
+        "drain", help="stop the running relay taking mail; exit once nothing is due"
+    )
+    drain.add_argument(
+        "--timeout",
+        type=_duration,
+        default=DRAIN_DEFAULT_TIMEOUT,
+        metavar="DURATION",
+        help="stop the relay anyway after this long (default: 5m)",
+    )
+    _config_option(drain)
     check = commands.add_parser("check", help="validate the config and print a summary")
     _config_option(check)
     check.add_argument(
@@ -88,6 +105,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="also open a session to every backend and report each step",
     )
     return parser
+
+
+def _duration(text: str) -> float:
+    from .config import parse_duration
+
+    try:
+        return parse_duration(text, "--timeout")
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _positive(text: str) -> int:
@@ -114,6 +140,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return check(path, args.connect)
     if args.command == "queue":
         return queue(path, args)
+    if args.command == "drain":
+        return drain(path, args.timeout)
     return serve(path)
 
 
@@ -187,6 +215,90 @@ def queue(path: str, args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"smarthost: queue {action}: {exc}", file=sys.stderr)
         return EX_TEMPFAIL
+
+
+def drain(path: str, timeout: float) -> int:
+    """Tell the relay that holds the spool's lock to drain (SIGUSR1, the timeout in
+    the spool's `.drain` file), then wait until it has exited: the lock is free."""
+    import signal
+    import time
+
+    from .daemon import DRAIN_FILE
+    from .spool import LOCK_NAME
+
+    config = _load_or_report(path)
+    if config is None:
+        return EX_CONFIG
+    root = os.path.abspath(config.spool.dir)
+    lock_path = os.path.join(root, LOCK_NAME)
+    try:
+        lock_fd = os.open(lock_path, os.O_RDONLY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        print(f"smarthost drain: no relay runs on spool {root}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"smarthost drain: {lock_path}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    try:
+        pid = _lock_holder(lock_fd)
+        if pid is None:
+            print(f"smarthost drain: no relay runs on spool {root}", file=sys.stderr)
+            return 1
+        drain_path = os.path.join(root, DRAIN_FILE)
+        try:
+            _write_drain_file(drain_path, timeout, os.fstat(lock_fd))
+            os.kill(pid, signal.SIGUSR1)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(drain_path)
+            what = exc.filename or f"pid {pid}"
+            print(f"smarthost drain: {what}: {exc.strerror or exc}", file=sys.stderr)
+            return 1
+        deadline = time.monotonic() + timeout + DRAIN_STOP_MARGIN
+        while _lock_holder(lock_fd) is not None:
+            if time.monotonic() > deadline:
+                print(f"smarthost drain: the relay (pid {pid}) has not exited", file=sys.stderr)
+                return 1
+            time.sleep(0.1)
+    finally:
+        os.close(lock_fd)
+    print(f"smarthost drain: the relay (pid {pid}) has drained and exited")
+    return EX_OK
+
+
+def _lock_holder(lock_fd: int) -> int | None:
+    """The pid in the spool's lock file while a relay holds the lock; None when nobody
+    does (a pid left in the file by a relay that is gone is not signalled)."""
+    import fcntl
+    import time
+
+    try:
+        fcntl.flock(lock_fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        pass
+    else:
+        fcntl.flock(lock_fd, fcntl.LOCK_UN)
+        return None
+    # A relay writes its pid just after taking the lock: give it a moment.
+    for _ in range(50):
+        text = os.pread(lock_fd, 32, 0).decode("ascii", "replace").strip()
+        if text.isdigit() and int(text) > 1:
+            return int(text)
+        time.sleep(0.02)
+    return None
+
+
+def _write_drain_file(path: str, timeout: float, owner: os.stat_result) -> None:
+    """The timeout for the relay, mode 0600, owned as the lock (the relay's user)."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        if os.geteuid() == 0:
+            os.fchown(fd, owner.st_uid, owner.st_gid)
+        os.write(fd, f"{timeout:g}\n".encode())
+    finally:
+        os.close(fd)
 
 
 def _queue_logging(config: Config) -> None:

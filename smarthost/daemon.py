@@ -32,7 +32,7 @@ from . import __version__, log, privileges, process, systemd
 from .config import Config, ConfigError, load_config
 from .receiver import Receiver, auth_users, start_listeners
 from .smtp_server import Listeners
-from .spool import Envelope, Spool
+from .spool import ACTIVE, DROP, QUEUE, Envelope, Spool
 
 if TYPE_CHECKING:
     from .delivery import Delivery
@@ -41,6 +41,12 @@ if TYPE_CHECKING:
 STOP_GRACE = 5.0
 RESTART_DELAY = 1.0  # before a delivery process that died is started again
 START_TIMEOUT = 60.0  # for a delivery process to say it runs
+# `smarthost drain` writes its timeout (seconds, one line) into this file in the spool
+# root before it sends SIGUSR1; a SIGUSR1 without one (or with one older than
+# DRAIN_FILE_MAX_AGE, left by a command that died) drains for DRAIN_TIMEOUT.
+DRAIN_FILE = ".drain"
+DRAIN_FILE_MAX_AGE = 60.0
+DRAIN_TIMEOUT = 300.0
 
 
 class DeliveryProcess:
@@ -263,8 +269,8 @@ class Relay:
         self.config = config
         return needs_restart
 
-    def stop(self) -> None:
-        log.event("stopping", pid=os.getpid())
+    def stop(self, reason: str | None = None) -> None:
+        log.event("stopping", pid=os.getpid(), reason=reason)
         systemd.notify("STOPPING=1")
         # Stop accepting, let messages being committed get their 250, then close.
         if self.listeners is not None:
@@ -287,33 +293,84 @@ class Relay:
 
 
 def serve(config: Config) -> int:
-    """Run until SIGTERM or SIGINT; SIGHUP reloads the config and reopens the log file."""
+    """Run until SIGTERM or SIGINT; SIGHUP reloads the config and reopens the log file;
+    SIGUSR1 drains: no new sessions, delivery goes on, stop once nothing is due."""
     process.limit_malloc_arenas()
     relay = Relay(config, delivery_process=True)
-    stop, hup = threading.Event(), threading.Event()
+    stop, hup, drain = threading.Event(), threading.Event(), threading.Event()
     wake = threading.Event()
+    flags: dict[int, threading.Event] = {signal.SIGHUP: hup, signal.SIGUSR1: drain}
 
     def on_signal(signum: int, frame: object) -> None:
         # Only flags here: the work happens in the main loop, outside the handler.
-        (hup if signum == signal.SIGHUP else stop).set()
+        flags.get(signum, stop).set()
         wake.set()
 
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
         signal.signal(signum, on_signal)
     try:
         relay.start()
     except BaseException:
         relay.abort_start()
         raise
+    drain_until: float | None = None
+    reason: str | None = None
     while not stop.is_set():
         wake.wait(1.0)  # also the pace of checks on the delivery process
         wake.clear()
         relay.delivery.healthy()
+        if drain.is_set() and not stop.is_set():
+            drain.clear()
+            drain_until = start_drain(relay, drain_until is None)
+        if drain_until is not None:
+            if nothing_due(relay.spool):
+                reason = "drained"
+                break
+            if time.monotonic() >= drain_until:
+                reason = "drain_timeout"
+                break
         if hup.is_set() and not stop.is_set():
             hup.clear()
             reload(relay)
-    relay.stop()
+    relay.stop(reason)
     return 0
+
+
+def start_drain(relay: Relay, first: bool) -> float:
+    """SIGUSR1: stop accepting sessions (the first time); the deadline, from the
+    timeout `smarthost drain` left in DRAIN_FILE (a later drain sets a new one)."""
+    timeout = DRAIN_TIMEOUT
+    path = os.path.join(relay.spool.root, DRAIN_FILE)
+    with contextlib.suppress(OSError, ValueError):
+        fresh = time.time() - os.stat(path).st_mtime < DRAIN_FILE_MAX_AGE
+        with open(path, encoding="ascii") as f:
+            text = f.read(64)
+        os.unlink(path)
+        if fresh:
+            timeout = max(0.0, float(text.strip()))
+    log.event("draining", pid=os.getpid(), timeout=timeout)
+    if first and relay.listeners is not None:
+        relay.listeners.stop_accepting()
+    return time.monotonic() + timeout
+
+
+def nothing_due(spool: Spool, now: float | None = None) -> bool:
+    """Nothing being delivered (active/), nothing due in queue/ (its mtime is its due
+    time), nothing waiting in drop/ (files being written, `.tmp-`, aside); from the
+    directories and stat() alone."""
+    now = time.time() if now is None else now
+    for _ in spool.each_name(ACTIVE):
+        return False
+    for _, due in spool.scan(QUEUE):
+        if due <= now:
+            return False
+    try:
+        with os.scandir(spool.dir(DROP)) as entries:
+            if any(not entry.name.startswith(".") for entry in entries):
+                return False
+    except FileNotFoundError:
+        pass
+    return True
 
 
 def reload(relay: Relay) -> None:

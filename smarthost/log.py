@@ -51,6 +51,7 @@ EVENTS = frozenset(
         "config_warning",
         "tls_failed",
         "protocol_error",
+        "draining",
     }
 )
 

@@ -72,7 +72,7 @@ SLOW_SYNCFS = 0.25  # seconds: a syncfs this slow flushed someone else's writes 
 SYNCFS_REST = 60.0  # seconds of per-file fsyncs after a slow syncfs
 IN_MEMORY = 256 * 1024  # bytes of a new message held in memory before going to tmp/
 _ENVELOPE_READ = 65536  # an envelope is read in blocks this big (most mail is one)
-_LOCK_NAME = ".lock"
+LOCK_NAME = ".lock"  # in the root: held by the running relay, holds its pid
 # Held shared by each queue command that claims mail; see Spool.command_claims().
 _COMMANDS_LOCK_NAME = ".commands"
 
@@ -238,7 +238,7 @@ class Spool:
         """
         import fcntl
 
-        fd = os.open(os.path.join(self.root, _LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o600)
+        fd = os.open(os.path.join(self.root, LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o600)
         deadline = time.monotonic() + (LOCK_WAIT if wait is None else wait)
         while True:
             try:
