@@ -150,3 +150,12 @@ def test_aiosmtpd_internals_are_what_smtp_server_expects():
     low, high = (tuple(int(p) for p in v.split(".")) for v in pinned.groups())
     version = tuple(int(p) for p in aiosmtpd.__version__.split(".")[:3])
     assert low <= version < high
+
+
+@pytest.mark.parametrize("lines", [10, 5000])  # joined, or counted (thousands of lines)
+def test_a_bare_line_ending_is_found_among_few_or_many_lines(lines):
+    piece = b"x\r\n" * lines + b"bare\nend\r\n"
+    assert DataDecoder().feed(piece) == b"x\r\n" * lines + b"bare\r\nend\r\n"
+    with pytest.raises(BareNewline):
+        DataDecoder(normalize=False).feed(piece)
+    assert DataDecoder(normalize=False).feed(b"x\r\n" * lines) == b"x\r\n" * lines
