@@ -103,7 +103,7 @@ class Intake:
 
     def _prepare(self, end: int, complete: bool) -> Awaitable[None] | None:
         head, self._head = bytes(self._head), bytearray()
-        if len(head) <= PREPARE_ON_LOOP:
+        if end <= PREPARE_ON_LOOP:  # the header block; what follows it is body
             self._prepared(head, end, self._prepare_header(head[:end], complete))
             return None
         loop = asyncio.get_running_loop()

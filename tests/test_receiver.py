@@ -596,15 +596,16 @@ def test_a_large_header_block_is_prepared_off_the_loop(relay, sink, monkeypatch)
 
     monkeypatch.setattr(relay.relay.receiver, "prepare", recording)
     small = b"Subject: small\r\n\r\nbody\r\n"
+    long_body = b"Subject: long body\r\n\r\n" + (b"b" * 78 + b"\r\n") * 500  # 40 KB, one piece
     large = b"".join(b"X-Filler-%05d: %s\r\n" % (i, b"f" * 60) for i in range(1000))
     large += b"Subject: large\r\n\r\nbody\r\n"
     with contextlib.closing(session(relay)) as client:
-        for content in (small, large):
+        for content in (small, long_body, large):
             assert client.sendmail("a@client.test", ["b@dest.test"], content) == {}
-    first, second = sink.wait_for(2, timeout=30)
-    assert first.content.endswith(small) and second.content.endswith(large)
-    assert threads[0] == "smtp"  # a small block: on the loop
-    assert threads[1] != "smtp"  # a large one: not
+    got = sink.wait_for(3, timeout=30)
+    assert [m.content.endswith(c) for m, c in zip(got, (small, long_body, large))] == [True] * 3
+    assert threads[:2] == ["smtp", "smtp"]  # small blocks (a long body is no matter): on the loop
+    assert threads[2] != "smtp"  # a large block: not
 
 
 def test_force_from_refuses_a_header_block_cut_at_its_bound(tmp_path, sink, relay_factory):
