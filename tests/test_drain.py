@@ -22,6 +22,7 @@ from test_process import (
     message,
     run_cli,
     send,
+    stuck_on,
 )
 
 STOP_BOUND = 15.0  # the relay's orderly stop, as in test_process
@@ -99,12 +100,7 @@ def test_mail_deferred_to_later_does_not_hold_the_drain(tmp_path, sink, relay_pr
 
 def test_drain_timeout_stops_the_relay_and_keeps_the_mail(tmp_path, relay_process):
     with SilentServer() as silent:
-        config = write_config(tmp_path, silent.port)
-        edit_config(config, 'connect_timeout = "3s"', 'connect_timeout = "60s"')
-        edit_config(config, 'timeout = "5s"', 'timeout = "60s"')
-        proc = relay_process(config).start()
-        queue_id = send(proc.port, "<stuck@client.test>")
-        wait_until(silent.accepted.is_set, 10, "the relay to connect to the silent upstream")
+        config, proc, queue_id = stuck_on(silent, tmp_path, relay_process)
         started = time.monotonic()
         result = run_cli("drain", "--timeout", "2s", "-c", str(config))
         elapsed = time.monotonic() - started

@@ -487,18 +487,24 @@ def test_sigterm_with_a_client_session_open_exits_0(tmp_path, sink, relay_proces
     assert port_is_closed(proc.port)
 
 
+def stuck_on(silent: SilentServer, tmp_path: Path, relay_process) -> tuple[Path, Any, str]:
+    """A relay whose one message's attempt is stuck on `silent` (timeouts of 60 s, long
+    enough to outlast what the test does meanwhile): (config, relay, queue ID)."""
+    config = write_config(tmp_path, silent.port)
+    edit_config(config, 'connect_timeout = "3s"', 'connect_timeout = "60s"')
+    edit_config(config, 'timeout = "5s"', 'timeout = "60s"')
+    proc = relay_process(config).start()
+    queue_id = send(proc.port, "<stuck@client.test>")
+    wait_until(silent.accepted.is_set, 10, "the relay to connect to the silent upstream")
+    return config, proc, queue_id
+
+
 def test_sigterm_with_a_stuck_upstream_exits_0_and_keeps_the_message(tmp_path, sink, relay_process):
     """SPEC §2: in-flight attempts get a few seconds; an unfinished message simply stays
     spooled and goes out after the next start."""
     spool = tmp_path / "spool"
     with SilentServer() as silent:
-        config = write_config(tmp_path, silent.port)
-        # Long enough that the attempt is still stuck when SIGTERM comes.
-        edit_config(config, 'connect_timeout = "3s"', 'connect_timeout = "60s"')
-        edit_config(config, 'timeout = "5s"', 'timeout = "60s"')
-        proc = relay_process(config).start()
-        queue_id = send(proc.port, "<stuck@client.test>")
-        wait_until(silent.accepted.is_set, 10, "the relay to connect to the silent upstream")
+        _, proc, queue_id = stuck_on(silent, tmp_path, relay_process)
         started = time.monotonic()
         code = proc.stop(signal.SIGTERM)
         elapsed = time.monotonic() - started

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import ROOT, Sink, wait_until, write_config
@@ -250,11 +251,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_flush_probes_a_down_backend_first_and_sends(tmp_path: Path, relay_process):
-    """The upstream refuses connections: the first attempt marks it down (for 10 min) and
-    defers the message (next try in 10 min). The upstream comes back; `queue flush`
-    sends the message within seconds, and no attempt is spent on "no backend of group
-    'default' is available"."""
+def refused_and_marked_down(tmp_path: Path, relay_process) -> tuple[int, Path, Any, str]:
+    """A relay whose upstream port refuses: one message sent, retries and the down mark
+    long (10 min) so only a flush moves it. (port, config, relay, queue ID)."""
     port = free_port()
     cfg = write_config(tmp_path, port)
     text = cfg.read_text()
@@ -263,7 +262,15 @@ def test_flush_probes_a_down_backend_first_and_sends(tmp_path: Path, relay_proce
     )
     cfg.write_text(text.replace('fail_timeout = "1s"', 'fail_timeout = "10m"'))
     proc = relay_process(cfg).start()
-    queue_id = send(proc.port, "x@dest.test")
+    return port, cfg, proc, send(proc.port, "x@dest.test")
+
+
+def test_flush_probes_a_down_backend_first_and_sends(tmp_path: Path, relay_process):
+    """The upstream refuses connections: the first attempt marks it down (for 10 min) and
+    defers the message (next try in 10 min). The upstream comes back; `queue flush`
+    sends the message within seconds, and no attempt is spent on "no backend of group
+    'default' is available"."""
+    port, cfg, proc, queue_id = refused_and_marked_down(tmp_path, relay_process)
     down = wait_until(
         lambda: [r for r in proc.records() if r["event"] == "backend_down"], 10.0, "backend_down"
     )
@@ -294,15 +301,7 @@ def test_flush_probes_a_down_backend_first_and_sends(tmp_path: Path, relay_proce
 def test_flush_while_the_backend_is_still_down_spends_one_attempt(tmp_path: Path, relay_process):
     """The control: the probe fails, so the flushed message gets its attempt (deferred,
     no backend) and stays queued; the relay does not loop on probes."""
-    port = free_port()
-    cfg = write_config(tmp_path, port)
-    text = cfg.read_text()
-    text = text.replace('retry_min = "1s"', 'retry_min = "10m"').replace(
-        'retry_max = "2s"', 'retry_max = "1h"'
-    )
-    cfg.write_text(text.replace('fail_timeout = "1s"', 'fail_timeout = "10m"'))
-    proc = relay_process(cfg).start()
-    queue_id = send(proc.port, "x@dest.test")
+    _, cfg, proc, queue_id = refused_and_marked_down(tmp_path, relay_process)
     wait_until(
         lambda: [r for r in proc.records() if r["event"] == "deferred"], 10.0, "the deferral"
     )
