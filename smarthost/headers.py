@@ -190,10 +190,21 @@ def _not_fields(
 
 def section_end(content: bytes) -> int:
     """Offset of the empty line ending the header section (0 if the section is empty)."""
-    if content.startswith((b"\r\n", b"\n")):
-        return 0
-    ends = [i + 1 for i in (content.find(b"\n\r\n"), content.find(b"\n\n")) if i >= 0]
-    return min(ends) if ends else len(content)
+    found = empty_line(content)
+    return len(content) if found is None else found[0]
+
+
+def empty_line(content: bytes | bytearray, start: int = 0) -> tuple[int, int] | None:
+    """(where the empty line that ends the header section begins, where it ends), or
+    None if it is not in `content` yet; searched from `start` (content read so far
+    and searched before need not be searched again). CRLF or LF line endings."""
+    for blank in (b"\r\n", b"\n"):
+        if content.startswith(blank):
+            return 0, len(blank)  # no header section at all
+    crlf, lf = content.find(b"\n\r\n", start), content.find(b"\n\n", start)
+    if crlf >= 0 and (lf < 0 or crlf < lf):
+        return crlf + 1, crlf + 3
+    return (lf + 1, lf + 2) if lf >= 0 else None
 
 
 def fields(content: bytes) -> list[Field]:

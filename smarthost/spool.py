@@ -38,7 +38,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Union
 
-from . import log, process
+from . import headers, log, process
 
 # Envelope states, each a directory. Recipient states are separate (below).
 QUEUE = "queue"
@@ -627,21 +627,10 @@ class Spool:
                     break
                 searched = max(0, len(head) - 2)  # the empty line may start in the last block
                 head += block
-                end = self._header_end(head, searched)
-                if end >= 0:
-                    return bytes(head[:end])
+                found = headers.empty_line(head, searched)
+                if found is not None:
+                    return bytes(head[: found[1]])
         return bytes(head[:limit])
-
-    @staticmethod
-    def _header_end(head: bytearray, start: int) -> int:
-        """The end of the empty line that ends the header section (found from `start`,
-        as `headers.section_end` finds it), or -1 if it is not in `head` yet."""
-        if head.startswith((b"\n", b"\r\n")):
-            return head.index(b"\n") + 1  # no header section at all
-        crlf, lf = head.find(b"\n\r\n", start), head.find(b"\n\n", start)
-        if crlf >= 0 and (lf < 0 or crlf < lf):
-            return crlf + 3
-        return lf + 2 if lf >= 0 else -1
 
     def _open_content(self, queue_id: str) -> int:
         return open_regular(self.message_path(queue_id), queue_id)
