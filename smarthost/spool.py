@@ -399,10 +399,11 @@ class Spool:
             queued = []
             for i, path in written.items():
                 try:
-                    if path.endswith(".draft"):
-                        self._give_draft_names(messages[i][0], path)
+                    env, content = messages[i]
+                    if isinstance(content, Draft) and content.path == path:  # its own file
+                        self._give_draft_names(env, path)
                     else:
-                        self._give_names(messages[i][0], path)
+                        self._give_names(env, path)
                     queued.append(i)
                 except OSError as exc:
                     results[i] = _commit_error(messages[i][0], exc)
