@@ -21,15 +21,6 @@ from .config import (
     summary,
 )
 
-# sysexits.h
-EX_OK = 0
-EX_USAGE = 64
-EX_UNAVAILABLE = 69
-EX_CANTCREAT = 73
-EX_TEMPFAIL = 75
-EX_CONFIG = 78
-
-
 DRAIN_DEFAULT_TIMEOUT = 300.0
 # Beyond the drain's timeout: the relay's own orderly stop (commits, sessions,
 # delivery attempts in flight get a few seconds each).
@@ -132,7 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:
-        return EX_USAGE if exc.code not in (0, None) else EX_OK
+        return os.EX_USAGE if exc.code not in (0, None) else os.EX_OK
     if args.command == "passwd":
         return passwd(args.user)
     path = default_config_path(args.config)
@@ -154,7 +145,7 @@ def passwd(user: str | None) -> int:
     user = user or getpass.getuser()
     if ":" in user or not user.strip():
         print("smarthost passwd: a user name cannot be empty or contain ':'", file=sys.stderr)
-        return EX_USAGE
+        return os.EX_USAGE
     if sys.stdin.isatty():
         password = getpass.getpass(f"Password for {user}: ")
         if getpass.getpass("Again: ") != password:
@@ -166,7 +157,7 @@ def passwd(user: str | None) -> int:
         print("smarthost passwd: empty password", file=sys.stderr)
         return 1
     print(f"{user}:{hash_password(password)}")
-    return EX_OK
+    return os.EX_OK
 
 
 def _load_or_report(path: str) -> Config | None:
@@ -184,7 +175,7 @@ def queue(path: str, args: argparse.Namespace) -> int:
 
     config = _load_or_report(path)
     if config is None:
-        return EX_CONFIG
+        return os.EX_CONFIG
     _queue_logging(config)
     control = QueueControl(config)
     action = args.action or "list"
@@ -211,10 +202,10 @@ def queue(path: str, args: argparse.Namespace) -> int:
         # that ends by itself: no message, exit 0 (so `set -o pipefail` scripts and
         # `| grep -q` work); what was acted on so far stays done.
         _stdout_gone()
-        return EX_OK
+        return os.EX_OK
     except OSError as exc:
         print(f"smarthost: queue {action}: {exc}", file=sys.stderr)
-        return EX_TEMPFAIL
+        return os.EX_TEMPFAIL
 
 
 def drain(path: str, timeout: float) -> int:
@@ -223,12 +214,12 @@ def drain(path: str, timeout: float) -> int:
     import signal
     import time
 
-    from .daemon import DRAIN_FILE
+    from .relay import DRAIN_FILE
     from .spool import LOCK_NAME
 
     config = _load_or_report(path)
     if config is None:
-        return EX_CONFIG
+        return os.EX_CONFIG
     root = os.path.abspath(config.spool.dir)
     lock_path = os.path.join(root, LOCK_NAME)
     try:
@@ -263,7 +254,7 @@ def drain(path: str, timeout: float) -> int:
     finally:
         os.close(lock_fd)
     print(f"smarthost drain: the relay (pid {pid}) has drained and exited")
-    return EX_OK
+    return os.EX_OK
 
 
 def _lock_holder(lock_fd: int) -> int | None:
@@ -372,7 +363,7 @@ def check(path: str, connect: bool) -> int:
         print()
         if not check_connections(config, print):
             return 1
-    return EX_OK
+    return os.EX_OK
 
 
 def interpreter_warnings(config: Config) -> list[str]:
@@ -455,20 +446,20 @@ def _permits(path: str, uid: int, groups: set[int], bits: int) -> bool:
 
 
 def serve(path: str) -> int:
-    from .daemon import serve as run
     from .privileges import PrivilegeError
+    from .relay import serve as run
     from .spool import SpoolError
 
     config = _load_or_report(path)
     if config is None:
-        return EX_CONFIG
+        return os.EX_CONFIG
     try:
         log.setup(config.log.level, config.log.file, config.log.format)
     except OSError as exc:
         print(
             f"smarthost: log.file: cannot open {config.log.file}: {exc.strerror}", file=sys.stderr
         )
-        return EX_CANTCREAT
+        return os.EX_CANTCREAT
     for warning in config_warnings(config) + interpreter_warnings(config):
         log.event("config_warning", level=logging.WARNING, warning=warning)
     try:
@@ -476,21 +467,21 @@ def serve(path: str) -> int:
     except ConfigError as exc:  # files the config names: certificate, users
         for error in exc.errors:
             print(f"smarthost: {error}", file=sys.stderr)
-        return EX_CONFIG
+        return os.EX_CONFIG
     except PrivilegeError as exc:
         print(f"smarthost: {exc}", file=sys.stderr)
-        return EX_CONFIG
+        return os.EX_CONFIG
     except SpoolError as exc:
         print(f"smarthost: {exc.strerror or exc}", file=sys.stderr)
-        return EX_TEMPFAIL if exc.errno == errno.EBUSY else EX_CANTCREAT
+        return os.EX_TEMPFAIL if exc.errno == errno.EBUSY else os.EX_CANTCREAT
     except PermissionError as exc:
         print(f"smarthost: {exc}", file=sys.stderr)
-        return EX_CANTCREAT
+        return os.EX_CANTCREAT
     except OSError as exc:  # a listen address in use or not available
         # The message names the address (`smtp.listen HOST:PORT: ...`); "[Errno 98]"
         # tells an administrator nothing more.
         print(f"smarthost: cannot start: {exc.strerror or exc}", file=sys.stderr)
-        return EX_TEMPFAIL
+        return os.EX_TEMPFAIL
 
 
 def sendmail_main(argv: Sequence[str] | None = None) -> int:

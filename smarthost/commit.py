@@ -3,7 +3,7 @@
 Sessions on the event loop hand over a message whose DATA has ended (its envelope and
 its content: chunks, or a spool Draft already written as it arrived) and await a
 future; the commit thread writes and syncs a whole batch through `Spool.commit_many`
-and settles each future on its own loop. Messages whose DATA ends while a batch is
+and resolves each future on its own loop. Messages whose DATA ends while a batch is
 being written join the next one (group commit, as databases do). One thread, not a
 pool: fewer threads taking turns on the GIL with the event loop.
 """
@@ -79,10 +79,10 @@ class GroupCommitter:
             by_loop.setdefault(loop, []).append((done, error))
         for loop, outcomes in by_loop.items():
             with contextlib.suppress(RuntimeError):  # that loop has closed
-                loop.call_soon_threadsafe(_settle, outcomes)
+                loop.call_soon_threadsafe(_resolve, outcomes)
 
 
-def _settle(outcomes: list[tuple[asyncio.Future, SpoolError | None]]) -> None:
+def _resolve(outcomes: list[tuple[asyncio.Future, SpoolError | None]]) -> None:
     for done, error in outcomes:
         if done.done():
             continue  # the session was cancelled meanwhile: its commit stands

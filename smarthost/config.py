@@ -190,6 +190,50 @@ class Config:
             object.__setattr__(self, "dsn", dsn)
 
 
+# What a reload (SIGHUP) leaves as it is until the next start: the listening sockets and
+# what their sessions were set up with, the spool, the service user, the sender pool.
+RESTART_ONLY = (
+    "hostname",
+    "user",
+    "smtp.listen",
+    "smtp.tls_cert",
+    "smtp.tls_key",
+    "smtp.max_clients",
+    "smtp.timeout",
+    "smtp.bare_newlines",
+    "smtp.error_limit",
+    "smtp.max_message_size",
+    "spool.dir",
+    "delivery.workers",
+)
+
+
+def for_reload(running: Config, new: Config) -> tuple[Config, list[str]]:
+    """What a reload applies: `new`, with each RESTART_ONLY key as `running` has it; and
+    the keys whose new value waits for a restart. Every part of the relay then sees one
+    config (pickup's size limit is the listener's)."""
+    applied, waiting = new, []
+    for key in RESTART_ONLY:
+        value = _get(running, key)
+        if _get(new, key) != value:
+            waiting.append(key)
+            applied = _with(applied, key, value)
+    return applied, waiting
+
+
+def _get(config: Any, key: str) -> Any:
+    for name in key.split("."):
+        config = getattr(config, name)
+    return config
+
+
+def _with(config: Any, key: str, value: Any) -> Any:
+    """A copy of the frozen `config` with `key` (dotted) set to `value`."""
+    name, _, rest = key.partition(".")
+    inner = _with(getattr(config, name), rest, value) if rest else value
+    return replace(config, **{name: inner})
+
+
 # --------------------------------------------------------------------------- value parsers
 
 _TYPE_NAMES = (

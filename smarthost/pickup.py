@@ -32,7 +32,6 @@ from .spool import DROP, FAILED_RCPT, Envelope, Recipient, Spool, SpoolError, ne
 from .submission import Refused, scan_headers
 
 STALE_TMP = 3600.0  # a sendmail that never finished its write: it never exited 0
-RESCAN_INTERVAL = 10.0
 POISON_LIMIT = 5  # a file that fails this often for no reason of its own is set aside
 MAX_LISTED = 1000  # recipients named in the DSN for a refused submission
 _STATUS = re.compile(r"\d{3}[ -]([245]\.\d{1,3}\.\d{1,3})(?:\s|$)")
@@ -41,10 +40,17 @@ _STATUS = re.compile(r"\d{3}[ -]([245]\.\d{1,3}\.\d{1,3})(?:\s|$)")
 class Pickup:
     """A thread that drains drop/ whenever woken, and on a timer."""
 
-    def __init__(self, config: Config, spool: Spool, submit: Callable[[Envelope], None]) -> None:
+    def __init__(
+        self,
+        config: Config,
+        spool: Spool,
+        submit: Callable[[Envelope], None],
+        rescan: float = 10.0,
+    ) -> None:
         self.config = config
         self.spool = spool
         self.submit = submit
+        self.rescan = rescan  # seconds between reads of drop/ when nothing wakes us
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -76,7 +82,7 @@ class Pickup:
                 self.scan()
             except OSError as exc:
                 log.event("spool_error", level=logging.ERROR, error=f"drop area: {exc}")
-            self._wake.wait(RESCAN_INTERVAL)
+            self._wake.wait(self.rescan)
 
     def scan(self) -> int:
         """Take in every complete file in drop/; the number queued."""
@@ -230,10 +236,8 @@ class Pickup:
         return False
 
     def _quarantine(self, name: str, reason: str) -> None:
-        source = os.path.join(self.spool.dir(DROP), name)
-        target = self.spool.corrupt_name(f"drop-{int(time.time())}-{name[:64]}")
         try:
-            os.rename(source, target)  # renames a link or FIFO itself, never its target
+            self.spool.set_aside(DROP, name, f"drop-{int(time.time())}-{name[:64]}")
         except OSError as exc:
             reason += f" (could not move it aside: {exc.strerror})"
         log.event("quarantined", level=logging.WARNING, file=f"drop/{name[:64]}", reason=reason)

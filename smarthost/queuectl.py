@@ -12,7 +12,6 @@ import bisect
 import builtins
 import json
 import logging
-import os
 import stat
 import sys
 import time
@@ -22,6 +21,7 @@ from dataclasses import dataclass
 from . import drop, dsn, headers, log
 from .bounce import Bouncer
 from .config import Config
+from .rewrite import domain_of
 from .spool import (
     ACTIVE,
     DEFERRED,
@@ -155,7 +155,7 @@ class QueueControl:
 
         Only a regular file is opened: a FIFO would block the command, a link would be
         followed to a file that is not the spool's."""
-        st = os.lstat(self.spool.path(state, queue_id))
+        st = self.spool.entry_stat(state, queue_id)
         if not stat.S_ISREG(st.st_mode):
             raise Unreadable(f"{_file_kind(st.st_mode)}, not an envelope")
         try:
@@ -301,7 +301,7 @@ class QueueControl:
         count = 0
         for queue_id in self.spool.each_name(state):
             try:
-                mode = os.lstat(self.spool.path(state, queue_id)).st_mode
+                mode = self.spool.entry_stat(state, queue_id).st_mode
             except FileNotFoundError:
                 continue
             except OSError as exc:
@@ -361,13 +361,8 @@ class QueueControl:
         if state != QUEUE:
             hint = ": release it first" if state == HOLD else ""
             raise QueueError(f"is {_STATE_WORDS[state]}, not waiting{hint}")
-        now = time.time()
-        # The mtime is the due time; the relay's watcher sees the change at once. Never
-        # through a link (one planted since we looked would hand us another file).
-        try:
-            os.utime(self.spool.path(QUEUE, queue_id), (now, now), follow_symlinks=False)
-        except FileNotFoundError:
-            raise QueueError("is no longer waiting (taken by the relay)") from None
+        if not self.spool.set_due(QUEUE, queue_id, time.time()):
+            raise QueueError("is no longer waiting (taken by the relay)")
         log.event("flushed", queue_id=queue_id)
         return "will be tried now"
 
@@ -380,13 +375,9 @@ class QueueControl:
     def _release_one(self, queue_id: str) -> str:
         if self._entry(queue_id).state != HOLD:
             raise QueueError("is not held")
-        now = time.time()
-        path = self.spool.path(HOLD, queue_id)
-        try:
-            # Due now, before it becomes visible to the relay.
-            os.utime(path, (now, now), follow_symlinks=False)
-        except FileNotFoundError:
-            raise QueueError("is not held") from None
+        # Due now, before it becomes visible to the relay.
+        if not self.spool.set_due(HOLD, queue_id, time.time()):
+            raise QueueError("is not held")
         if not self.spool.move(queue_id, HOLD, QUEUE):
             raise QueueError("is not held")
         self.spool.announce(queue_id)
@@ -496,14 +487,10 @@ def _bucket(age: float) -> int:
     return bisect.bisect_right(_BUCKET_ENDS, age)
 
 
-def _domain(address: str) -> str:
-    return address.rpartition("@")[2].lower() or "-"
-
-
 _SUMMARY_KEYS: dict[str, Callable[[Envelope, Recipient], str]] = {
-    "domain": lambda env, rcpt: _domain(rcpt.address),
+    "domain": lambda env, rcpt: domain_of(rcpt.address) or "-",
     "backend": lambda env, rcpt: rcpt.backend or "-",
-    "sender": lambda env, rcpt: _domain(env.sender) if env.sender else "<>",
+    "sender": lambda env, rcpt: domain_of(env.sender) or "-" if env.sender else "<>",
 }
 
 

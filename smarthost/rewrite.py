@@ -77,6 +77,12 @@ def local_part(address: str) -> str:
     return address.rpartition("@")[0] or address
 
 
+def domain_of(address: str) -> str:
+    """The domain, lower-cased; "" for an address without one."""
+    _, at, domain = address.rpartition("@")
+    return domain.lower() if at else ""
+
+
 def rewrite(
     config: RewriteConfig,
     hostname: str,

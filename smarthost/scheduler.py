@@ -1,39 +1,31 @@
-"""The queue manager: what is due, who sends it, and what happens after each attempt.
+"""The queue manager's dispatcher: what is due, and which sender thread takes it.
 
 An in-memory index (queue ID → due time, with a heap) says what to send next. It is
-only a cache: a scan of queue/ rebuilds it at start and every RESCAN_INTERVAL, and
+only a cache: a scan of queue/ rebuilds it at start and every `Intervals.rescan`, and
 every event (a commit by the receiver, a file the watcher saw) merely adds a hint.
 A message is handed to a worker only while a worker is free, so claimed (active/)
-mail is never more than the pool can carry.
+mail is never more than the pool can carry. What becomes of a message after its
+attempt is outcome.py's; probing a down backend is upstream.py's `Prober`.
 """
 
 from __future__ import annotations
 
 import heapq
 import logging
-import os
 import queue
 import threading
 import time
-from typing import TypedDict
+from collections.abc import Iterable
+from dataclasses import dataclass
 
-from . import dsn, log, retry
+from . import log, retry
 from .bounce import Bouncer
 from .config import Config
-from .sender import (
-    SESSION_ERRORS,
-    Attempt,
-    BackendFailure,
-    Sender,
-    describe_failure,
-    format_reply,
-)
-from .spool import ACTIVE, DEFERRED, FAILED_RCPT, QUEUE, CorruptEnvelope, Envelope, Spool
-from .upstream import Backend, Upstreams
+from .outcome import Outcome, Requeued
+from .sender import Sender
+from .spool import ACTIVE, HOLD, QUEUE, CorruptEnvelope, Envelope, Spool
+from .upstream import Prober, Upstreams
 
-RESCAN_INTERVAL = 10.0
-STRAY_ACTIVE_AGE = 120.0  # longer than a queue command waits for an attempt
-HISTORY_KEPT = 20
 # A queue file's mtime is its due time; allow for the coarse clock file times use.
 _CLOCK_SLACK = 0.05
 # Due this much before the envelope's own next_attempt: made due by an administrator
@@ -41,30 +33,36 @@ _CLOCK_SLACK = 0.05
 _EARLY = 1.0
 
 
-class _AttemptFields(TypedDict):
-    """The log fields every outcome of one attempt carries."""
+@dataclass(frozen=True)
+class Intervals:
+    """How often the dispatcher looks at the spool itself, in seconds."""
 
-    queue_id: str
-    attempt: int
-    delay: float
+    rescan: float = 10.0  # a full read of queue/: hints lost or never given
+    stray_active: float = 120.0  # longer than a queue command waits for an attempt
+
+
+DEFAULT_INTERVALS = Intervals()
 
 
 class Scheduler:
-    """Hands due messages to a pool of sender threads and settles each attempt."""
+    """Hands due messages to a pool of sender threads."""
 
-    def __init__(self, config: Config, spool: Spool, sender: Sender) -> None:
+    def __init__(
+        self, config: Config, spool: Spool, sender: Sender, intervals: Intervals = DEFAULT_INTERVALS
+    ) -> None:
         self.config = config
         self.spool = spool
         self.sender = sender
+        self.intervals = intervals
         self.upstreams = sender.upstreams
-        self.bouncer = Bouncer(config, spool, self.submit)
-        self.upstreams.on_up = self.release
+        self.upstreams.on_group_up = self.group_up
+        self.outcome = Outcome(config, spool, self.upstreams, Bouncer(config, spool, self.submit))
+        self.prober = Prober(sender.probe, self._probe_done)
         self._waiting: dict[str, set[str]] = {}  # group -> queue IDs waiting for it
         self._flushed: dict[str, set[str]] = {}  # group -> flushed IDs waiting for its probe
         self._claimed: set[str] = set()  # in active/ because a worker of ours took it
         self._rescued: dict[str, tuple[Envelope, int]] = {}  # see _rescue
-        self._released: set[str] = set()  # due now, whatever their files' mtime says
-        self._probes: list[threading.Thread] = []
+        self._sent_now: set[str] = set()  # due now, whatever their files' mtime says
         self._rebuilder: threading.Thread | None = None
         self._heap: list[tuple[float, str]] = []
         self._index: dict[str, float] = {}
@@ -75,11 +73,11 @@ class Scheduler:
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def use(self, config: Config, upstreams: Upstreams) -> None:
+    def reload(self, config: Config, upstreams: Upstreams) -> None:
         """A reloaded config; mail waiting for a group is released by the new backends."""
-        upstreams.on_up = self.release
+        upstreams.on_group_up = self.group_up
         self.config, self.upstreams = config, upstreams
-        self.bouncer.config = config
+        self.outcome.reload(config, upstreams)
         with self._cond:
             groups = set(self._waiting) | set(self._flushed)
             self._cond.notify()
@@ -88,12 +86,11 @@ class Scheduler:
 
     # -- hints from outside --------------------------------------------------
 
-    def notify(self, queue_id: str, due: float | None = None) -> None:
+    def hint(self, queue_id: str, due: float | None = None) -> None:
         """A message may be due at `due` (None: read its due time from the spool)."""
         if due is None:
-            try:
-                due = _lstat(self.spool.path(QUEUE, queue_id)).st_mtime
-            except FileNotFoundError:
+            due = self.spool.due(QUEUE, queue_id)
+            if due is None:
                 return
         with self._cond:
             known = self._index.get(queue_id)
@@ -112,7 +109,7 @@ class Scheduler:
 
     def submit(self, env: Envelope) -> None:
         """A newly committed message: send it now."""
-        self.notify(env.id, 0.0)
+        self.hint(env.id, 0.0)
 
     # -- life cycle ------------------------------------------------------------
 
@@ -140,7 +137,7 @@ class Scheduler:
         for _ in self._workers:
             self._work.put(None)
         deadline = time.monotonic() + grace
-        others = [t for t in (self._rebuilder, *self._probes) if t is not None]
+        others = [t for t in (self._rebuilder, *self.prober.threads()) if t is not None]
         for thread in self._workers + others:
             thread.join(max(0.0, deadline - time.monotonic()))
         # A worker still stuck on an upstream leaves its message in active/,
@@ -164,8 +161,8 @@ class Scheduler:
             self._scan()
             self._reclaim_stray_active(now)
             self.upstreams.close_idle()
-            next_scan = now + RESCAN_INTERVAL
-        self._start_probes(now)
+            next_scan = now + self.intervals.rescan
+        self.prober.start_due(self.upstreams, now)
         with self._cond:
             self._dispatch_due(now)
             self._cond.wait(self._sleep_time(now, next_scan))
@@ -176,18 +173,16 @@ class Scheduler:
         at once while no queue command may be holding it (a delivery process that
         died left it there), else once it is clearly abandoned."""
         with self.spool.no_command_claims() as nobody_else:
-            for queue_id, _ in list(self.spool.scan(ACTIVE)):
+            for queue_id in list(self.spool.each_name(ACTIVE)):
                 with self._cond:
                     if queue_id in self._claimed:
                         continue
-                try:
-                    moved_in = _lstat(self.spool.path(ACTIVE, queue_id)).st_ctime  # the rename
-                except FileNotFoundError:
+                moved_in = self.spool.moved_in_at(ACTIVE, queue_id)
+                if moved_in is None:
                     continue
-                if (nobody_else or now - moved_in > STRAY_ACTIVE_AGE) and self.spool.move(
-                    queue_id, ACTIVE, QUEUE
-                ):
-                    self.notify(queue_id)
+                abandoned = now - moved_in > self.intervals.stray_active
+                if (nobody_else or abandoned) and self.spool.move(queue_id, ACTIVE, QUEUE):
+                    self.hint(queue_id)
 
     def _dispatch_due(self, now: float) -> None:
         while self._idle > 0:
@@ -220,14 +215,32 @@ class Scheduler:
         """Hint every queued message the index lacks. A message it holds keeps its
         hint (a touch reaches the watcher), so a long queue costs a directory read,
         not a stat per message."""
+        queued = set(self.spool.each_name(QUEUE))
         with self._cond:
             known = set(self._index)
-        for queue_id in self.spool.names(QUEUE) - known:
-            try:
-                due = _lstat(self.spool.path(QUEUE, queue_id)).st_mtime
-            except FileNotFoundError:
-                continue  # claimed or moved while we looked
-            self.notify(queue_id, due)
+        for queue_id in queued - known:
+            due = self.spool.due(QUEUE, queue_id)
+            if due is not None:  # else claimed or moved while we looked
+                self.hint(queue_id, due)
+        self._forget_gone(queued)
+
+    def _forget_gone(self, queued: set[str]) -> None:
+        """Drop what is remembered of messages that left the queue for good (deleted
+        by a queue command, say), which no attempt will come round to clear."""
+        with self._cond:
+            remembered = set(self._rescued) | self._sent_now
+            for ids in (*self._waiting.values(), *self._flushed.values()):
+                remembered |= ids
+            candidates = remembered - queued - self._claimed
+        gone = {q for q in candidates if self.spool.locate(q) not in (QUEUE, ACTIVE, HOLD)}
+        if not gone:
+            return
+        with self._cond:
+            for queue_id in gone:
+                self._rescued.pop(queue_id, None)
+            self._sent_now -= gone
+            for ids in (*self._waiting.values(), *self._flushed.values()):
+                ids -= gone
 
     def _worker(self) -> None:
         queue_id = self._work.get()
@@ -269,14 +282,13 @@ class Scheduler:
         due = time.time() + retry.backoff(count, delivery.retry_min, delivery.retry_max)
         try:
             # Stamp the due time first: once in queue/ it must not look due at once.
-            os.utime(self.spool.path(ACTIVE, queue_id), (due, due), follow_symlinks=False)
-            if self.spool.move(queue_id, ACTIVE, QUEUE):
-                self.notify(queue_id, due)
-        except FileNotFoundError:
-            # Never claimed (the claim itself failed): still in queue/, and no hint is
-            # left for it before the next rescan.
-            if os.path.lexists(self.spool.path(QUEUE, queue_id)):
-                self.notify(queue_id, due)
+            if self.spool.set_due(ACTIVE, queue_id, due):
+                if self.spool.move(queue_id, ACTIVE, QUEUE):
+                    self.hint(queue_id, due)
+            elif self.spool.due(QUEUE, queue_id) is not None:
+                # Never claimed (the claim itself failed): still in queue/, and no hint
+                # is left for it before the next rescan.
+                self.hint(queue_id, due)
         except OSError as exc:
             log.event("spool_error", level=logging.ERROR, queue_id=queue_id, error=repr(exc))
 
@@ -286,16 +298,15 @@ class Scheduler:
         if self._stopping.is_set():
             return  # stays queued for the next start
         with self._cond:
-            released = queue_id in self._released
-            self._released.discard(queue_id)
-        try:
-            due = _lstat(self.spool.path(QUEUE, queue_id)).st_mtime
-        except FileNotFoundError:
+            sent_now = queue_id in self._sent_now
+            self._sent_now.discard(queue_id)
+        due = self.spool.due(QUEUE, queue_id)
+        if due is None:
             return  # taken by someone else (queue command) or already done
-        if due > time.time() + _CLOCK_SLACK and not released:
-            self.notify(queue_id, due)  # a stale hint: not due yet
+        if due > time.time() + _CLOCK_SLACK and not sent_now:
+            self.hint(queue_id, due)  # a stale hint: not due yet
             return
-        if not released and self._probe_first(queue_id, due):
+        if not sent_now and self._probe_first(queue_id, due):
             return  # sent when the probe is done
         with self._cond:
             self._claimed.add(queue_id)
@@ -315,7 +326,7 @@ class Scheduler:
             except CorruptEnvelope as exc:  # content cut short, or not a file
                 self.spool.quarantine(env.id, "active", str(exc))
                 return
-            self.settle(env, attempt)
+            self._after(self.outcome.settle(env, attempt), env.id)
             self._rescued.pop(queue_id, None)
         except Exception as exc:  # a full disk or a bug must not kill the worker
             self._rescue(queue_id, env, exc)
@@ -323,106 +334,23 @@ class Scheduler:
             with self._cond:
                 self._claimed.discard(queue_id)
 
-    def settle(self, env: Envelope, attempt: Attempt) -> None:
-        """Record an attempt on disk and in the log, tell whoever must be told, then
-        requeue, finish or keep the message."""
-        now = time.time()
-        if attempt.progressed:
-            env.attempts += 1
-            self._log_attempt(env, attempt, now)
-        unfinished = env.unfinished()
-        due = self._next_due(env, attempt, now) if unfinished else None
-        if unfinished and due is None:
-            self._expire(env, unfinished, now)
-        # Reports are committed before the message moves on: a crash in between
-        # repeats a report, never loses one.
-        self._report_failures(env)
-        if attempt.relayed:
-            self.bouncer.report(env, dsn.RELAYED, attempt.relayed, now)
-        if due is not None:
-            self._requeue(env, attempt, unfinished, due, now)
-        elif not env.sender and any(r.state == FAILED_RCPT for r in env.recipients):
-            self.spool.park_failed(env)  # a failed bounce: kept for a human, never deleted
-        else:
-            self.spool.finish(env)
-
-    def _report_failures(self, env: Envelope) -> None:
-        """One DSN for every failure not yet reported (this attempt's, or a broken
-        earlier attempt's), or a double bounce for a `<>` message."""
-        failed = [r for r in env.recipients if r.state == FAILED_RCPT and not r.reported]
-        if not failed:
+    def _after(self, requeued: Requeued | None, queue_id: str) -> None:
+        """A settled attempt: index a requeued message again, and note what it waits for."""
+        if requeued is None:
             return
-        if env.sender:
-            self.bouncer.report(env, dsn.FAILED, failed)
-        else:
-            self.bouncer.double_bounce(env, failed)
-        for rcpt in failed:
-            rcpt.reported = True
-
-    def _next_due(self, env: Envelope, attempt: Attempt, now: float) -> float | None:
-        """A rate-limit slot if one is booked, else the backoff; None once expired."""
-        delivery = self.config.delivery
-        due = retry.next_attempt(
-            now,
-            env.arrival,
-            max(1, env.attempts),
-            delivery.retry_min,
-            delivery.retry_max,
-            delivery.retry_for,
-        )
-        if due is not None and attempt.rate_wait is not None:
-            due = min(attempt.rate_wait, env.arrival + delivery.retry_for)
-        if due is not None and self._group_came_back(attempt):
-            due = now  # a backend answered again while this attempt failed over
-        return due
-
-    def _group_came_back(self, attempt: Attempt) -> bool:
-        return any(
-            self.upstreams.last_success.get(group, 0.0) > attempt.started
-            for group in attempt.waiting_groups
-        )
-
-    def _requeue(
-        self, env: Envelope, attempt: Attempt, unfinished: list, due: float, now: float
-    ) -> None:
-        env.next_attempt = due
-        env.waiting_groups = sorted(attempt.waiting_groups)
-        if attempt.deferred:
-            env.last_error = attempt.deferred[-1].reply
-        warn_after = self.config.delivery.warn_after
-        if warn_after and not env.warned and now - env.arrival >= warn_after:
-            # Once per message: the sender learns it is late, and until when we try.
-            late = [r for r in unfinished if r.state == DEFERRED]
-            self.bouncer.report(env, dsn.DELAYED, late, now)
-            env.warned = True
-        self.spool.requeue(env)
-        self._wait_for_groups(env.id, attempt.waiting_groups)
-        if self._group_came_back(attempt):
-            self.release_one(env.id)  # a probe succeeded while this was being settled
-        if attempt.progressed:
-            log.event(
-                "deferred",
-                queue_id=env.id,
-                sender=env.sender,
-                recipients=[r.address for r in unfinished],
-                reply=env.last_error,
-                status=unfinished[-1].status,
-                attempt=env.attempts,
-                delay=round(now - env.arrival, 3),
-                next_attempt=log.rfc3339(due),
-                backend=attempt.backend,
-                backend_errors=[f"{b}: {r}" for b, r in attempt.backend_errors] or None,
-            )
-        self.notify(env.id, due)
+        self._wait_for_groups(queue_id, requeued.waiting_groups)
+        if requeued.group_came_back:
+            self.send_now(queue_id)  # a probe succeeded while this was being settled
+        self.hint(queue_id, requeued.due)
 
     # -- fast recovery ---------------------------------------------------------
 
-    def _wait_for_groups(self, queue_id: str, groups: set[str]) -> None:
+    def _wait_for_groups(self, queue_id: str, groups: Iterable[str]) -> None:
         with self._cond:
             for group in groups:
                 self._waiting.setdefault(group, set()).add(queue_id)
 
-    def release_one(self, queue_id: str) -> None:
+    def send_now(self, queue_id: str) -> None:
         """Make a waiting message due now, whatever its due time on disk says.
 
         Only in memory: after a restart the waiting index is rebuilt and the group
@@ -430,40 +358,29 @@ class Scheduler:
         no file operation each.
         """
         with self._cond:
-            self._released.add(queue_id)
-        self.notify(queue_id, time.time())
+            self._sent_now.add(queue_id)
+        self.hint(queue_id, time.time())
 
-    def release(self, group: str) -> None:
+    def group_up(self, group: str) -> None:
         """A backend of `group` answers again: mail that waited only for it goes now."""
         with self._cond:
             waiting = self._waiting.pop(group, set()) | self._flushed.pop(group, set())
         for queue_id in waiting:
-            self.release_one(queue_id)
+            self.send_now(queue_id)
         if waiting:
             log.event("released", group=group, messages=len(waiting))
 
-    def _probe(self, backend: Backend) -> None:
-        """Open a session to a down backend; its success releases the waiting mail."""
-        try:
-            with backend.session(self.sender.connect) as session:
-                code, msg = session.smtp.noop()
-                if code != 250:
-                    raise BackendFailure(format_reply(code, msg))
-        except (BackendFailure, *SESSION_ERRORS) as exc:
-            self.upstreams.failed(backend, describe_failure(exc), time.time())
-        else:
-            self.upstreams.succeeded(backend)  # releases the group's mail, flushed too
-        finally:
-            self.upstreams.probe_done(backend)
-            flushed: set[str] = set()
-            with self._cond:
-                if not self.upstreams.probing(backend.group):
-                    # Every probe failed: the flushed mail gets the attempt it was
-                    # asked for (deferred, as the backends are still down).
-                    flushed = self._flushed.pop(backend.group, set())
-                self._cond.notify()
-            for queue_id in flushed:
-                self.release_one(queue_id)
+    def _probe_done(self, group: str) -> None:
+        """A probe of `group` ended. If none is left and none answered, the flushed
+        mail gets the attempt it was asked for (deferred, as the backends are still
+        down); if one answered, `group_up` has released it already."""
+        flushed: set[str] = set()
+        with self._cond:
+            if not self.upstreams.probing(group):
+                flushed = self._flushed.pop(group, set())
+            self._cond.notify()
+        for queue_id in flushed:
+            self.send_now(queue_id)
 
     def _probe_first(self, queue_id: str, due: float) -> bool:
         """A message made due before its time by an administrator (`queue flush`,
@@ -495,14 +412,6 @@ class Scheduler:
             self._cond.notify()  # the scheduler thread starts the probes
         return True
 
-    def _start_probes(self, now: float) -> None:
-        for backend in self.upstreams.probes_due(now):
-            thread = threading.Thread(
-                target=self._probe, args=(backend,), name=f"probe-{backend.name}", daemon=True
-            )
-            self._probes = [t for t in self._probes if t.is_alive()] + [thread]
-            thread.start()
-
     def _rebuild_waiting(self) -> None:
         """After a restart, find mail deferred because a group's backends were down, and
         probe those groups at once instead of waiting out each message's backoff."""
@@ -533,72 +442,3 @@ class Scheduler:
             return set(Envelope.from_bytes(data).waiting_groups)
         except ValueError:
             return set()  # corrupt: the claim will quarantine it
-
-    def _expire(self, env: Envelope, unfinished: list, now: float) -> None:
-        for rcpt in unfinished:
-            rcpt.state, rcpt.status = FAILED_RCPT, "4.4.7"
-            rcpt.updated = now
-        log.event(
-            "expired",
-            level=logging.WARNING,
-            queue_id=env.id,
-            recipients=[r.address for r in unfinished],
-            reply=env.last_error,
-            status="4.4.7",
-            attempt=env.attempts,
-            delay=round(now - env.arrival, 3),
-        )
-
-    def _log_attempt(self, env: Envelope, attempt: Attempt, now: float) -> None:
-        common: _AttemptFields = {
-            "queue_id": env.id,
-            "attempt": env.attempts,
-            "delay": round(now - env.arrival, 3),
-        }
-        by_backend: dict[str | None, list] = {}
-        for rcpt in attempt.delivered:
-            by_backend.setdefault(rcpt.backend, []).append(rcpt)
-        for backend, rcpts in by_backend.items():
-            log.event(
-                "delivered",
-                recipients=[r.address for r in rcpts],
-                backend=backend,
-                reply=rcpts[-1].reply,
-                status=rcpts[-1].status,
-                message_id=env.message_id,
-                **common,
-            )
-        for rcpt in attempt.failed:
-            log.event(
-                "failed",
-                level=logging.WARNING,
-                recipient=rcpt.address,
-                sender=env.sender,
-                backend=rcpt.backend,
-                reply=rcpt.reply,
-                status=rcpt.status,
-                **common,
-            )
-        env.history.append(
-            {
-                "time": now,
-                "backend": attempt.backend,
-                "delivered": [r.address for r in attempt.delivered],
-                "deferred": [r.address for r in attempt.deferred],
-                "failed": [r.address for r in attempt.failed],
-                "reply": _last_reply(attempt),
-                "backend_errors": attempt.backend_errors,
-            }
-        )
-        del env.history[:-HISTORY_KEPT]
-
-
-def _lstat(path: str) -> os.stat_result:
-    """A spool entry's own times: never those of what a link planted there points to
-    (nor ELOOP for a link to itself); the claim sets such garbage aside."""
-    return os.stat(path, follow_symlinks=False)
-
-
-def _last_reply(attempt: Attempt) -> str | None:
-    touched = attempt.deferred or attempt.failed or attempt.delivered
-    return touched[-1].reply if touched else None

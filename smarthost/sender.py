@@ -33,7 +33,7 @@ from .spool import DEFERRED, DELIVERED, FAILED_RCPT, CorruptEnvelope, Envelope, 
 from .upstream import Backend, Session, Upstreams, close_session, quit_session
 
 
-class Outcome(enum.Enum):
+class Verdict(enum.Enum):
     OK = "ok"
     BACKEND_FAILURE = "backend failure"  # try the next backend
     DEFER_MESSAGE = "defer message"
@@ -46,23 +46,23 @@ class Outcome(enum.Enum):
 BACKEND_STAGES = frozenset({"connect", "ehlo", "starttls", "auth"})
 
 
-def classify(stage: str, code: int) -> Outcome:
+def classify(stage: str, code: int) -> Verdict:
     """What an upstream reply `code` at `stage` means for the message (SPEC §5)."""
     if not 200 <= code < 600:
         # No reply code at all (smtplib's -1) or one SMTP does not have: the upstream
         # said neither yes nor no, so the message may not be failed for it.
-        return Outcome.BACKEND_FAILURE
+        return Verdict.BACKEND_FAILURE
     if 200 <= code < 400:
-        return Outcome.OK
+        return Verdict.OK
     if code == 421 or stage in BACKEND_STAGES:
-        return Outcome.BACKEND_FAILURE
+        return Verdict.BACKEND_FAILURE
     temporary = 400 <= code < 500
     if stage == "rcpt":
-        return Outcome.DEFER_RECIPIENT if temporary else Outcome.FAIL_RECIPIENT
+        return Verdict.DEFER_RECIPIENT if temporary else Verdict.FAIL_RECIPIENT
     if stage in ("mail", "data"):
-        return Outcome.DEFER_MESSAGE if temporary else Outcome.FAIL_MESSAGE
+        return Verdict.DEFER_MESSAGE if temporary else Verdict.FAIL_MESSAGE
     # RSET or anything unexpected: not the message's fault.
-    return Outcome.BACKEND_FAILURE
+    return Verdict.BACKEND_FAILURE
 
 
 _ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})\b")
@@ -145,7 +145,7 @@ class Sender:
         self.upstreams = upstreams
         self.stopping = threading.Event()
 
-    def use(self, config: Config, upstreams: Upstreams) -> None:
+    def reload(self, config: Config, upstreams: Upstreams) -> None:
         """A reloaded config: attempts from now on use these upstreams."""
         self.config, self.upstreams = config, upstreams
 
@@ -204,10 +204,10 @@ class Sender:
                     # Keep the last word an upstream said, and who said it: it is what
                     # a DSN must quote.
                     said_by = rcpt.remote_mta
-                    _settle(rcpt, DEFERRED, rcpt.reply or reply, status, None, result)
+                    _record(rcpt, DEFERRED, rcpt.reply or reply, status, None, result)
                     rcpt.remote_mta = said_by
                 else:
-                    _settle(rcpt, DEFERRED, reply, status, failed_backend, result)
+                    _record(rcpt, DEFERRED, reply, status, failed_backend, result)
         result.waiting_groups.add(group)
 
     def _deliver_via(
@@ -276,7 +276,7 @@ class Sender:
             # The message's problem, not the backend's (never a reason to mark it
             # down), and the relay's own refusal, not the upstream's (RFC 6531 §3.2).
             for rcpt in rcpts:
-                self._settle_one(rcpt, Outcome.FAIL_RECIPIENT, 553, reply, backend, result, True)
+                self._record_one(rcpt, Verdict.FAIL_RECIPIENT, 553, reply, backend, result, True)
 
         if refused:
             if len(refused) == len(rcpts):
@@ -321,22 +321,22 @@ class Sender:
         code, msg = exchange.reply()
         session.used_now = True
         outcome = classify("mail", code)
-        if outcome is Outcome.BACKEND_FAILURE:
+        if outcome is Verdict.BACKEND_FAILURE:
             raise BackendFailure(format_reply(code, msg))
-        if outcome is not Outcome.OK:
-            self._settle_all([r for r, _ in sendable], outcome, code, msg, backend, result)
+        if outcome is not Verdict.OK:
+            self._record_all([r for r, _ in sendable], outcome, code, msg, backend, result)
             exchange.finish()
             return
         accepted = []
         for rcpt, _ in sendable:
             code, msg = exchange.reply()
             outcome = classify("rcpt", code)
-            if outcome is Outcome.BACKEND_FAILURE:
+            if outcome is Verdict.BACKEND_FAILURE:
                 raise BackendFailure(format_reply(code, msg))
-            if outcome is Outcome.OK:
+            if outcome is Verdict.OK:
                 accepted.append(rcpt)
             else:
-                self._settle_one(rcpt, outcome, code, msg, backend, result)
+                self._record_one(rcpt, outcome, code, msg, backend, result)
         if not accepted:
             exchange.finish()
             return
@@ -350,13 +350,13 @@ class Sender:
         else:
             code, msg = send_content(smtp, content, crlf)
         outcome = classify("data", code)
-        if outcome is Outcome.BACKEND_FAILURE:
+        if outcome is Verdict.BACKEND_FAILURE:
             raise BackendFailure(format_reply(code, msg))
         # Refused before 354, the transaction is still open upstream: RSET before reuse.
         session.clean = not data_refused
         for rcpt in accepted:
-            self._settle_one(rcpt, outcome, code, msg, backend, result)
-        if outcome is Outcome.OK and not smtp.has_extn("dsn"):
+            self._record_one(rcpt, outcome, code, msg, backend, result)
+        if outcome is Verdict.OK and not smtp.has_extn("dsn"):
             # Asked for success notices, but the next hop cannot send them: we report
             # "relayed" ourselves (RFC 3461 §6.2).
             result.relayed.extend(r for r in accepted if "SUCCESS" in (r.notify or ""))
@@ -432,27 +432,39 @@ class Sender:
                 options.append(f"ENVID={xtext_encode(env.envid)}")
         return options
 
-    def _settle_all(self, rcpts, outcome, code, msg, backend, result, own=False) -> None:
+    def _record_all(self, rcpts, outcome, code, msg, backend, result, own=False) -> None:
         per_rcpt = (
-            Outcome.DEFER_RECIPIENT if outcome is Outcome.DEFER_MESSAGE else Outcome.FAIL_RECIPIENT
+            Verdict.DEFER_RECIPIENT if outcome is Verdict.DEFER_MESSAGE else Verdict.FAIL_RECIPIENT
         )
         for rcpt in rcpts:
-            self._settle_one(rcpt, per_rcpt, code, msg, backend, result, own)
+            self._record_one(rcpt, per_rcpt, code, msg, backend, result, own)
 
-    def _settle_one(self, rcpt, outcome, code, msg, backend, result, own=False) -> None:
+    def _record_one(self, rcpt, outcome, code, msg, backend, result, own=False) -> None:
         """`own`: the relay's own reply, not `backend`'s (it only names the backend the
         attempt was on)."""
         reply = format_reply(code, msg)
         state = {
-            Outcome.OK: DELIVERED,
-            Outcome.DEFER_RECIPIENT: DEFERRED,
-            Outcome.DEFER_MESSAGE: DEFERRED,
-            Outcome.FAIL_RECIPIENT: FAILED_RCPT,
-            Outcome.FAIL_MESSAGE: FAILED_RCPT,
+            Verdict.OK: DELIVERED,
+            Verdict.DEFER_RECIPIENT: DEFERRED,
+            Verdict.DEFER_MESSAGE: DEFERRED,
+            Verdict.FAIL_RECIPIENT: FAILED_RCPT,
+            Verdict.FAIL_MESSAGE: FAILED_RCPT,
         }[outcome]
-        _settle(rcpt, state, reply, enhanced_status(code, reply[4:]), backend, result, own)
+        _record(rcpt, state, reply, enhanced_status(code, reply[4:]), backend, result, own)
 
     # -- opening a session --------------------------------------------------
+
+    def probe(self, backend: Backend) -> str | None:
+        """Open a session to `backend` and say NOOP: None if it answered, else what
+        went wrong (for `Prober`)."""
+        try:
+            with backend.session(self.connect) as session:
+                code, msg = session.smtp.noop()
+                if code != 250:
+                    raise BackendFailure(format_reply(code, msg))
+        except (BackendFailure, *SESSION_ERRORS) as exc:
+            return describe_failure(exc)
+        return None
 
     def connect(self, upstream: Backend, trace: Trace | None = None) -> smtplib.SMTP:
         """Connect, greet, encrypt and authenticate as the backend's config asks.
@@ -636,7 +648,7 @@ def _run_password_command(backend: BackendConfig) -> str:
 
 
 def _expect_ok(stage: str, code: int, msg: bytes) -> None:
-    if classify(stage, code) is not Outcome.OK:
+    if classify(stage, code) is not Verdict.OK:
         raise BackendFailure(format_reply(code, msg))
 
 
@@ -651,7 +663,7 @@ def _rcpt_options(smtp: smtplib.SMTP, rcpt: Recipient) -> list[str]:
     return options
 
 
-def _settle(
+def _record(
     rcpt: Recipient,
     state: str,
     reply: str,
@@ -669,8 +681,8 @@ def _settle(
     rcpt.remote_mta = backend.config.host if backend and not own else None
     rcpt.updated = time.time()
     # A recipient deferred by one backend may be delivered by the next in one attempt.
-    for settled in (result.delivered, result.deferred, result.failed):
-        settled[:] = [r for r in settled if r is not rcpt]
+    for recorded in (result.delivered, result.deferred, result.failed):
+        recorded[:] = [r for r in recorded if r is not rcpt]
     {DELIVERED: result.delivered, DEFERRED: result.deferred, FAILED_RCPT: result.failed}[
         state
     ].append(rcpt)

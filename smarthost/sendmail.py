@@ -30,7 +30,6 @@ from .config import Config, ConfigError, default_config_path, load_config
 from .spool import DROP, Spool
 from .submission import Refused
 
-EX_OK, EX_USAGE, EX_DATAERR, EX_TEMPFAIL, EX_CONFIG = 0, 64, 65, 75, 78
 USAGE = (
     "usage: smarthost-sendmail [-C FILE] [-t] [-i | -oi] [-f SENDER] [-F FULLNAME] [-v] "
     "[--] [RECIPIENT ...]\n"
@@ -250,7 +249,7 @@ class StdioSMTP:
         while True:
             raw = self.rfile.readline(COMMAND_MAX + 1)
             if not raw:
-                return EX_OK
+                return os.EX_OK
             if not raw.endswith(b"\n") and len(raw) > COMMAND_MAX:
                 while raw and not raw.endswith(b"\n"):
                     raw = self.rfile.readline(COMMAND_MAX + 1)
@@ -271,7 +270,7 @@ class StdioSMTP:
                     self.reply("500 5.5.2 Error: command not recognized")
                 continue
             if handler(arg.strip(" ")) is False:
-                return EX_OK
+                return os.EX_OK
 
     def _reset(self) -> None:
         self.sender, self.smtputf8, self.recipients = None, False, []
@@ -467,7 +466,7 @@ def main(argv: Sequence[str] | None = None, stdin=None, stdout=None) -> int:
         opts = parse_args(argv)
     except UsageError as exc:
         print(f"smarthost-sendmail: {exc}\n{USAGE}", file=sys.stderr)
-        return EX_USAGE
+        return os.EX_USAGE
     try:
         config = load_config(default_config_path(opts.config))
     except ConfigError as exc:
@@ -476,7 +475,7 @@ def main(argv: Sequence[str] | None = None, stdin=None, stdout=None) -> int:
             out = stdout or sys.stdout.buffer
             out.write(b"421 4.3.0 Error: the mail system is not configured\r\n")
             out.flush()
-        return EX_CONFIG
+        return os.EX_CONFIG
     if opts.smtp:
         rfile, wfile = stdin or sys.stdin.buffer, stdout or sys.stdout.buffer
         return StdioSMTP(config, rfile, wfile, opts.full_name).run()
@@ -484,16 +483,16 @@ def main(argv: Sequence[str] | None = None, stdin=None, stdout=None) -> int:
         name = submit(opts, config, stdin or sys.stdin.buffer)
     except UsageError as exc:
         print(f"smarthost-sendmail: {exc}", file=sys.stderr)
-        return EX_USAGE
+        return os.EX_USAGE
     except MessageError as exc:
         print(f"smarthost-sendmail: {exc}", file=sys.stderr)
-        return EX_DATAERR
+        return os.EX_DATAERR
     except Refused as exc:
         print(f"smarthost-sendmail: message refused: {exc} ({exc.reply})", file=sys.stderr)
         return exc.exit_code
     except OSError as exc:
         print(f"smarthost-sendmail: cannot write the drop area: {exc}", file=sys.stderr)
-        return EX_TEMPFAIL
+        return os.EX_TEMPFAIL
     if opts.verbose:
         print(f"smarthost-sendmail: queued as {name} in {config.spool.dir}/drop", file=sys.stderr)
-    return EX_OK
+    return os.EX_OK

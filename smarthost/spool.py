@@ -38,7 +38,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Union
 
-from . import headers, log, process
+from . import headers, libc, log
 
 # Envelope states, each a directory. Recipient states are separate (below).
 QUEUE = "queue"
@@ -199,7 +199,7 @@ class Spool:
     def __init__(self, root: str) -> None:
         self.root = os.path.abspath(root)
         self._lock_fd: int | None = None
-        self._syncfs = process.syncfs_call()
+        self._syncfs = libc.syncfs_call()
         self._syncfs_rest_until = 0.0
 
     # -- paths -------------------------------------------------------------
@@ -656,26 +656,14 @@ class Spool:
 
     def scan(self, state: str = QUEUE) -> Iterator[tuple[str, float]]:
         """Yield (queue_id, due time) for each envelope in `state`, from stat() only."""
-        try:
-            entries = os.scandir(self.dir(state))
-        except FileNotFoundError:
-            return
-        with entries:
-            for entry in entries:
-                if not is_queue_id(entry.name):
-                    continue
-                try:
-                    yield entry.name, entry.stat(follow_symlinks=False).st_mtime
-                except FileNotFoundError:
-                    continue  # claimed or moved while we looked
-
-    def names(self, state: str) -> set[str]:
-        """The queue IDs in `state`, from the directory alone (no stat: cheap when the
-        queue is long)."""
-        return set(self.each_name(state))
+        for queue_id in self.each_name(state):
+            due = self.due(state, queue_id)
+            if due is not None:  # else claimed or moved while we looked
+                yield queue_id, due
 
     def each_name(self, state: str) -> Iterator[str]:
-        """The queue IDs in `state` one by one, as `names` without holding them all."""
+        """The queue IDs in `state` one by one, from the directory alone (no stat:
+        cheap when the queue is long)."""
         try:
             entries = os.scandir(self.dir(state))
         except FileNotFoundError:
@@ -684,6 +672,52 @@ class Spool:
             for entry in entries:
                 if is_queue_id(entry.name):
                     yield entry.name
+
+    def nothing_due(self, now: float | None = None) -> bool:
+        """Nothing being delivered (active/), nothing due in queue/ (its mtime is its due
+        time), nothing waiting in drop/ (files being written, `.tmp-`, aside); from the
+        directories and stat() alone."""
+        now = time.time() if now is None else now
+        for _ in self.each_name(ACTIVE):
+            return False
+        for _, due in self.scan(QUEUE):
+            if due <= now:
+                return False
+        try:
+            with os.scandir(self.dir(DROP)) as entries:
+                if any(not entry.name.startswith(".") for entry in entries):
+                    return False
+        except FileNotFoundError:
+            pass
+        return True
+
+    def entry_stat(self, state: str, queue_id: str) -> os.stat_result:
+        """An entry's own stat, never that of what a link planted there points to
+        (nor ELOOP for a link to itself): the claim sets such garbage aside."""
+        return os.stat(self.path(state, queue_id), follow_symlinks=False)
+
+    def due(self, state: str, queue_id: str) -> float | None:
+        """When `queue_id` in `state` is next due (its file's mtime); None if gone."""
+        try:
+            return self.entry_stat(state, queue_id).st_mtime
+        except FileNotFoundError:
+            return None
+
+    def set_due(self, state: str, queue_id: str, due: float) -> bool:
+        """Make `queue_id` in `state` due at `due`; False if it is not there. A running
+        relay's watcher sees the change (in queue/) at once."""
+        try:
+            os.utime(self.path(state, queue_id), (due, due), follow_symlinks=False)
+        except FileNotFoundError:
+            return False
+        return True
+
+    def moved_in_at(self, state: str, queue_id: str) -> float | None:
+        """When `queue_id` came into `state` (the rename set its ctime); None if gone."""
+        try:
+            return self.entry_stat(state, queue_id).st_ctime
+        except FileNotFoundError:
+            return None
 
     def locate(self, queue_id: str) -> str | None:
         """The state directory that holds `queue_id`'s envelope, if any."""
@@ -740,13 +774,12 @@ class Spool:
     def quarantine(self, queue_id: str, state: str, reason: str) -> None:
         """Move an unreadable envelope and its content to corrupt/; never delete."""
         moved = []
-        sources = [(self.message_path(queue_id), "message")]
+        sources = [(MSG, "message")]
         if state != MSG:
-            sources.insert(0, (self.path(state, queue_id), "envelope"))
-        for src, suffix in sources:
-            if os.path.lexists(src):
-                dst = self.corrupt_name(f"{queue_id}.{suffix}")
-                os.rename(src, dst)
+            sources.insert(0, (state, "envelope"))
+        for source_state, suffix in sources:
+            if os.path.lexists(self.path(source_state, queue_id)):
+                dst = self.set_aside(source_state, queue_id, f"{queue_id}.{suffix}")
                 moved.append(os.path.basename(dst))
         log.event(
             "quarantined",
@@ -757,7 +790,14 @@ class Spool:
             files=moved,
         )
 
-    def corrupt_name(self, name: str) -> str:
+    def set_aside(self, state: str, name: str, new_name: str) -> str:
+        """Move the entry `name` of `state` (whatever it is: a link or FIFO is renamed
+        itself, never its target) into corrupt/ as `new_name`; its path there."""
+        dst = self._corrupt_name(new_name)
+        os.rename(self.path(state, name), dst)
+        return dst
+
+    def _corrupt_name(self, name: str) -> str:
         """A path in corrupt/ that no earlier file has: quarantine never overwrites."""
         candidate = os.path.join(self.dir(CORRUPT), name)
         n = 1
@@ -770,7 +810,7 @@ class Spool:
         """At start: clear dead writes, hand claimed mail back, quarantine orphans."""
         counts = {"tmp_removed": 0, "requeued": 0, "orphans": 0}
         counts["tmp_removed"] = self._clear_dead_tmp()
-        for queue_id in self.names(ACTIVE):
+        for queue_id in set(self.each_name(ACTIVE)):
             if self.move(queue_id, ACTIVE, QUEUE, durable=False):
                 counts["requeued"] += 1
         counts["orphans"] = self._quarantine_orphans()
@@ -789,8 +829,7 @@ class Spool:
                     continue
                 if entry.is_dir(follow_symlinks=False):
                     # Not a write of ours: set aside, never deleted (nor allowed to stop us).
-                    dst = self.corrupt_name(entry.name)
-                    os.rename(entry.path, dst)
+                    dst = self.set_aside(TMP, entry.name, entry.name)
                     log.event(
                         "quarantined",
                         level=logging.WARNING,
@@ -807,7 +846,7 @@ class Spool:
         """An envelope without content, or content without an envelope, goes aside."""
         # Names only, no stat: this runs before the relay listens, and a long queue
         # must not keep clients waiting. One set of names is held, not one per state.
-        contents = self.names(MSG)
+        contents = set(self.each_name(MSG))
         unmatched = set(contents)
         without_content: list[tuple[str, str]] = []
         for state in ENVELOPE_STATES:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import replace
 
@@ -31,7 +32,7 @@ class Refused(ValueError):
     SMTP answer at the end of DATA, `exit_code` smarthost-sendmail's (sysexits)."""
 
     reply = "554 5.6.0 Error: message refused"
-    exit_code = 65  # EX_DATAERR
+    exit_code = os.EX_DATAERR
 
     def __init__(self, detail: str, reply: str | None = None) -> None:
         super().__init__(detail)

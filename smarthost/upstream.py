@@ -21,11 +21,11 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 
 from . import log
-from .config import BackendConfig, Config, RouteConfig
+from .config import DEFAULT_GROUP, BackendConfig, Config, RouteConfig
+from .rewrite import domain_of
 from .spool import Envelope, Recipient
 
 SESSION_IDLE_TIMEOUT = 30.0
-DEFAULT_GROUP = "default"
 
 
 @dataclass
@@ -155,13 +155,13 @@ class Choice:
 class Upstreams:
     """Every backend, grouped, with the routes that send each recipient to a group."""
 
-    def __init__(self, config: Config, on_up: Callable[[str], None] | None = None) -> None:
+    def __init__(self, config: Config, on_group_up: Callable[[str], None] | None = None) -> None:
         self.backends = [Backend(b) for b in config.backends]
         self.routes: tuple[RouteConfig, ...] = config.routes
         self.groups: dict[str, list[Backend]] = {}
         for backend in self.backends:
             self.groups.setdefault(backend.group, []).append(backend)
-        self.on_up = on_up
+        self.on_group_up = on_group_up
         self.last_success: dict[str, float] = {}  # group -> time of its latest success
         self._lock = threading.Lock()
         self._reservations: dict[tuple[str, str], float] = {}  # (queue_id, backend) -> slot
@@ -170,7 +170,7 @@ class Upstreams:
 
     def group_for(self, sender: str, recipient: str) -> str:
         """The group of the first route matching the sender's or recipient's domain."""
-        sender_domain, rcpt_domain = _domain(sender), _domain(recipient)
+        sender_domain, rcpt_domain = domain_of(sender), domain_of(recipient)
         for route in self.routes:
             if sender_domain in route.sender_domain or rcpt_domain in route.recipient_domain:
                 return route.group
@@ -266,8 +266,8 @@ class Upstreams:
             self.last_success[backend.group] = time.time()
         if was_down:
             log.event("backend_up", backend=backend.name, group=backend.group)
-        if self.on_up is not None:
-            self.on_up(backend.group)
+        if self.on_group_up is not None:
+            self.on_group_up(backend.group)
 
     def probes_due(self, now: float) -> list[Backend]:
         """Down backends whose `fail_timeout` has ended, each handed out once."""
@@ -332,6 +332,48 @@ class Upstreams:
             backend.close_all()
 
 
+class Prober:
+    """Probes backends that are down once their `fail_timeout` is over, or at once when
+    asked (mail waits for their group): one thread per probe, a session and a NOOP.
+
+    `speak(backend)` opens that session (the sender's job: it owns SMTP) and returns
+    None if the backend answered, else what went wrong; `on_done(group)` hears each
+    probe end, whatever its result, so that mail waiting for it can be released.
+    """
+
+    def __init__(
+        self, speak: Callable[[Backend], str | None], on_done: Callable[[str], None]
+    ) -> None:
+        self.speak = speak
+        self.on_done = on_done
+        self._threads: list[threading.Thread] = []
+
+    def start_due(self, upstreams: Upstreams, now: float) -> None:
+        for backend in upstreams.probes_due(now):
+            thread = threading.Thread(
+                target=self._probe,
+                args=(upstreams, backend),
+                name=f"probe-{backend.name}",
+                daemon=True,
+            )
+            self._threads = [t for t in self._threads if t.is_alive()] + [thread]
+            thread.start()
+
+    def threads(self) -> list[threading.Thread]:
+        return list(self._threads)
+
+    def _probe(self, upstreams: Upstreams, backend: Backend) -> None:
+        try:
+            trouble = self.speak(backend)
+            if trouble is None:
+                upstreams.succeeded(backend)  # releases the group's mail
+            else:
+                upstreams.failed(backend, trouble, time.time())
+        finally:
+            upstreams.probe_done(backend)
+            self.on_done(backend.group)
+
+
 def _smooth_weighted_pick(pool: list[Backend]) -> Backend:
     """nginx's smooth weighted round-robin: shares by weight, interleaved, not bursts."""
     total = 0
@@ -371,7 +413,3 @@ def quit_session(smtp: smtplib.SMTP) -> None:
         smtp.quit()
     except (OSError, smtplib.SMTPException):
         close_session(smtp)
-
-
-def _domain(address: str) -> str:
-    return address.rpartition("@")[2].lower() if "@" in address else ""

@@ -3,6 +3,7 @@ as a real process. Everything talks over real loopback sockets."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -23,7 +24,9 @@ from aiosmtpd.controller import Controller
 
 from smarthost import log
 from smarthost.config import Config, load_config
-from smarthost.daemon import Relay
+from smarthost.delivery import Delivery
+from smarthost.relay import Relay
+from smarthost.scheduler import DEFAULT_INTERVALS, Intervals
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -235,9 +238,11 @@ def events() -> Iterator[LogCapture]:
 
 
 class RunningRelay:
-    def __init__(self, config: Config) -> None:
+    """A relay in this process, its delivery half too (`intervals` may be shorter)."""
+
+    def __init__(self, config: Config, intervals: Intervals = DEFAULT_INTERVALS) -> None:
         self.config = config
-        self.relay = Relay(config)
+        self.relay = Relay(config, functools.partial(Delivery, intervals=intervals))
         self.relay.start()
         self.host, self.port = "127.0.0.1", self.relay.listeners.ports[0]
 
@@ -261,11 +266,11 @@ class RunningRelay:
 
 
 @pytest.fixture
-def relay_factory() -> Iterator[Callable[[Config], RunningRelay]]:
+def relay_factory() -> Iterator[Callable[..., RunningRelay]]:
     started: list[RunningRelay] = []
 
-    def start(config: Config) -> RunningRelay:
-        running = RunningRelay(config)
+    def start(config: Config, intervals: Intervals = DEFAULT_INTERVALS) -> RunningRelay:
+        running = RunningRelay(config, intervals)
         started.append(running)
         return running
 

@@ -21,10 +21,10 @@ from aiosmtpd.smtp import SMTP, syntax
 from conftest import Received, Sink, SinkHandler, wait_until, write_config
 from flufl.bounce import all_failures, scan_message
 
-import smarthost.scheduler
 from smarthost.bounce import Bouncer
 from smarthost.config import Config, load_config
 from smarthost.dsn import take_dsn_params
+from smarthost.scheduler import Intervals
 from smarthost.spool import MSG, Envelope, Recipient, Spool, new_id
 
 SENDER = "s@client.test"
@@ -154,8 +154,8 @@ class Report:
 
 
 def scan_counter(relay) -> Callable[[], int]:
-    """Count the scheduler's rescans of queue/ (RESCAN_INTERVAL is patched short)."""
-    scheduler = relay.relay.scheduler
+    """Count the scheduler's rescans of queue/ (FAST_RESCANS apart)."""
+    scheduler = relay.relay.delivery.scheduler
     scans = [0]
     original = scheduler._scan
 
@@ -181,9 +181,7 @@ def holds_over_rescans(scans: Callable[[], int], check: Callable[[], None], resc
     check()
 
 
-@pytest.fixture
-def fast_rescans(monkeypatch) -> None:
-    monkeypatch.setattr(smarthost.scheduler, "RESCAN_INTERVAL", 0.2)
+FAST_RESCANS = Intervals(rescan=0.2)
 
 
 # -- 1. the listener -------------------------------------------------------------------
@@ -451,7 +449,8 @@ def test_notify_failure_gets_no_delayed_dsn(tmp_path, sink, relay_factory, event
 # -- 7. the null sender is never bounced -------------------------------------------------
 
 
-def test_null_sender_failure_is_a_double_bounce_kept_in_failed(fast_rescans, relay, sink, events):
+def test_null_sender_failure_is_a_double_bounce_kept_in_failed(config, relay_factory, sink, events):
+    relay = relay_factory(config, FAST_RESCANS)
     sink.handler.rcpt_replies["gone@dest.test"] = "550 5.1.1 no such user"
     queue_id = send(relay, "", ["gone@dest.test"])
     (double,) = wait_until(
@@ -511,10 +510,9 @@ def test_failed_dsn_is_kept_and_copied_to_the_postmaster(tmp_path, sink, relay_f
     assert len(bounces(sink)) == 1
 
 
-def test_failed_postmaster_copy_is_kept_and_not_copied_again(
-    tmp_path, sink, relay_factory, events, fast_rescans
-):
-    relay = relay_factory(relay_config(tmp_path, sink.port, dsn={"postmaster": POSTMASTER}))
+def test_failed_postmaster_copy_is_kept_and_not_copied_again(tmp_path, sink, relay_factory, events):
+    config = relay_config(tmp_path, sink.port, dsn={"postmaster": POSTMASTER})
+    relay = relay_factory(config, FAST_RESCANS)
     sink.handler.rcpt_replies["gone@dest.test"] = "550 5.1.1 no such user"
     sink.handler.rcpt_replies[SENDER] = "550 5.1.1 no such sender"
     sink.handler.rcpt_replies[POSTMASTER] = "550 5.1.1 no such postmaster"

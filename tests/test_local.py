@@ -40,6 +40,7 @@ from smarthost import drop
 from smarthost.config import load_config
 from smarthost.delivery import Delivery
 from smarthost.pickup import Pickup
+from smarthost.scheduler import Intervals
 from smarthost.spool import Spool
 from smarthost.watcher import Watcher
 
@@ -729,9 +730,8 @@ def test_queue_hold_survives_flush_release_delivers(
     tmp_path: Path, sink: Sink, relay_factory, events, monkeypatch
 ) -> None:
     # No rescan during the test: only the watcher can explain a prompt delivery.
-    monkeypatch.setattr(smarthost.scheduler, "RESCAN_INTERVAL", 3600.0)
     cfg = deferring_config(tmp_path, sink)
-    relay = relay_factory(load_config(cfg))
+    relay = relay_factory(load_config(cfg), Intervals(rescan=3600.0))
     sink.handler.rcpt_replies["later@dest.test"] = LATER
     held_subject, control_subject = token(), token()
     held = deferred(events, relay, "later@dest.test", held_subject)
@@ -764,9 +764,8 @@ def test_queue_delete_without_dsn_and_bounce_with_dsn(
     tmp_path: Path, sink: Sink, relay_factory, events, monkeypatch
 ) -> None:
     # No rescan during the test: only the watcher can explain a prompt delivery.
-    monkeypatch.setattr(smarthost.scheduler, "RESCAN_INTERVAL", 3600.0)
     cfg = deferring_config(tmp_path, sink)
-    relay = relay_factory(load_config(cfg))
+    relay = relay_factory(load_config(cfg), Intervals(rescan=3600.0))
     sink.handler.rcpt_replies["later@dest.test"] = LATER
     deleted_subject, bounced_subject = token(), token()
     deleted = deferred(events, relay, "later@dest.test", deleted_subject)

@@ -547,7 +547,7 @@ def test_messages_that_end_while_a_batch_commits_share_the_next_one(tmp_path):
     committer.stop(10)
     assert spool.batches == [1, 5]
     assert outcome == [None] * 6
-    assert sorted(spool.names("queue")) == sorted(env.id for env in envs)
+    assert sorted(spool.each_name("queue")) == sorted(env.id for env in envs)
     assert [queue_id for queue_id, _ in logged] == [env.id for env in envs]
 
 

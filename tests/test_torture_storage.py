@@ -36,7 +36,7 @@ from faults.harness import (
     try_send,
 )
 
-from smarthost.scheduler import RESCAN_INTERVAL
+from smarthost.scheduler import DEFAULT_INTERVALS
 
 EXPECTED = {"ENOSPC": (452, "4.3.1"), "EIO": (451, "4.3.0")}
 
@@ -240,7 +240,7 @@ def test_faults_after_the_commit_lose_nothing(tmp_path, sink, faulty, torture_si
         struck = proc.struck()
         # Retried without waiting for rescans (4 of them would take 30 s at least).
         span = struck[times - 1]["time"] - struck[0]["time"]
-        assert span < 2.5 * RESCAN_INTERVAL, (name, span, struck)
+        assert span < 2.5 * DEFAULT_INTERVALS.rescan, (name, span, struck)
         if not bounces:
             sink.handler.rcpt_replies.pop(rcpt, None)  # the upstream takes it now
         wait_until(

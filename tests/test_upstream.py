@@ -26,7 +26,7 @@ import pytest
 from conftest import Sink, SinkHandler, wait_until
 
 from smarthost.config import BackendConfig, load_config
-from smarthost.scheduler import RESCAN_INTERVAL
+from smarthost.scheduler import DEFAULT_INTERVALS
 from smarthost.spool import QUEUE, Spool
 from smarthost.upstream import Backend, RateWindow, Upstreams, _smooth_weighted_pick
 
@@ -418,13 +418,13 @@ def test_touching_a_queue_file_sends_it_at_once(tmp_path, sink, relay_factory, e
     first.stop()
     # A fresh relay, so that no watcher event about the file is still in flight (one
     # would stat the file and see the touch); once its start-up scan has indexed the
-    # message, only the watcher or the next rescan (RESCAN_INTERVAL away) can see it.
+    # message, only the watcher or the next rescan (10 s away) can see it.
     second = relay_factory(config)
-    wait_until(lambda: queue_id in second.relay.scheduler._index, what="the start-up scan")
+    wait_until(lambda: queue_id in second.relay.delivery.scheduler._index, what="the start-up scan")
     del sink.handler.rcpt_replies["later@dest.test"]
     now = time.time()
     os.utime(path, (now, now))
-    sink.wait_for(1, timeout=RESCAN_INTERVAL / 5)
+    sink.wait_for(1, timeout=DEFAULT_INTERVALS.rescan / 5)
 
 
 # -- 10, 11: sessions and rates -------------------------------------------------------

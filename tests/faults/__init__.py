@@ -393,7 +393,7 @@ def install(source: str | None = None, log_path: str | None = None) -> bool:
     os.rename = _rename  # type: ignore[assignment]
     os.replace = _replace  # type: ignore[assignment]
     os.link = _link  # type: ignore[assignment]
-    from smarthost.process import libc_syncfs  # only os and ctypes: nothing to wrap
+    from smarthost.libc import libc_syncfs  # only os and ctypes: nothing to wrap
 
     real_syncfs = libc_syncfs()
     if real_syncfs is not None:  # else the relay fsyncs

@@ -1,0 +1,251 @@
+"""The delivery half in a process of its own, and the pipe between it and the relay.
+
+`serve` runs delivery in a second interpreter, so the two halves don't take turns on
+one GIL. The relay (`DeliveryProcess`, here) starts it and writes frames into a pipe;
+the child (`main`, here too) reads them. A frame is a kind byte and a 4-byte length:
+`Q` + a committed queue ID, or `C` + the pickled Config (at start and on reload).
+
+The child holds the spool lock with the relay. The pipe's end tells it the relay is
+gone, and it then exits at once, as a kill -9 of the whole relay would: what it had
+claimed goes back to the queue at the next start.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import pickle
+import select
+import signal
+import struct
+import subprocess
+import sys
+import threading
+import time
+from typing import TYPE_CHECKING
+
+from . import libc, log, privileges
+from .config import Config
+from .spool import Envelope, Spool
+
+STOP_GRACE = 5.0
+RESTART_DELAY = 1.0  # before a delivery process that died is started again
+START_TIMEOUT = 60.0  # for a delivery process to say it runs
+
+QUEUED = b"Q"  # + a committed queue ID
+CONFIG = b"C"  # + a pickled Config
+_HEAD = struct.Struct(">cI")
+
+if TYPE_CHECKING:
+    from .delivery import Delivery
+
+_CHILD_MAIN = "from smarthost.delivery_process import main as delivery_main; delivery_main()"
+
+
+# -- the frames ------------------------------------------------------------------
+
+
+def frame(kind: bytes, payload: bytes) -> bytes:
+    return _HEAD.pack(kind, len(payload)) + payload
+
+
+def read_frame(fd: int) -> tuple[bytes, bytes] | None:
+    """The next frame, or None once the writer is gone."""
+    head = _read_exactly(fd, _HEAD.size)
+    if head is None:
+        return None
+    kind, size = _HEAD.unpack(head)
+    payload = _read_exactly(fd, size)
+    return None if payload is None else (kind, payload)
+
+
+def _read_exactly(fd: int, size: int) -> bytes | None:
+    chunks, left = [], size
+    while left:
+        chunk = os.read(fd, left)
+        if not chunk:
+            return None
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+# -- the relay's end ---------------------------------------------------------------
+
+
+class DeliveryProcess:
+    """The delivery half in a child process, fed through a pipe (a `DeliveryHalf`)."""
+
+    starts_privileged = True
+
+    def __init__(self, config: Config, spool: Spool) -> None:
+        self.config = config
+        self.spool = spool
+        self.proc: subprocess.Popen | None = None
+        self._pipe: int | None = None
+        self._pipe_lock = threading.Lock()
+        self._started_at = 0.0
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    def start(self) -> None:
+        lock_fd = self.spool.lock_fd
+        assert lock_fd is not None, "the spool is locked before delivery starts"
+        read_end, write_end = os.pipe()
+        ready_read, ready_write = os.pipe()
+        child_fds = (read_end, ready_write, lock_fd)
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-c", _CHILD_MAIN, *map(str, child_fds)],
+                pass_fds=child_fds,
+                stdin=subprocess.DEVNULL,
+            )
+        except BaseException:
+            os.close(write_end)
+            os.close(ready_read)
+            raise
+        finally:
+            os.close(read_end)
+            os.close(ready_write)
+        self._started_at = time.monotonic()
+        with self._pipe_lock:
+            self._pipe = write_end
+        self._send(CONFIG, pickle.dumps(self.config))
+        self._wait_until_ready(ready_read)
+
+    def _wait_until_ready(self, ready_read: int) -> None:
+        """Block until the child says it delivers (one byte), or fail the start."""
+        try:
+            readable, _, _ = select.select([ready_read], [], [], START_TIMEOUT)
+            if not readable or os.read(ready_read, 1) != b"1":
+                assert self.proc is not None
+                code = self.proc.poll()
+                raise OSError(
+                    errno.ECHILD,
+                    "the delivery process did not start"
+                    + (f" (exit status {code})" if code is not None else ""),
+                )
+        finally:
+            os.close(ready_read)
+
+    def submit(self, env: Envelope) -> None:
+        self._send(QUEUED, env.id.encode())
+
+    def reload(self, config: Config) -> None:
+        self.config = config
+        self._send(CONFIG, pickle.dumps(config))
+
+    def _send(self, kind: bytes, payload: bytes) -> None:
+        with self._pipe_lock:
+            if self._pipe is None:
+                return
+            # If it died, the next one starts with a scan of the queue.
+            with contextlib.suppress(OSError):
+                _write_all(self._pipe, frame(kind, payload))
+
+    def healthy(self) -> bool:
+        """False once the child has died; a new one is started after RESTART_DELAY."""
+        if self.proc is None or self.proc.poll() is None:
+            return True
+        if time.monotonic() - self._started_at < RESTART_DELAY:
+            return False
+        log.event(
+            "internal_error",
+            level=logging.ERROR,
+            error=f"delivery process {self.proc.pid} exited with {self.proc.returncode}; "
+            "starting a new one",
+        )
+        self._close_pipe()
+        try:
+            self.start()
+        except OSError as exc:
+            log.event("internal_error", level=logging.ERROR, error=f"{exc}; trying again")
+            self._started_at = time.monotonic()
+            return False
+        return True
+
+    def stop(self, grace: float) -> bool:
+        if self.proc is None:
+            return True
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            code = self.proc.wait(grace + 5.0)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            code = self.proc.wait()
+        self._close_pipe()
+        return code == 0
+
+    def _close_pipe(self) -> None:
+        with self._pipe_lock:
+            if self._pipe is not None:
+                os.close(self._pipe)
+                self._pipe = None
+
+
+# -- the child's end ---------------------------------------------------------------
+
+
+def main() -> None:
+    """The delivery process: `python -c "...; main()" PIPE_FD READY_FD LOCK_FD`."""
+    from .delivery import Delivery  # the relay's own process never needs it
+
+    pipe_fd, ready_fd, lock_fd = (int(arg) for arg in sys.argv[1:4])
+    libc.limit_malloc_arenas()
+    first = read_frame(pipe_fd)
+    if first is None or first[0] != CONFIG:
+        os._exit(1)  # the relay died before it could say anything
+    config: Config = pickle.loads(first[1])
+    account = privileges.service_account(config.user)
+    if account is not None and os.geteuid() == 0:
+        "localhost".encode("idna")  # loaded on first use: maybe unreachable once dropped
+        privileges.drop_to(account)
+    libc.die_with_parent()  # after the drop: a change of credentials clears it
+    log.setup(config.log.level, config.log.file, config.log.format)
+    spool = Spool(config.spool.dir)
+    spool.adopt_lock(lock_fd)
+    delivery = Delivery(config, spool)
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: object) -> None:
+        stop.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, on_signal)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the relay forwards reloads as frames
+    delivery.start()
+    os.write(ready_fd, b"1")
+    os.close(ready_fd)
+    reader = threading.Thread(
+        target=_follow_relay, args=(pipe_fd, delivery, stop), name="relay-pipe", daemon=True
+    )
+    reader.start()
+    stop.wait()
+    sys.exit(0 if delivery.stop(STOP_GRACE) else 1)
+
+
+def _follow_relay(pipe_fd: int, delivery: Delivery, stop: threading.Event) -> None:
+    while True:
+        received = read_frame(pipe_fd)
+        if received is None:
+            if not stop.is_set():
+                os._exit(1)  # the relay is gone: so are we, at once
+            return
+        kind, payload = received
+        if kind == QUEUED:
+            delivery.scheduler.hint(payload.decode(), 0.0)
+        elif kind == CONFIG:
+            config = pickle.loads(payload)
+            log.setup(config.log.level, config.log.file, config.log.format)
+            delivery.reload(config)

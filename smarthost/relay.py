@@ -1,0 +1,206 @@
+"""The composition root: start the parts in order, stop them in reverse, handle signals.
+
+Two halves: receiving (listeners, commits) and delivery (scheduler and senders, pickup
+of the drop area, watcher: delivery.py). `serve` runs the delivery half in a process of
+its own (delivery_process.py), so the two don't take turns on one GIL: the receiver
+hands it each committed queue ID through a pipe. A `Relay` given another delivery half
+(tests give it one in the same process) runs that one.
+
+Start: spool (lock, recovery) → listeners → privileges dropped → delivery; only then is
+the relay announced as started. Stop: listeners first (no new mail), then the commits
+in flight, then delivery (attempts in flight get a few seconds; an unfinished message
+simply stays spooled and is retried at the next start).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from . import __version__, libc, log, privileges, systemd
+from .config import Config, ConfigError, for_reload, load_config
+from .delivery_process import STOP_GRACE, DeliveryProcess
+from .receiver import Receiver, auth_users, start_listeners
+from .smtp_server import Listeners
+from .spool import Spool
+
+if TYPE_CHECKING:
+    from .delivery import DeliveryHalf
+
+# `smarthost drain` writes its timeout (seconds, one line) into this file in the spool
+# root before it sends SIGUSR1; a SIGUSR1 without one (or with one older than
+# DRAIN_FILE_MAX_AGE, left by a command that died) drains for DRAIN_TIMEOUT.
+DRAIN_FILE = ".drain"
+DRAIN_FILE_MAX_AGE = 60.0
+DRAIN_TIMEOUT = 300.0
+
+
+class Relay:
+    """One running relay: receiver, spool and the delivery half (by default in a
+    process of its own, as `serve` runs it)."""
+
+    def __init__(
+        self,
+        config: Config,
+        delivery: Callable[[Config, Spool], DeliveryHalf] = DeliveryProcess,
+    ) -> None:
+        self.config = config
+        self.spool = Spool(config.spool.dir)
+        self.delivery = delivery(config, self.spool)
+        self.receiver = Receiver(config, self.spool, self.delivery.submit)
+        self.listeners: Listeners | None = None
+
+    def start(self) -> None:
+        self.spool.create()
+        self.spool.lock()
+        recovered = self.spool.recover()
+        account = privileges.service_account(self.config.user)
+        if account is not None:
+            privileges.hand_over(account, self.spool.root, self.config.log.file)
+        # Ports first (port 25 needs root), then no more root; delivery picks up what
+        # the listeners commit in between. A delivery process is started before the
+        # drop, so that it can still reach the interpreter, and drops its rights itself.
+        self.listeners = start_listeners(self.config, self.receiver)
+        if self.delivery.starts_privileged:
+            self.delivery.start()
+        if account is not None:
+            privileges.drop_to(account)
+        if not self.delivery.starts_privileged:
+            self.delivery.start()
+        log.event(
+            "started",
+            version=__version__,
+            pid=os.getpid(),
+            delivery_pid=self.delivery.pid,
+            listen=self.listeners.addresses,
+            spool=self.spool.root,
+            workers=self.config.delivery.workers,
+            backends=[b.name for b in self.config.backends],
+            recovered=recovered,
+            user=account.pw_name if account else None,
+        )
+        systemd.notify("READY=1")
+
+    def reload(self, config: Config) -> list[str]:
+        """Take a new config for upstreams, routes, rewriting, users and logging,
+        without dropping a session; what needs a restart (config.RESTART_ONLY) is
+        returned, and kept as it was until then."""
+        config, needs_restart = for_reload(self.config, config)
+        users = auth_users(config)  # a bad users file refuses the whole reload
+        try:
+            log.setup(config.log.level, config.log.file, config.log.format)
+        except OSError as exc:
+            raise ConfigError(
+                [f"log.file: cannot open {config.log.file}: {exc.strerror}"]
+            ) from None
+        self.delivery.reload(config)
+        self.receiver.config, self.receiver.users = config, users
+        self.config = config
+        return needs_restart
+
+    def stop(self, reason: str | None = None) -> None:
+        log.event("stopping", pid=os.getpid(), reason=reason)
+        systemd.notify("STOPPING=1")
+        # Stop accepting, let messages being committed get their 250, then close.
+        if self.listeners is not None:
+            self.listeners.stop_accepting()
+        self.receiver.wait_for_commits(STOP_GRACE)
+        if self.listeners is not None:
+            self.listeners.stop()
+        self.receiver.committer.stop()
+        clean = self.delivery.stop(STOP_GRACE)
+        self.spool.unlock()
+        log.event("stopped", pid=os.getpid(), clean=clean)
+
+    def abort_start(self) -> None:
+        """Undo a start that failed half-way (a port in use, an unwritable spool)."""
+        if self.listeners is not None:
+            self.listeners.stop()
+        self.delivery.stop(0.0)
+        self.receiver.committer.stop(0.0)
+        self.spool.unlock()
+
+
+def serve(config: Config) -> int:
+    """Run until SIGTERM or SIGINT; SIGHUP reloads the config and reopens the log file;
+    SIGUSR1 drains: no new sessions, delivery goes on, stop once nothing is due."""
+    libc.limit_malloc_arenas()
+    relay = Relay(config)
+    stop, hup, drain = threading.Event(), threading.Event(), threading.Event()
+    wake = threading.Event()
+    flags: dict[int, threading.Event] = {signal.SIGHUP: hup, signal.SIGUSR1: drain}
+
+    def on_signal(signum: int, frame: object) -> None:
+        # Only flags here: the work happens in the main loop, outside the handler.
+        flags.get(signum, stop).set()
+        wake.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
+        signal.signal(signum, on_signal)
+    try:
+        relay.start()
+    except BaseException:
+        relay.abort_start()
+        raise
+    drain_until: float | None = None
+    reason: str | None = None
+    while not stop.is_set():
+        wake.wait(1.0)  # also the pace of checks on the delivery process
+        wake.clear()
+        relay.delivery.healthy()
+        if drain.is_set() and not stop.is_set():
+            drain.clear()
+            drain_until = start_drain(relay, drain_until is None)
+        if drain_until is not None:
+            if relay.spool.nothing_due():
+                reason = "drained"
+                break
+            if time.monotonic() >= drain_until:
+                reason = "drain_timeout"
+                break
+        if hup.is_set() and not stop.is_set():
+            hup.clear()
+            reload(relay)
+    relay.stop(reason)
+    return 0
+
+
+def start_drain(relay: Relay, first: bool) -> float:
+    """SIGUSR1: stop accepting sessions (the first time); the deadline, from the
+    timeout `smarthost drain` left in DRAIN_FILE (a later drain sets a new one)."""
+    timeout = DRAIN_TIMEOUT
+    path = os.path.join(relay.spool.root, DRAIN_FILE)
+    with contextlib.suppress(OSError, ValueError):
+        fresh = time.time() - os.stat(path).st_mtime < DRAIN_FILE_MAX_AGE
+        with open(path, encoding="ascii") as f:
+            text = f.read(64)
+        os.unlink(path)
+        if fresh:
+            timeout = max(0.0, float(text.strip()))
+    log.event("draining", pid=os.getpid(), timeout=timeout)
+    if first and relay.listeners is not None:
+        relay.listeners.stop_accepting()
+    return time.monotonic() + timeout
+
+
+def reload(relay: Relay) -> None:
+    """SIGHUP: a new config if it is valid (else the old one stays, loudly); the log
+    file is reopened either way (after logrotate)."""
+    systemd.notify("RELOADING=1")
+    try:
+        needs_restart = relay.reload(load_config(relay.config.path))
+    except ConfigError as exc:
+        try:
+            log.reopen()
+        except OSError as reopen_error:  # keep writing to the old file rather than die
+            exc.errors.append(f"log.file: cannot reopen: {reopen_error.strerror}")
+        log.event("config_reloaded", level=logging.ERROR, ok=False, errors=exc.errors)
+    else:
+        log.event("config_reloaded", ok=True, needs_restart=needs_restart or None)
+    systemd.notify("READY=1")
