@@ -42,7 +42,12 @@ BUSY_WAIT = 30.0  # how long to wait for an attempt in flight to end
 CANCELLED = "550 5.0.0 delivery cancelled by the administrator"
 
 
-_STATE_WORDS = {QUEUE: "waiting", ACTIVE: "being delivered", HOLD: "held", FAILED: "failed"}
+_STATE_WORDS: dict[str, str] = {
+    QUEUE: "waiting",
+    ACTIVE: "being delivered",
+    HOLD: "held",
+    FAILED: "failed",
+}
 
 
 class QueueError(Exception):
@@ -60,7 +65,8 @@ class Entry:
         """queued, deferred, held, failed or active (being delivered now)."""
         if self.state == QUEUE:
             return "deferred" if self.env.attempts else "queued"
-        return {HOLD: "held", FAILED: "failed", ACTIVE: "active"}[self.state]
+        words: dict[str, str] = {HOLD: "held", FAILED: "failed", ACTIVE: "active"}
+        return words[self.state]
 
     def as_json(self) -> dict:
         env = self.env

@@ -683,9 +683,12 @@ def _record(
     # A recipient deferred by one backend may be delivered by the next in one attempt.
     for recorded in (result.delivered, result.deferred, result.failed):
         recorded[:] = [r for r in recorded if r is not rcpt]
-    {DELIVERED: result.delivered, DEFERRED: result.deferred, FAILED_RCPT: result.failed}[
-        state
-    ].append(rcpt)
+    outcomes: dict[str, list[Recipient]] = {
+        DELIVERED: result.delivered,
+        DEFERRED: result.deferred,
+        FAILED_RCPT: result.failed,
+    }
+    outcomes[state].append(rcpt)
 
 
 def _is_smtp_reply(text: str | None) -> bool:

@@ -36,16 +36,40 @@ import stat
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any, BinaryIO, Union
 
 from . import headers, libc, log
 
-# Envelope states, each a directory. Recipient states are separate (below).
-QUEUE = "queue"
-ACTIVE = "active"
-HOLD = "hold"
-FAILED = "failed"
-ENVELOPE_STATES = (QUEUE, ACTIVE, HOLD, FAILED)
+
+class _Name(str, Enum):
+    """A name that is its own plain string too: in paths, JSON and log lines."""
+
+    __str__ = str.__str__
+    __format__ = str.__format__  # type: ignore[assignment]
+
+
+class SpoolState(_Name):
+    """Where a message's envelope is: each state is a directory, and a state change is
+    one rename. Recipients have states of their own (`RcptState`)."""
+
+    QUEUE = "queue"  # waiting for its due time (the file's mtime)
+    ACTIVE = "active"  # claimed by a sender thread for one attempt
+    HOLD = "hold"  # held by an administrator (`queue hold`)
+    FAILED = "failed"  # a bounce that could not be delivered, kept for a human
+
+
+class RcptState(_Name):
+    """Where one recipient of a message stands."""
+
+    PENDING = "pending"  # not tried yet
+    DEFERRED = "deferred"  # tried, temporary failure: will be retried
+    DELIVERED = "delivered"  # an upstream accepted it
+    FAILED = "failed"  # permanent failure or expiry: reported to the sender
+
+
+QUEUE, ACTIVE, HOLD, FAILED = SpoolState
+ENVELOPE_STATES = tuple(SpoolState)
 TMP, MSG, CORRUPT, DROP = "tmp", "msg", "corrupt", "drop"
 DIRECTORIES = (TMP, MSG, *ENVELOPE_STATES, CORRUPT)
 # Like Postfix's maildrop: any local user may add a file, nobody may list the
@@ -53,11 +77,7 @@ DIRECTORIES = (TMP, MSG, *ENVELOPE_STATES, CORRUPT)
 DROP_MODE = 0o1733
 ROOT_MODE = 0o711
 
-# Recipient states.
-PENDING = "pending"  # not tried yet
-DEFERRED = "deferred"  # tried, temporary failure: will be retried
-DELIVERED = "delivered"  # an upstream accepted it
-FAILED_RCPT = "failed"  # permanent failure or expiry
+PENDING, DEFERRED, DELIVERED, FAILED_RCPT = RcptState
 UNFINISHED = frozenset({PENDING, DEFERRED})
 
 ENVELOPE_VERSION = 1
@@ -855,8 +875,8 @@ class Spool:
                     unmatched.discard(queue_id)
                 else:
                     without_content.append((queue_id, state))
-        for queue_id, state in without_content:
-            self.quarantine(queue_id, state, "envelope without message content")
+        for queue_id, envelope_state in without_content:
+            self.quarantine(queue_id, envelope_state, "envelope without message content")
         for queue_id in unmatched:
             self.quarantine(queue_id, MSG, "message content without an envelope")
         return len(without_content) + len(unmatched)
