@@ -1,0 +1,134 @@
+"""scheduler.py: the dispatcher alone (a Scheduler, its Sender and a real aiosmtpd
+upstream, no watcher, no listener): hints, due times, rescans, stray claims, the pool's
+bound, and what it remembers of messages that left the queue."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import Sink, wait_until, write_config
+
+from smarthost.config import load_config
+from smarthost.scheduler import Intervals, Scheduler
+from smarthost.sender import Sender
+from smarthost.spool import ACTIVE, HOLD, QUEUE, Envelope, Recipient, Spool, new_id
+from smarthost.upstream import Upstreams
+
+NO_RESCANS = Intervals(rescan=3600.0)  # only hints and the start-up scan
+CONTENT = b"From: a@client.test\r\nSubject: dispatch\r\n\r\nbody\r\n"
+
+
+class Dispatch:
+    """A spool and a running Scheduler over it, sending to `sink`."""
+
+    def __init__(self, tmp_path: Path, sink: Sink, intervals: Intervals, workers: int = 4):
+        path = write_config(tmp_path, sink.port)
+        path.write_text(path.read_text().replace("workers = 4", f"workers = {workers}"))
+        self.config = load_config(path)
+        self.spool = Spool(self.config.spool.dir)
+        self.spool.create()
+        self.upstreams = Upstreams(self.config)
+        sender = Sender(self.config, self.spool, self.upstreams)
+        self.scheduler = Scheduler(self.config, self.spool, sender, intervals)
+
+    def commit(self, due: float = 0.0, rcpt: str = "x@dest.test") -> str:
+        env = Envelope(new_id(), "a@client.test", [Recipient(rcpt)], time.time(), len(CONTENT))
+        env.next_attempt = due
+        self.spool.commit(env, [CONTENT])
+        if due:
+            self.spool.set_due(QUEUE, env.id, due)
+        return env.id
+
+
+@pytest.fixture
+def dispatch(tmp_path: Path, sink: Sink) -> Iterator[Dispatch]:
+    started: list[Dispatch] = []
+
+    def make(intervals: Intervals = NO_RESCANS, workers: int = 4) -> Dispatch:
+        d = Dispatch(tmp_path, sink, intervals, workers)
+        started.append(d)
+        return d
+
+    yield make  # type: ignore[misc]
+    for d in started:
+        assert d.scheduler.stop(5.0)
+        d.upstreams.close_all()
+
+
+def test_a_hint_sends_a_committed_message_at_once(dispatch, sink):
+    d = dispatch()
+    d.scheduler.start()
+    queue_id = d.commit()
+    d.scheduler.hint(queue_id, 0.0)
+    assert sink.wait_for(1, 5.0)[0].rcpt_tos == ["x@dest.test"]
+    wait_until(lambda: d.spool.locate(queue_id) is None, 5.0, "the message to be done")
+
+
+def test_a_message_waits_for_its_due_time_on_disk(dispatch, sink):
+    d = dispatch()
+    due = time.time() + 1.0
+    queue_id = d.commit(due)
+    d.scheduler.start()  # the start-up scan finds it
+    d.scheduler.hint(queue_id, 0.0)  # an early hint: the file's due time wins
+    got = sink.wait_for(1, 5.0)
+    assert time.time() >= due - 0.05, "sent before its due time"
+    assert got[0].rcpt_tos == ["x@dest.test"]
+
+
+def test_the_rescan_finds_what_no_hint_announced(dispatch, sink):
+    d = dispatch(Intervals(rescan=0.2))
+    d.scheduler.start()
+    time.sleep(0.05)  # let the start-up scan pass before the file appears
+    d.commit()
+    assert sink.wait_for(1, 3.0)  # no hint, no watcher: only a rescan can find it
+
+
+def test_an_unclaimed_message_in_active_goes_back_and_out(dispatch, sink):
+    d = dispatch()
+    queue_id = d.commit()
+    assert d.spool.move(queue_id, QUEUE, ACTIVE)  # left by a delivery process that died
+    d.scheduler.start()
+    assert sink.wait_for(1, 5.0)
+    wait_until(lambda: d.spool.locate(queue_id) is None, 5.0, "the message to be done")
+
+
+def test_never_more_claimed_than_workers(dispatch, sink):
+    release = threading.Event()
+    original = sink.handler.handle_DATA
+
+    async def slow_data(server, session, envelope):
+        while not release.is_set():  # hold every session until the count is taken
+            await asyncio.sleep(0.01)
+        return await original(server, session, envelope)
+
+    sink.handler.handle_DATA = slow_data
+    d = dispatch(workers=2)
+    ids = [d.commit() for _ in range(6)]
+    d.scheduler.start()
+    wait_until(lambda: len(set(d.spool.each_name(ACTIVE))) == 2, 5.0, "two claims")
+    time.sleep(0.2)  # a bounded look for a third claim that must not come
+    assert len(set(d.spool.each_name(ACTIVE))) == 2
+    release.set()
+    sink.wait_for(6, 10.0)
+    wait_until(lambda: not any(d.spool.locate(q) for q in ids), 5.0, "all done")
+
+
+def test_what_it_remembers_of_a_deleted_message_goes_at_the_rescan(dispatch, sink):
+    d = dispatch(Intervals(rescan=0.2))
+    later = d.commit(time.time() + 3600)
+    held = d.commit(time.time() + 3600)
+    d.scheduler._wait_for_groups(later, ["default"])  # as a deferral while all were down
+    d.scheduler._wait_for_groups(held, ["default"])
+    assert d.spool.move(held, QUEUE, HOLD)
+    d.spool.discard(later, QUEUE)  # `queue delete`
+    d.scheduler.start()
+    wait_until(
+        lambda: d.scheduler._waiting.get("default") == {held},
+        3.0,
+        "the deleted message forgotten, the held one kept",
+    )
