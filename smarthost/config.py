@@ -429,24 +429,24 @@ def _choice(*options: str) -> Converter:
     return convert
 
 
-def _duration(positive: bool = False) -> Converter:
-    def convert(value: Any, key: str) -> float:
-        seconds = parse_duration(value, key)
-        if positive and seconds == 0:
+def _amount(parse: Converter, positive: bool) -> Converter:
+    """A duration or size parsed by `parse`; with `positive`, 0 is refused."""
+
+    def convert(value: Any, key: str) -> Any:
+        amount = parse(value, key)
+        if positive and amount == 0:
             raise ValueError(f"{key}: must be greater than 0")
-        return seconds
+        return amount
 
     return convert
+
+
+def _duration(positive: bool = False) -> Converter:
+    return _amount(parse_duration, positive)
 
 
 def _size(positive: bool = False) -> Converter:
-    def convert(value: Any, key: str) -> int:
-        size = parse_size(value, key)
-        if positive and size == 0:
-            raise ValueError(f"{key}: must be greater than 0")
-        return size
-
-    return convert
+    return _amount(parse_size, positive)
 
 
 def _domain(value: Any, key: str) -> str:
