@@ -748,14 +748,10 @@ class Spool:
 
     # -- delivery lifecycle --------------------------------------------------
 
-    def claim(self, queue_id: str) -> Envelope | None:
-        """Move a waiting message to active/ for one worker; None if it is gone."""
-        claimed = self.claim_message(queue_id)
-        return claimed[0] if claimed else None
-
     def claim_message(self, queue_id: str) -> tuple[Envelope, bytes | None] | None:
-        """`claim`, with the content when the envelope's file carried it whole (else
-        None: `read_message` reads it)."""
+        """Move a waiting message to active/ for one worker: its envelope, and its
+        content when the envelope's file carried it whole (else None: `read_message`
+        reads it); None if it is gone."""
         if not self.move(queue_id, QUEUE, ACTIVE, durable=False):
             return None
         try:
