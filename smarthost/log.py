@@ -52,6 +52,7 @@ EVENTS = frozenset(
         "tls_failed",
         "protocol_error",
         "draining",
+        "queue_scanned",
     }
 )
 

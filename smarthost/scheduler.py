@@ -218,11 +218,14 @@ class Scheduler:
         queued = set(self.spool.each_name(QUEUE))
         with self._cond:
             known = set(self._index)
+        indexed = 0
         for queue_id in queued - known:
             due = self.spool.due(QUEUE, queue_id)
             if due is not None:  # else claimed or moved while we looked
                 self.hint(queue_id, due)
+                indexed += 1
         self._forget_gone(queued)
+        log.event("queue_scanned", level=logging.DEBUG, queued=len(queued), indexed=indexed)
 
     def _forget_gone(self, queued: set[str]) -> None:
         """Drop what is remembered of messages that left the queue for good (deleted

@@ -414,13 +414,17 @@ def test_retry_schedule_survives_a_restart_and_touch_flushes_it(
 
 
 def test_touching_a_queue_file_sends_it_at_once(tmp_path, sink, relay_factory, events):
-    config, first, queue_id, path = deferred_by_the_upstream(tmp_path, sink, relay_factory, events)
+    config, first, _, path = deferred_by_the_upstream(tmp_path, sink, relay_factory, events)
     first.stop()
     # A fresh relay, so that no watcher event about the file is still in flight (one
     # would stat the file and see the touch); once its start-up scan has indexed the
     # message, only the watcher or the next rescan (10 s away) can see it.
-    second = relay_factory(config)
-    wait_until(lambda: queue_id in second.relay.delivery.scheduler._index, what="the start-up scan")
+    scans_before = len(events.events("queue_scanned", indexed=1))
+    relay_factory(config)
+    wait_until(
+        lambda: len(events.events("queue_scanned", indexed=1)) > scans_before,
+        what="the start-up scan",
+    )
     del sink.handler.rcpt_replies["later@dest.test"]
     now = time.time()
     os.utime(path, (now, now))
