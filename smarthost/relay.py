@@ -134,14 +134,18 @@ def serve(config: Config) -> int:
     relay = Relay(config)
     stop, hup, drain = threading.Event(), threading.Event(), threading.Event()
     wake = threading.Event()
-    flags: dict[int, threading.Event] = {signal.SIGHUP: hup, signal.SIGUSR1: drain}
+    flags: dict[int, threading.Event] = {
+        signal.SIGHUP: hup,
+        signal.SIGUSR1: drain,
+        signal.SIGCHLD: wake,  # the delivery process died: replace it now
+    }
 
     def on_signal(signum: int, frame: object) -> None:
         # Only flags here: the work happens in the main loop, outside the handler.
         flags.get(signum, stop).set()
         wake.set()
 
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGCHLD):
         signal.signal(signum, on_signal)
     try:
         relay.start()
@@ -150,10 +154,13 @@ def serve(config: Config) -> int:
         raise
     drain_until: float | None = None
     reason: str | None = None
+    healthy = True
     while not stop.is_set():
-        wake.wait(1.0)  # also the pace of checks on the delivery process
+        # Idle, the relay sleeps until a signal; it looks every second only while it
+        # drains or waits to start a new delivery process.
+        wake.wait(None if healthy and drain_until is None else 1.0)
         wake.clear()
-        relay.delivery.healthy()
+        healthy = relay.delivery.healthy()
         if drain.is_set() and not stop.is_set():
             drain.clear()
             drain_until = start_drain(relay, drain_until is None)
