@@ -21,7 +21,7 @@ setup(
     packages=find_packages(include=["smarthost", "smarthost.*"]),
     install_requires=[
         "aiosmtpd>=1.4.4,<1.5",  # smtp_server.py relies on its internals: see its tests
-        "tenacity>=8.2",
+        "tenacity>=8.2,<10",  # retry.failover shares one Retrying: see tests/test_retry.py
         "watchdog>=4.0",
         "python-json-logger>=3.1",
         'tomli>=1.1; python_version < "3.11"',

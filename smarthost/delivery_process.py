@@ -244,7 +244,7 @@ def _follow_relay(pipe_fd: int, delivery: Delivery, stop: threading.Event) -> No
             return
         kind, payload = received
         if kind == QUEUED:
-            delivery.scheduler.hint(payload.decode(), 0.0)
+            delivery.scheduler.committed(payload.decode())
         elif kind == CONFIG:
             config = pickle.loads(payload)
             log.setup(config.log.level, config.log.file, config.log.format)

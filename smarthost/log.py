@@ -7,6 +7,7 @@ message's whole life can be followed with `jq 'select(.queue_id == "...")'`.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -17,7 +18,7 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
 
-from pythonjsonlogger.json import JsonFormatter
+from pythonjsonlogger.json import JsonEncoder, JsonFormatter
 
 LOGGER_NAME = "smarthost"
 
@@ -138,22 +139,45 @@ class TextFormatter(logging.Formatter):
         return " ".join(parts)
 
 
+# A LogRecord's own attributes come first in its __dict__, the event's fields after
+# (then what formatting adds: the message, which is the event's name).
+_RECORD_ATTRIBUTES = len(vars(logging.makeLogRecord({})))
+_FORMATTED = frozenset({"message", "asctime"})
+
+
+class EventFormatter(JsonFormatter):
+    """python-json-logger's formatter with its fields put together in one pass, in the
+    order it would give them: `event`, `level` (lower case, like `log.level`), the
+    event's own fields, `time`. The time is a string already (RFC 3339, UTC), so the
+    encoder never falls back to its per-object hook, and one encoder serves every line:
+    a line costs about half as much.
+    """
+
+    def add_fields(
+        self, log_data: dict[str, Any], record: logging.LogRecord, message_dict: dict[str, Any]
+    ) -> None:
+        log_data["event"] = record.message
+        log_data["level"] = record.levelname.lower()
+        log_data.update(message_dict)  # exc_info, stack_info
+        for key, value in itertools.islice(record.__dict__.items(), _RECORD_ATTRIBUTES, None):
+            if key not in _FORMATTED and not key.startswith("_"):
+                log_data[key] = value
+        log_data["time"] = rfc3339(record.created)
+
+
+_ENCODER = JsonEncoder(ensure_ascii=False)  # python-json-logger's: it encodes what JSON lacks
+
+
+def _serialize(log_data: dict[str, Any], **options: Any) -> str:
+    return _ENCODER.encode(log_data)
+
+
 def _json_formatter() -> logging.Formatter:
-    formatter = JsonFormatter(
+    return EventFormatter(
         "%(message)s %(levelname)s",
         rename_fields={"message": "event", "levelname": "level"},
-        timestamp="time",
-        json_ensure_ascii=False,
+        json_serializer=_serialize,
     )
-    return formatter
-
-
-class _LowercaseLevel(logging.Filter):
-    """JSON `level` values are lower case, like the config's `log.level`."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        record.levelname = record.levelname.lower()
-        return True
 
 
 class _LibraryRecords(logging.Filter):
@@ -202,7 +226,6 @@ def setup(level: str = "info", file: str | None = None, fmt: str = "json") -> No
     handler.addFilter(_LibraryRecords())
     if fmt == "json":
         handler.setFormatter(_json_formatter())
-        handler.addFilter(_LowercaseLevel())
     else:
         handler.setFormatter(TextFormatter())
     root = logging.getLogger()

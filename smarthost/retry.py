@@ -12,6 +12,7 @@ from coming due in the same second.
 
 from __future__ import annotations
 
+import functools
 import threading
 
 from tenacity import (
@@ -48,8 +49,12 @@ def next_attempt(
     return min(now + backoff(attempts, retry_min, retry_max), expiry)
 
 
+@functools.lru_cache(maxsize=64)
 def failover(backends: int, stopping: threading.Event, on: type[BaseException]) -> Retrying:
-    """Try up to `backends` backends in a row while `on` is raised; stop on shutdown."""
+    """Try up to `backends` backends in a row while `on` is raised; stop on shutdown.
+
+    Built once per set of arguments and shared: a Retrying keeps the state of each
+    loop over it in thread-local storage, so sender threads may run it at once."""
     return Retrying(
         stop=stop_after_attempt(max(1, backends)) | stop_when_event_set(stopping),
         retry=retry_if_exception_type(on),

@@ -108,8 +108,14 @@ class Scheduler:
             self._cond.notify()
 
     def submit(self, env: Envelope) -> None:
-        """A newly committed message: send it now."""
-        self.hint(env.id, 0.0)
+        self.committed(env.id)
+
+    def committed(self, queue_id: str) -> None:
+        """A message just committed: send it now, ahead of mail that waited (due 0),
+        and without a look at its file's due time, which is its commit's."""
+        with self._cond:
+            self._sent_now.add(queue_id)
+        self.hint(queue_id, 0.0)
 
     # -- life cycle ------------------------------------------------------------
 

@@ -40,7 +40,7 @@ def text_log() -> Iterator[io.StringIO]:
 
 @pytest.fixture
 def json_log() -> Iterator[io.StringIO]:
-    yield from _capture(log._json_formatter(), log._LowercaseLevel())
+    yield from _capture(log._json_formatter())
 
 
 def _one_line(stream: io.StringIO) -> str:
@@ -126,6 +126,43 @@ def test_json_format_unchanged(json_log: io.StringIO) -> None:
     assert record["client"] == value
     assert record["recipients"] == ["a@b"]
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT[\d:.]+\+00:00", record["time"])
+
+
+def test_event_formatter_writes_what_the_stock_formatter_writes() -> None:
+    """EventFormatter builds python-json-logger's line its own faster way: the same keys
+    in the same order, the same values (the level in lower case), with or without a
+    traceback; this fails loudly if a python-json-logger or Python release changes what
+    it relies on (a LogRecord's own attributes first in its __dict__)."""
+    from pythonjsonlogger.json import JsonFormatter
+
+    stock = JsonFormatter(
+        "%(message)s %(levelname)s",
+        rename_fields={"message": "event", "levelname": "level"},
+        timestamp="time",
+        json_ensure_ascii=False,
+    )
+    ours = log._json_formatter()
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    log.logger.addHandler(handler)
+    old_level = log.logger.level
+    log.logger.setLevel(logging.INFO)
+    try:
+        log.event("delivered", queue_id="Q", recipients=["a@b", "ü@x"], attempt=1, delay=0.5)
+        try:
+            raise ValueError("broken")
+        except ValueError:
+            log.logger.exception("internal_error", extra={"error": "x"})
+    finally:
+        log.logger.removeHandler(handler)
+        log.logger.setLevel(old_level)
+    assert len(records) == 2
+    for record in records:
+        expected = json.loads(stock.format(record))
+        expected["level"] = expected["level"].lower()
+        got = json.loads(ours.format(record))
+        assert list(got.items()) == list(expected.items())
 
 
 @pytest.mark.parametrize("name", ["tls_failed", "protocol_error"])

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import threading
+
 import pytest
 
-from smarthost.retry import backoff, next_attempt
+from smarthost.retry import backoff, failover, next_attempt
 
 
 def test_backoff_doubles_with_jitter_and_is_capped():
@@ -29,3 +32,36 @@ def test_next_attempt_none_once_expired():
     arrival = 1_000_000.0
     assert next_attempt(arrival + 200, arrival, 3, 60, 3600, retry_for=200) is None
     assert next_attempt(arrival + 10, arrival, 1, 60, 3600, retry_for=200) >= arrival + 70
+
+
+def test_one_failover_policy_serves_threads_at_once():
+    """failover() is built once and shared by the sender threads: each loop over it
+    must keep its own count (tenacity keeps that state per thread; this fails loudly if
+    a tenacity release stops doing so)."""
+    stopping = threading.Event()
+    policy = failover(3, stopping, ConnectionError)
+    assert failover(3, stopping, ConnectionError) is policy
+    both_inside = threading.Barrier(2, timeout=5)
+    tries: dict[str, int] = {}
+
+    def loop(name: str, failures: int) -> None:
+        count = 0
+        with contextlib.suppress(ConnectionError):
+            for attempt in policy:
+                with attempt:
+                    count += 1
+                    if count == 1:
+                        both_inside.wait()  # the two loops overlap here
+                    if count <= failures:
+                        raise ConnectionError(name)
+        tries[name] = count
+
+    threads = [
+        threading.Thread(target=loop, args=("fails-over", 5)),
+        threading.Thread(target=loop, args=("succeeds", 0)),
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert tries == {"fails-over": 3, "succeeds": 1}
