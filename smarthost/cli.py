@@ -308,7 +308,7 @@ def _queue_logging(config: Config) -> None:
     which is for its own messages only."""
     if config.log.file:
         try:
-            log.setup(config.log.level, config.log.file, config.log.format)
+            log.setup_for(config)
             return
         except OSError as exc:
             print(
@@ -367,10 +367,12 @@ def check(path: str, connect: bool) -> int:
     for warning in config_warnings(config) + interpreter_warnings(config):
         print(f"warning: {warning}", file=sys.stderr)
     if connect:
+        from .fleet import check_connection
         from .sender import check_connections
 
         print()
-        if not check_connections(config, print):
+        backends_ok = check_connections(config, print)
+        if not (check_connection(config, print) and backends_ok):
             return 1
     return EX_OK
 
@@ -463,7 +465,7 @@ def serve(path: str) -> int:
     if config is None:
         return EX_CONFIG
     try:
-        log.setup(config.log.level, config.log.file, config.log.format)
+        log.setup_for(config)
     except OSError as exc:
         print(
             f"smarthost: log.file: cannot open {config.log.file}: {exc.strerror}", file=sys.stderr

@@ -259,7 +259,7 @@ class Relay:
         ]
         users = auth_users(config)  # a bad users file refuses the whole reload
         try:
-            log.setup(config.log.level, config.log.file, config.log.format)
+            log.setup_for(config)
         except OSError as exc:
             raise ConfigError(
                 [f"log.file: cannot open {config.log.file}: {exc.strerror}"]

@@ -15,7 +15,7 @@ import struct
 import sys
 import threading
 
-from . import log, privileges, process
+from . import fleet, log, privileges, process
 from .config import Config
 from .pickup import Pickup
 from .scheduler import Scheduler
@@ -33,7 +33,9 @@ class Delivery:
     def __init__(self, config: Config, spool: Spool) -> None:
         self.config = config
         self.spool = spool
-        self.upstreams = Upstreams(config)
+        # Before the first upstreams: a shared rate books through it (SPEC §12).
+        self.fleet = fleet.membership(config)
+        self.upstreams = Upstreams(config, fleet=self.fleet)
         self.sender = Sender(config, spool, self.upstreams)
         self.scheduler = Scheduler(config, spool, self.sender)
         self.watcher: Watcher | None = None
@@ -48,12 +50,15 @@ class Delivery:
         left for the rescan (SPEC §6: picked up within a second)."""
         self.pickup = Pickup(self.config, self.spool, self.scheduler.submit)
         self.watcher = Watcher(self.spool, self.scheduler.notify, self.pickup.wake)
+        if self.fleet is not None:
+            self.fleet.start()  # announced before the first delivery books a shared slot
         self.watcher.start()  # returns once the watches are armed
         self.scheduler.start()  # its thread scans queue/ first
         self.pickup.start()  # its thread scans drop/ first
 
     def reload(self, config: Config) -> None:
-        upstreams = Upstreams(config)
+        # `[fleet]` is read at start only: Redis and the node name stay as they were.
+        upstreams = Upstreams(config, fleet=self.fleet)
         old_upstreams, self.upstreams = self.upstreams, upstreams
         self.sender.use(config, upstreams)
         self.scheduler.use(config, upstreams)
@@ -70,6 +75,8 @@ class Delivery:
             self.pickup.stop()
         clean = self.scheduler.stop(grace)
         self.upstreams.close_all()
+        if self.fleet is not None:
+            self.fleet.stop()
         return clean
 
     def healthy(self) -> bool:
@@ -108,7 +115,7 @@ def main() -> None:
         "localhost".encode("idna")  # loaded on first use: maybe unreachable once dropped
         privileges.drop_to(account)
     process.die_with_parent()  # after the drop: a change of credentials clears it
-    log.setup(config.log.level, config.log.file, config.log.format)
+    log.setup_for(config)
     spool = Spool(config.spool.dir)
     spool.adopt_lock(lock_fd)
     delivery = Delivery(config, spool)
@@ -143,5 +150,5 @@ def _follow_relay(pipe_fd: int, delivery: Delivery, stop: threading.Event) -> No
             delivery.scheduler.notify(payload.decode(), 0.0)
         elif kind == b"C":
             config = pickle.loads(payload)
-            log.setup(config.log.level, config.log.file, config.log.format)
+            log.setup_for(config)
             delivery.reload(config)
