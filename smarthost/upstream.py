@@ -83,8 +83,8 @@ class SharedRate:
         self.fleet = fleet
         self.account = account  # the backend's name: one provider account
         self.interval = period / count
-        self.period = period
-        self._local = RateWindow(count, period)
+        # Degraded: one slot per interval × relays alive, spaced as the shared slots are.
+        self._local = RateWindow(1, self.interval)
         self._booked: dict[float, int] = {}  # local slot -> its Redis slot, oldest first
 
     def reserve(self, now: float) -> float:
@@ -95,7 +95,7 @@ class SharedRate:
             del self._booked[oldest]
         booked = self.fleet.book(self.account, self.interval)
         if booked is None:
-            self._local.period = self.period * self.fleet.alive
+            self._local.period = self.interval * self.fleet.alive
             return self._local.reserve(now)
         redis_slot, delay = booked
         if delay <= 0:
