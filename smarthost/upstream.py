@@ -83,7 +83,7 @@ class SharedRate:
         self.fleet = fleet
         self.account = account  # the backend's name: one provider account
         self.interval = period / count
-        # Degraded: one slot per interval × relays alive, spaced as the shared slots are.
+        # Degraded: one slot per (interval * relays alive), spaced as the shared slots are.
         self._local = RateWindow(1, self.interval)
         self._booked: dict[float, int] = {}  # local slot -> its Redis slot, oldest first
 
