@@ -15,6 +15,7 @@ simply stays spooled and is retried at the next start).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import logging
 import os
@@ -248,6 +249,13 @@ class Relay:
                     config.smtp.bare_newlines,
                 ),
                 ("smtp.error_limit", self.config.smtp.error_limit, config.smtp.error_limit),
+                (
+                    "smtp.proxy_protocol",
+                    self.config.smtp.proxy_protocol,
+                    config.smtp.proxy_protocol,
+                ),
+                ("smtp.proxy_from", self.config.smtp.proxy_from, config.smtp.proxy_from),
+                ("fleet", self.config.fleet, config.fleet),
                 ("hostname", self.config.hostname, config.hostname),
                 (
                     "smtp.max_message_size",
@@ -257,6 +265,8 @@ class Relay:
             )
             if old != new
         ]
+        # `[fleet]` is read at start only: Redis, and the node that every line names.
+        config = dataclasses.replace(config, fleet=self.config.fleet)
         users = auth_users(config)  # a bad users file refuses the whole reload
         try:
             log.setup_for(config)

@@ -296,3 +296,14 @@ def test_fleet_config_keys_are_checked():
     ]
     config = parse_config({"backend": [{"host": "x"}]})
     assert not config.fleet.enabled and config.fleet.node == socket.gethostname()
+
+
+def test_fleet_settings_wait_for_a_restart(tmp_path, sink, redis_server, relay_factory):
+    from smarthost.config import load_config
+
+    path = write_config(tmp_path, sink.port, f'[fleet]\nredis = "{redis_server.url}"\nnode = "a"\n')
+    running = relay_factory(load_config(path))
+    wait_until(lambda: "a" in nodes_seen(redis_server), 5, "relay a to announce itself")
+    path.write_text(path.read_text().replace('node = "a"', 'node = "renamed"'))
+    assert running.relay.reload(load_config(path)) == ["fleet"]
+    assert running.relay.config.fleet.node == "a"  # and so every log line still says
