@@ -356,9 +356,10 @@ def check(path: str, connect: bool) -> int:
         for error in exc.errors:
             print(error, file=sys.stderr)
         return 1
+    from .fleet import check_files
     from .receiver import check_listener_files
 
-    file_errors = check_listener_files(config)
+    file_errors = check_listener_files(config) + check_files(config)
     for error in file_errors:
         print(error, file=sys.stderr)
     if file_errors:

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from typing import Any
 
 from . import log
-from .config import Config, FleetConfig, redacted_url
+from .config import Config, ConfigError, FleetConfig, redacted_url
 
 KEY_PREFIX = "smarthost:"
 NODES_KEY = KEY_PREFIX + "nodes"
@@ -89,10 +89,7 @@ def _client(config: FleetConfig) -> Any:
     from redis.retry import Retry
 
     assert config.redis is not None
-    password = None
-    if config.redis_password_file:
-        with open(config.redis_password_file, encoding="utf-8") as f:
-            password = f.readline().strip() or None
+    password = redis_password(config)
     kwargs: dict[str, Any] = {
         "socket_timeout": SOCKET_TIMEOUT,
         "socket_connect_timeout": SOCKET_TIMEOUT,
@@ -101,6 +98,20 @@ def _client(config: FleetConfig) -> Any:
     if password is not None:
         kwargs["password"] = password
     return redis.Redis.from_url(config.redis, **kwargs)
+
+
+def redis_password(config: FleetConfig) -> str | None:
+    """The first line of `redis_password_file`, if set; ConfigError if unreadable."""
+    if not config.redis_password_file:
+        return None
+    try:
+        with open(config.redis_password_file, encoding="utf-8") as f:
+            return f.readline().strip() or None
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc)
+        raise ConfigError(
+            [f"fleet.redis_password_file: cannot read {config.redis_password_file}: {reason}"]
+        ) from None
 
 
 def _redis_errors() -> tuple[type[BaseException], ...]:
@@ -213,6 +224,15 @@ def membership(config: Config) -> Fleet | None:
     return Fleet(config.fleet) if config.fleet.enabled else None
 
 
+def check_files(config: Config) -> list[str]:
+    """For `smarthost check`: the Redis password file can be read."""
+    try:
+        redis_password(config.fleet)
+    except ConfigError as exc:
+        return exc.errors
+    return []
+
+
 def check_connection(config: Config, out: Callable[[str], None]) -> bool:
     """`smarthost check --connect`: can this relay reach the fleet's Redis?"""
     if not config.fleet.enabled:
@@ -220,7 +240,7 @@ def check_connection(config: Config, out: Callable[[str], None]) -> bool:
     where = redacted_url(config.fleet.redis or "")
     out(f"fleet {config.fleet.node} redis {where}")
     # A bad password file or URL is as much a failure to connect as a refusal.
-    errors: tuple[type[BaseException], ...] = (*_redis_errors(), ValueError)
+    errors: tuple[type[BaseException], ...] = (*_redis_errors(), ValueError, ConfigError)
     try:
         client = _client(config.fleet)
         info = client.info("server")

@@ -40,7 +40,8 @@ def free_port() -> int:
 class RedisServer:
     """redis-server in the foreground on a free port; no persistence (a fleet needs none)."""
 
-    def __init__(self, tmp_path: Path) -> None:
+    def __init__(self, tmp_path: Path, *options: str) -> None:
+        self.options = options
         self.port = free_port()
         self.dir = tmp_path
         self.url = f"redis://127.0.0.1:{self.port}/0"
@@ -50,7 +51,15 @@ class RedisServer:
         assert REDIS_SERVER is not None
         no_persistence = ["--save", "", "--appendonly", "no", "--dir", str(self.dir)]
         self.proc = subprocess.Popen(
-            [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", *no_persistence],
+            [
+                REDIS_SERVER,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                *no_persistence,
+                *self.options,
+            ],
             stdout=subprocess.DEVNULL,
         )
         wait_until(self.answers, 10, "redis-server to answer")
@@ -59,7 +68,8 @@ class RedisServer:
     def client(self):
         import redis
 
-        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=1)
+        password = self.options[-1] if "--requirepass" in self.options else None
+        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=1, password=password)
 
     def answers(self) -> bool:
         try:
@@ -242,25 +252,13 @@ def test_a_dead_redis_costs_a_booking_little_and_never_stops_it(tmp_path):
 
 def test_check_connect_reports_the_redis_connection(tmp_path, sink, redis_server):
     path = write_config(tmp_path, sink.port, f'[fleet]\nredis = "{redis_server.url}"\n')
-    result = subprocess.run(
-        [sys.executable, "-m", "smarthost", "-c", str(path), "check", "--connect"],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=30,
-    )
+    result = check_connect(path)
     assert result.returncode == 0, result.stderr
     assert "fleet:" in result.stdout
     assert "  ok       Redis " in result.stdout, result.stdout
 
     redis_server.stop()
-    result = subprocess.run(
-        [sys.executable, "-m", "smarthost", "-c", str(path), "check", "--connect"],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=30,
-    )
+    result = check_connect(path)
     assert result.returncode == 1
     assert "FAILED" in result.stdout.split("fleet ", 1)[1]
 
@@ -307,3 +305,39 @@ def test_fleet_settings_wait_for_a_restart(tmp_path, sink, redis_server, relay_f
     path.write_text(path.read_text().replace('node = "a"', 'node = "renamed"'))
     assert running.relay.reload(load_config(path)) == ["fleet"]
     assert running.relay.config.fleet.node == "a"  # and so every log line still says
+
+
+def check_connect(path: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "smarthost", "-c", str(path), "check", "--connect"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=30,
+    )
+
+
+def test_the_redis_password_comes_from_its_file_and_is_never_shown(tmp_path, sink):
+    server = RedisServer(tmp_path, "--requirepass", "s3cret-pw").start()
+    try:
+        secret = tmp_path / "redis.secret"
+        secret.write_text("s3cret-pw\n")
+        secret.chmod(0o600)
+        fleet = f'[fleet]\nredis = "{server.url}"\nredis_password_file = "{secret}"\n'
+        path = write_config(tmp_path, sink.port, fleet)
+        result = check_connect(path)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "  ok       Redis " in result.stdout
+
+        secret.write_text("wrong\n")
+        result = check_connect(path)
+        assert result.returncode == 1
+        assert "FAILED" in result.stdout.split("fleet ", 1)[1]
+        assert "wrong" not in result.stdout + result.stderr
+
+        secret.unlink()
+        result = check_connect(path)
+        assert result.returncode == 1
+        assert f"fleet.redis_password_file: cannot read {secret}" in result.stderr
+    finally:
+        server.stop()
