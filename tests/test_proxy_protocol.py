@@ -13,6 +13,7 @@ import shutil
 import smtplib
 import socket
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -87,21 +88,27 @@ backend relay_v2
         self.proc.stderr.close()
 
 
-@pytest.fixture
-def proxied(tmp_path: Path, sink: Sink, relay_factory) -> Iterator[tuple[object, HAProxy]]:
-    """A relay that takes connections only through the PROXY protocol, and HAProxy."""
+def proxied_relay(tmp_path: Path, sink: Sink, relay_factory, smtp: str = ""):
+    """A relay that takes connections only through the PROXY protocol, from 127.0.0.1."""
     extra = f"""
 [smtp]
 listen = ["127.0.0.1:0"]
 allow = ["{REAL_CLIENT}/32"]
 proxy_protocol = true
 proxy_from = ["127.0.0.1/32"]
+{smtp}
 """
     path = write_config(tmp_path, sink.port)
     # write_config has its own [smtp]: replace it with the proxied listener.
     text = path.read_text().replace('[smtp]\nlisten = ["127.0.0.1:0"]\n', extra)
     path.write_text(text)
-    relay = relay_factory(load_config(path))
+    return relay_factory(load_config(path))
+
+
+@pytest.fixture
+def proxied(tmp_path: Path, sink: Sink, relay_factory) -> Iterator[tuple[object, HAProxy]]:
+    """A proxied relay, and HAProxy in front of it."""
+    relay = proxied_relay(tmp_path, sink, relay_factory)
     haproxy = HAProxy(tmp_path, relay.port)
     yield relay, haproxy
     haproxy.stop()
@@ -163,3 +170,15 @@ def test_a_connection_from_outside_proxy_from_is_refused(proxied, events):
     [record] = events.events("rejected", client=REAL_CLIENT)
     assert record["error"] == "not in proxy_from"
     assert not events.events("received")
+
+
+def test_a_proxy_that_sends_no_header_in_time_is_closed(tmp_path, sink, relay_factory, events):
+    # The header must come within smtp.timeout, here 3 s (at most 10 s, at least 3).
+    relay = proxied_relay(tmp_path, sink, relay_factory, smtp='timeout = "3s"')
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", relay.port), timeout=10) as sock:
+        assert sock.recv(1024) == b""  # no greeting, then closed
+    assert 2.5 < time.monotonic() - started < 6
+    wait_until(lambda: events.events("protocol_error", client="127.0.0.1"), 5)
+    [record] = events.events("protocol_error", client="127.0.0.1")
+    assert record["error"] == "no PROXY header within the timeout"
