@@ -73,6 +73,7 @@ class RedisServer:
 
     def answers(self) -> bool:
         try:
+            socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
             with self.client() as client:
                 return bool(client.ping())
         except OSError:
