@@ -20,6 +20,7 @@ import re
 import socket
 import stat
 import sys
+import urllib.parse
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
@@ -569,8 +570,14 @@ _REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 
 def _redis_url(value: Any, key: str) -> str | None:
     url = _optional_string(value, key)
-    if url is not None and not url.startswith(_REDIS_SCHEMES):
+    if url is None:
+        return None
+    if not url.startswith(_REDIS_SCHEMES):
         raise ValueError(f"{key}: must be a redis://, rediss:// or unix:// URL")
+    try:
+        _ = urllib.parse.urlsplit(url).port  # raises for a port that is no port
+    except ValueError:
+        raise ValueError(f"{key}: invalid port in {redacted_url(url)}") from None
     return url
 
 

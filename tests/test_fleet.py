@@ -295,6 +295,9 @@ def test_fleet_config_keys_are_checked():
         "smtp.proxy_from: required when smtp.proxy_protocol is true"
         " (the proxies allowed to send the PROXY header)",
     ]
+    with pytest.raises(ConfigError) as caught:
+        parse_config({"backend": [{"host": "x"}], "fleet": {"redis": "redis://:pw@h:99999/0"}})
+    assert caught.value.errors == ["fleet.redis: invalid port in redis://***@h:99999/0"]
     config = parse_config({"backend": [{"host": "x"}]})
     assert not config.fleet.enabled and config.fleet.node == socket.gethostname()
 
