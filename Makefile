@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 MANS   := man/smarthost.8 man/smarthost-sendmail.8 man/smarthost.toml.5
 
-.PHONY: all demo test lint manlint pytest bench torture clean
+.PHONY: all demo test lint manlint pytest bench bench-fleet torture clean
 
 all: test
 
@@ -39,6 +39,10 @@ test: lint manlint pytest
 
 bench: $(BIN)/smarthost
 	$(BIN)/python bench/bench.py
+
+# Three relays sharing one rate through a redis-server on this machine (SPEC §12).
+bench-fleet: $(BIN)/smarthost
+	$(BIN)/python bench/fleet.py
 
 # The torture suite at full size: every fault scenario, long rounds, then the report.
 TORTURE_REPORT := torture-report.jsonl

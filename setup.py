@@ -37,7 +37,10 @@ setup(
             "trustme",
             "flufl.bounce",
             "hypothesis",
+            "redis>=5.0,<8",
         ],
+        # Relays sharing provider limits through Redis or Valkey (SPEC §12).
+        "fleet": ["redis>=5.0,<8"],
     },
     entry_points={
         "console_scripts": [

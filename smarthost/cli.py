@@ -299,7 +299,7 @@ def _queue_logging(config: Config) -> None:
     which is for its own messages only."""
     if config.log.file:
         try:
-            log.setup(config.log.level, config.log.file, config.log.format)
+            log.setup_for(config)
             return
         except OSError as exc:
             print(
@@ -347,9 +347,10 @@ def check(path: str, connect: bool) -> int:
         for error in exc.errors:
             print(error, file=sys.stderr)
         return 1
+    from .fleet import check_files
     from .receiver import check_listener_files
 
-    file_errors = check_listener_files(config)
+    file_errors = check_listener_files(config) + check_files(config)
     for error in file_errors:
         print(error, file=sys.stderr)
     if file_errors:
@@ -358,10 +359,12 @@ def check(path: str, connect: bool) -> int:
     for warning in config_warnings(config) + interpreter_warnings(config):
         print(f"warning: {warning}", file=sys.stderr)
     if connect:
+        from .fleet import check_connection
         from .sender import check_connections
 
         print()
-        if not check_connections(config, print):
+        backends_ok = check_connections(config, print)
+        if not (check_connection(config, print) and backends_ok):
             return 1
     return os.EX_OK
 
@@ -454,7 +457,7 @@ def serve(path: str) -> int:
     if config is None:
         return os.EX_CONFIG
     try:
-        log.setup(config.log.level, config.log.file, config.log.format)
+        log.setup_for(config)
     except OSError as exc:
         print(
             f"smarthost: log.file: cannot open {config.log.file}: {exc.strerror}", file=sys.stderr

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import importlib.util
 import ipaddress
 import math
 import os
@@ -19,6 +20,7 @@ import re
 import socket
 import stat
 import sys
+import urllib.parse
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
@@ -69,6 +71,8 @@ class SmtpConfig:
     auth_users: str | None = None
     bare_newlines: str = "normalize"  # bare LF / CR in DATA: "normalize" or "reject"
     error_limit: int = 20  # error replies in one session before 421 and disconnect
+    proxy_protocol: bool = False  # every connection starts with a PROXY v1/v2 header
+    proxy_from: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -169,6 +173,20 @@ def _default_hostname() -> str:
 
 
 @dataclass(frozen=True)
+class FleetConfig:
+    """`[fleet]`: relays sharing provider limits through Redis (SPEC §12); off without
+    `redis`. `node` names this relay in the fleet and in every log line."""
+
+    redis: str | None = None  # redis://, rediss:// or unix:// URL
+    redis_password_file: str | None = None
+    node: str = field(default_factory=socket.gethostname)
+
+    @property
+    def enabled(self) -> bool:
+        return self.redis is not None
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration file."""
 
@@ -182,6 +200,7 @@ class Config:
     backends: tuple[BackendConfig, ...] = ()
     routes: tuple[RouteConfig, ...] = ()
     log: LogConfig = field(default_factory=LogConfig)
+    fleet: FleetConfig = field(default_factory=FleetConfig)
     path: str = "<config>"
 
     def __post_init__(self) -> None:
@@ -203,8 +222,11 @@ RESTART_ONLY = (
     "smtp.bare_newlines",
     "smtp.error_limit",
     "smtp.max_message_size",
+    "smtp.proxy_protocol",
+    "smtp.proxy_from",
     "spool.dir",
     "delivery.workers",
+    "fleet",  # Redis, and the node that every line names
 )
 
 
@@ -566,6 +588,8 @@ _SMTP: Schema = {
     "auth_users": _optional_string,
     "bare_newlines": _choice(*BARE_NEWLINES),
     "error_limit": _integer(1),
+    "proxy_protocol": _boolean,
+    "proxy_from": _list_of(_network),
 }
 _SPOOL: Schema = {"dir": _string}
 _DELIVERY: Schema = {
@@ -587,6 +611,27 @@ _LOG: Schema = {
     "level": _choice(*LOG_LEVELS),
     "file": _optional_string,
     "format": _choice(*LOG_FORMATS),
+}
+_REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+
+
+def _redis_url(value: Any, key: str) -> str | None:
+    url = _optional_string(value, key)
+    if url is None:
+        return None
+    if not url.startswith(_REDIS_SCHEMES):
+        raise ValueError(f"{key}: must be a redis://, rediss:// or unix:// URL")
+    try:
+        _ = urllib.parse.urlsplit(url).port  # raises for a port that is no port
+    except ValueError:
+        raise ValueError(f"{key}: invalid port in {redacted_url(url)}") from None
+    return url
+
+
+_FLEET: Schema = {
+    "redis": _redis_url,
+    "redis_password_file": _optional_string,
+    "node": _string,
 }
 _BACKEND: Schema = {
     "name": _string,
@@ -621,6 +666,7 @@ _TABLES: dict[str, tuple[Schema, Callable[..., Any]]] = {
     "dsn": (_DSN, DsnConfig),
     "rewrite": (_REWRITE, RewriteConfig),
     "log": (_LOG, LogConfig),
+    "fleet": (_FLEET, FleetConfig),
 }
 _ARRAYS = ("backend", "route")
 _TOP_KEYS = (*_TOP, *_TABLES, *_ARRAYS)
@@ -681,6 +727,18 @@ def _check_smtp(smtp: SmtpConfig, errors: list[str]) -> None:
             "smtp.auth_users: requires smtp.tls_cert and smtp.tls_key"
             " (AUTH is offered only over TLS)"
         )
+    if smtp.proxy_protocol and not smtp.proxy_from:
+        errors.append(
+            "smtp.proxy_from: required when smtp.proxy_protocol is true"
+            " (the proxies allowed to send the PROXY header)"
+        )
+
+
+def _check_fleet(fleet: FleetConfig, errors: list[str]) -> None:
+    if fleet.redis and importlib.util.find_spec("redis") is None:
+        errors.append("fleet.redis: needs the redis library: pip install 'smarthost[fleet]'")
+    if fleet.redis_password_file and not fleet.redis:
+        errors.append("fleet.redis_password_file: set only with fleet.redis")
 
 
 def _check_delivery(delivery: DeliveryConfig, errors: list[str]) -> None:
@@ -779,6 +837,7 @@ def parse_config(data: dict, path: str = "<config>") -> Config:
         tables[name] = cls(**_parse_table(data.get(name, {}), name, schema, errors))
     _check_smtp(tables["smtp"], errors)
     _check_delivery(tables["delivery"], errors)
+    _check_fleet(tables["fleet"], errors)
     backends = _parse_backends(data.get("backend"), errors)
     groups = _check_groups(backends, errors)
     routes = _parse_routes(data.get("route"), groups, errors)
@@ -835,6 +894,7 @@ def config_warnings(cfg: Config) -> list[str]:
         candidates.insert(0, ("config file", cfg.path))
     for i, backend in enumerate(cfg.backends):
         candidates.append((f"backend[{i}].password_file", backend.password_file))
+    candidates.append(("fleet.redis_password_file", cfg.fleet.redis_password_file))
     warnings = [_readable_by_others(label, path) for label, path in candidates]
     return [w for w in warnings if w]
 
@@ -876,6 +936,13 @@ def _describe_backend(backend: BackendConfig) -> str:
     return "  " + " ".join(parts)
 
 
+def redacted_url(url: str) -> str:
+    """A Redis URL without the credentials it may hold (never shown, never logged)."""
+    scheme, sep, rest = url.partition("://")
+    _, at, host = rest.rpartition("@")
+    return f"{scheme}{sep}***@{host}" if at else url
+
+
 def _describe_route(index: int, route: RouteConfig) -> str:
     match = []
     if route.sender_domain:
@@ -907,6 +974,18 @@ def summary(cfg: Config) -> str:
         f"rewrite:   {len(rewrite.aliases)} aliases, masquerade {rewrite.masquerade or 'off'},"
         f" force_from {rewrite.force_from or 'off'}",
         f"log:       {cfg.log.level} {cfg.log.format} to {cfg.log.file or 'stderr'}",
+        "proxy:     "
+        + (
+            "PROXY protocol from " + ", ".join(str(n) for n in smtp.proxy_from)
+            if smtp.proxy_protocol
+            else "off"
+        ),
+        "fleet:     "
+        + (
+            f"node {cfg.fleet.node}, redis {redacted_url(cfg.fleet.redis)}"
+            if cfg.fleet.redis
+            else "off"
+        ),
         f"backends:  {len(cfg.backends)}",
         *(_describe_backend(backend) for backend in cfg.backends),
         f"routes:    {len(cfg.routes)} (unmatched mail: group {DEFAULT_GROUP})",

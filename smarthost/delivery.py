@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from . import fleet
 from .config import Config
 from .pickup import Pickup
 from .scheduler import DEFAULT_INTERVALS, Intervals, Scheduler
@@ -54,7 +55,9 @@ class Delivery:
         self.config = config
         self.spool = spool
         self.intervals = intervals
-        self.upstreams = Upstreams(config)
+        # Before the first upstreams: a shared rate books through it (SPEC §12).
+        self.fleet = fleet.membership(config)
+        self.upstreams = Upstreams(config, fleet=self.fleet)
         self.sender = Sender(config, spool, self.upstreams)
         self.scheduler = Scheduler(config, spool, self.sender, intervals)
         self.watcher: Watcher | None = None
@@ -69,12 +72,15 @@ class Delivery:
         left for the rescan (SPEC §6: picked up within a second)."""
         self.pickup = Pickup(self.config, self.spool, self.scheduler.submit, self.intervals.rescan)
         self.watcher = Watcher(self.spool, self.scheduler.hint, self.pickup.wake)
+        if self.fleet is not None:
+            self.fleet.start()  # announced before the first delivery books a shared slot
         self.watcher.start()  # returns once the watches are armed
         self.scheduler.start()  # its thread scans queue/ first
         self.pickup.start()  # its thread scans drop/ first
 
     def reload(self, config: Config) -> None:
-        upstreams = Upstreams(config)
+        # `[fleet]` is read at start only: Redis and the node name stay as they were.
+        upstreams = Upstreams(config, fleet=self.fleet)
         old_upstreams, self.upstreams = self.upstreams, upstreams
         self.sender.reload(config, upstreams)
         self.scheduler.reload(config, upstreams)
@@ -90,6 +96,8 @@ class Delivery:
             self.pickup.stop()
         clean = self.scheduler.stop(grace)
         self.upstreams.close_all()
+        if self.fleet is not None:
+            self.fleet.stop()
         return clean
 
     def healthy(self) -> bool:

@@ -212,7 +212,7 @@ def main() -> None:
         "localhost".encode("idna")  # loaded on first use: maybe unreachable once dropped
         privileges.drop_to(account)
     libc.die_with_parent()  # after the drop: a change of credentials clears it
-    log.setup(config.log.level, config.log.file, config.log.format)
+    log.setup_for(config)
     spool = Spool(config.spool.dir)
     spool.adopt_lock(lock_fd)
     delivery = Delivery(config, spool)
@@ -247,5 +247,5 @@ def _follow_relay(pipe_fd: int, delivery: Delivery, stop: threading.Event) -> No
             delivery.scheduler.committed(payload.decode())
         elif kind == CONFIG:
             config = pickle.loads(payload)
-            log.setup(config.log.level, config.log.file, config.log.format)
+            log.setup_for(config)
             delivery.reload(config)

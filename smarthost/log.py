@@ -16,9 +16,12 @@ import threading
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pythonjsonlogger.json import JsonEncoder, JsonFormatter
+
+if TYPE_CHECKING:
+    from .config import Config
 
 LOGGER_NAME = "smarthost"
 
@@ -54,6 +57,8 @@ EVENTS = frozenset(
         "protocol_error",
         "draining",
         "queue_scanned",
+        "fleet_degraded",
+        "fleet_restored",
     }
 )
 
@@ -192,6 +197,18 @@ class _LibraryRecords(logging.Filter):
         return True
 
 
+class _Node(logging.Filter):
+    """In a fleet, every line names the relay that wrote it (SPEC §8)."""
+
+    def __init__(self, node: str) -> None:
+        super().__init__()
+        self.node = node
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.node = self.node
+        return True
+
+
 class ReopenableFileHandler(logging.StreamHandler):
     """Appends to a file and reopens it on demand (SIGHUP after logrotate)."""
 
@@ -217,13 +234,23 @@ class ReopenableFileHandler(logging.StreamHandler):
 _handler: logging.Handler | None = None
 
 
-def setup(level: str = "info", file: str | None = None, fmt: str = "json") -> None:
+def setup_for(config: Config) -> None:
+    """setup() as `[log]` says, with `node` on every line when `[fleet]` is on."""
+    node = config.fleet.node if config.fleet.enabled else None
+    setup(config.log.level, config.log.file, config.log.format, node)
+
+
+def setup(
+    level: str = "info", file: str | None = None, fmt: str = "json", node: str | None = None
+) -> None:
     """Send the relay's events to stderr or `file` as JSON lines (or text)."""
     global _handler
     handler: logging.Handler = (
         ReopenableFileHandler(file) if file else logging.StreamHandler(sys.stderr)
     )
     handler.addFilter(_LibraryRecords())
+    if node is not None:
+        handler.addFilter(_Node(node))
     if fmt == "json":
         handler.setFormatter(_json_formatter())
     else:

@@ -12,7 +12,6 @@ Hooks never do blocking work on the event loop beyond one bounded write.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import re
 import threading
@@ -35,7 +34,9 @@ from .smtp_server import (
     RelaySMTP,
     address_literal_ok,
     address_problem,
+    adopt_proxied_client,
     client_ip,
+    in_networks,
     server_tls_context,
 )
 from .spool import Draft, Envelope, Recipient, Spool, SpoolError, new_id
@@ -175,6 +176,12 @@ class Receiver:
         extra = ["250-PIPELINING", "250-ENHANCEDSTATUSCODES", "250-DSN"]
         return responses[:-1] + extra + responses[-1:]
 
+    async def handle_PROXY(
+        self, server: SMTP, session: Session, envelope: SMTPEnvelope, proxy_data: Any
+    ) -> bool:
+        """The proxy (in `smtp.proxy_from`, checked at connect) names the real client."""
+        return adopt_proxied_client(session, proxy_data)
+
     async def handle_AUTH(
         self, server: SMTP, session: Session, envelope: SMTPEnvelope, args: list
     ) -> Any:
@@ -310,16 +317,7 @@ class Receiver:
         """Only clients in `smtp.allow`, or authenticated ones, relay. No exceptions."""
         if session.authenticated:
             return True
-        ip = client_ip(session.peer)
-        if ip is None:
-            return False
-        try:
-            address = ipaddress.ip_address(ip.split("%", 1)[0])
-        except ValueError:
-            return False
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-            address = address.ipv4_mapped
-        return any(address in net for net in self.config.smtp.allow)
+        return in_networks(client_ip(session.peer), self.config.smtp.allow)
 
     # -- the message ---------------------------------------------------------
 
@@ -434,6 +432,7 @@ def start_listeners(
             slots=slots,
             bare_newlines=smtp.bare_newlines,
             error_limit=smtp.error_limit,
+            proxy_from=smtp.proxy_from if smtp.proxy_protocol else None,
             hostname=config.hostname,
             ident=IDENT,
             data_size_limit=smtp.max_message_size,

@@ -94,7 +94,7 @@ class Relay:
         config, needs_restart = for_reload(self.config, config)
         users = auth_users(config)  # a bad users file refuses the whole reload
         try:
-            log.setup(config.log.level, config.log.file, config.log.format)
+            log.setup_for(config)
         except OSError as exc:
             raise ConfigError(
                 [f"log.file: cannot open {config.log.file}: {exc.strerror}"]

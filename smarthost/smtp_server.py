@@ -14,6 +14,11 @@ is what hooks cannot do, and the only one that touches aiosmtpd's internals:
 - `error_limit` error replies end a session; every 4xx/5xx reply carries an enhanced
   status code and is logged as `rejected`.
 - One event loop, in one thread, serves every `smtp.listen` address.
+- PROXY protocol (`smtp.proxy_protocol`, SPEC §4): aiosmtpd reads the v1/v2 header
+  (`proxy_protocol_timeout`) and asks the handler's `handle_PROXY`, which adopts the
+  header's client address as the session's peer (`adopt_proxied_client`), so `allow`,
+  logs and `Received:` see the real client. A connection from outside `proxy_from` is
+  refused before anything is read; one without a valid header is closed and logged.
 
 aiosmtpd internals used here (and checked by tests/test_smtp_server.py, which fails
 loudly when a release changes them): `_timeout_handle`, `_timeout_cb`,
@@ -51,13 +56,20 @@ _YIELD_EVERY = 256  # pieces of DATA read without giving other sessions a turn
 
 
 class _QuietDeprecations(logging.Filter):
-    """aiosmtpd warns about its own deprecated attribute on every successful login."""
+    """aiosmtpd warns about its own deprecated attribute on every successful login,
+    and about a bad PROXY header, which the relay logs itself as `protocol_error`."""
+
+    _SAID_ELSEWHERE = ("login_data is deprecated", "invalid PROXY handshake")
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "login_data is deprecated" not in record.getMessage()
+        message = record.getMessage()
+        return not any(text in message for text in self._SAID_ELSEWHERE)
 
 
 logging.getLogger("mail.log").addFilter(_QuietDeprecations())
+
+# How long a proxy may take to send its header: aiosmtpd warns below 3 seconds.
+PROXY_HEADER_TIMEOUT = (3.0, 10.0)
 
 # RFC 2034: with ENHANCEDSTATUSCODES advertised, replies carry a status code. aiosmtpd's
 # own replies do not, so the subclass adds the usual one for the basic code.
@@ -106,6 +118,30 @@ def client_ip(peer: Any) -> str | None:
     if isinstance(peer, tuple) and peer:
         return str(peer[0])
     return None
+
+
+def in_networks(ip: str | None, networks: tuple[Any, ...]) -> bool:
+    """The address (a link-local one's scope aside) is in one of `networks`."""
+    if ip is None:
+        return False
+    try:
+        address = ipaddress.ip_address(ip.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return any(address in network for network in networks)
+
+
+def adopt_proxied_client(session: Any, proxy_data: Any) -> bool:
+    """After a valid PROXY header, the client is the one it names: the session's
+    `peer` becomes that address. A header for the proxy's own connection (v2 LOCAL,
+    v1 UNKNOWN: a health check) leaves the proxy as the peer."""
+    if not proxy_data.valid:
+        return False
+    if proxy_data.src_addr is not None and proxy_data.command != 0:  # 0: v2 LOCAL
+        session.peer = (str(proxy_data.src_addr), proxy_data.src_port)
+    return True
 
 
 class ClientSlots:
@@ -416,9 +452,14 @@ class RelaySMTP(SMTP):
         slots: ClientSlots,
         bare_newlines: str = "normalize",
         error_limit: int = 20,
+        proxy_from: tuple[Any, ...] | None = None,
         **kwargs: Any,
     ) -> None:
+        if proxy_from is not None:  # every connection starts with a PROXY header
+            low, high = PROXY_HEADER_TIMEOUT
+            kwargs["proxy_protocol_timeout"] = max(low, min(high, kwargs.get("timeout", high)))
         super().__init__(handler, **kwargs)
+        self._proxy_from = proxy_from
         self._slots = slots
         self._bare_newlines = bare_newlines
         self._error_limit = error_limit
@@ -433,6 +474,8 @@ class RelaySMTP(SMTP):
         if self._original_transport is not None:  # the TLS layer, after STARTTLS
             super().connection_made(transport)
             return
+        if self._proxy_from is not None and not self._from_a_proxy(transport):
+            return
         if not self._slots.acquire():
             peer = transport.get_extra_info("peername")
             reply = f"421 4.7.0 {self.hostname} Error: too many connections, try later"
@@ -446,6 +489,26 @@ class RelaySMTP(SMTP):
         # before it ever ran), gives the slot back.
         assert self._handler_coroutine is not None
         self._handler_coroutine.add_done_callback(self._give_back_slot)
+        if self._proxy_from is not None:
+            self._handler_coroutine.add_done_callback(self._log_bad_proxy_header)
+
+    def _from_a_proxy(self, transport: asyncio.BaseTransport) -> bool:
+        """Only `proxy_from` may speak to a PROXY listener: others are refused at once."""
+        assert self._proxy_from is not None
+        ip = client_ip(transport.get_extra_info("peername"))
+        if in_networks(ip, self._proxy_from):
+            return True
+        reply = f"554 5.7.1 {self.hostname} Error: connect through the proxy"
+        log.event("rejected", client=ip, reply=reply, status="5.7.1", error="not in proxy_from")
+        transport.write(reply.encode() + b"\r\n")  # type: ignore[attr-defined]
+        transport.close()
+        return False
+
+    def _log_bad_proxy_header(self, task: object = None) -> None:
+        data = self.session.proxy_data if self.session else None
+        if data is not None and not data.valid:
+            peer = client_ip(self.session.peer) if self.session else None
+            log.event("protocol_error", client=peer, error=f"no valid PROXY header: {data.error}")
 
     def _give_back_slot(self, task: object = None) -> None:
         if self._holds_slot:
@@ -479,6 +542,8 @@ class RelaySMTP(SMTP):
         peer = client_ip(self.session.peer) if self.session else None
         if self._handshaking():
             log.event("tls_failed", client=peer, error="no TLS handshake within the timeout")
+        elif self._waiting_for_proxy_header():
+            log.event("protocol_error", client=peer, error="no PROXY header within the timeout")
         else:
             log.event("protocol_error", client=peer, error="timeout: the client was silent")
             transport = self.transport
@@ -487,6 +552,11 @@ class RelaySMTP(SMTP):
                     reply = f"421 4.4.2 {self.hostname} Error: timeout exceeded\r\n"
                     transport.write(reply.encode())  # type: ignore[attr-defined]
         self._end_session()
+
+    def _waiting_for_proxy_header(self) -> bool:
+        return self._proxy_from is not None and (
+            self.session is None or self.session.proxy_data is None
+        )
 
     def _handshaking(self) -> bool:
         """STARTTLS was answered 220 and the TLS session is not up yet."""

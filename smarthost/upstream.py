@@ -3,7 +3,8 @@
 Each `[[backend]]` becomes a `Backend`: its pool of reusable SMTP sessions (at most
 `max_connections`, closed after 30 s idle), its health (`max_fails` failures within
 `fail_timeout` mark it down for `fail_timeout`, after which it is probed) and its rate
-limit. `Upstreams` routes each recipient to a group and picks, within the group, a
+limit (its own, or in a fleet the one shared through Redis: SharedRate). `Upstreams`
+routes each recipient to a group and picks, within the group, a
 backend by smooth weighted round-robin (nginx's algorithm) over the healthy
 non-backup backends; backups only while every non-backup backend is down.
 """
@@ -19,11 +20,15 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Union
 
 from . import log
 from .config import DEFAULT_GROUP, BackendConfig, Config, RouteConfig
 from .rewrite import domain_of
 from .spool import Envelope, Recipient
+
+if TYPE_CHECKING:
+    from .fleet import Fleet
 
 SESSION_IDLE_TIMEOUT = 30.0
 
@@ -69,10 +74,60 @@ class RateWindow:
             self._times.remove(slot)
 
 
+class SharedRate:
+    """A backend's `rate` for the whole fleet (SPEC §12), with RateWindow's
+    `reserve`/`cancel`: each slot is booked in Redis by the fleet, or, while the fleet
+    is degraded, locally at this relay's share (`rate` / relays last seen alive)."""
+
+    def __init__(self, fleet: Fleet, account: str, count: int, period: float) -> None:
+        self.fleet = fleet
+        self.account = account  # the backend's name: one provider account
+        self.interval = period / count
+        # Degraded: one slot per (interval * relays alive), spaced as the shared slots are.
+        self._local = RateWindow(1, self.interval)
+        self._booked: dict[float, int] = {}  # local slot -> its Redis slot, oldest first
+
+    def reserve(self, now: float) -> float:
+        while self._booked:  # bookings whose time has come were used: forget them
+            oldest = next(iter(self._booked))
+            if oldest > now:
+                break
+            del self._booked[oldest]
+        booked = self.fleet.book(self.account, self.interval)
+        if booked is None:
+            self._local.period = self.interval * self.fleet.alive
+            return self._local.reserve(now)
+        redis_slot, delay = booked
+        if delay <= 0:
+            return now
+        slot = now + delay
+        self._booked[slot] = redis_slot
+        return slot
+
+    def cancel(self, slot: float) -> None:
+        redis_slot = self._booked.pop(slot, None)
+        if redis_slot is not None:
+            self.fleet.give_back(self.account, redis_slot)
+        else:
+            self._local.cancel(slot)
+
+
+RateLimit = Union[RateWindow, SharedRate]
+
+
+def rate_limit(config: BackendConfig, fleet: Fleet | None) -> RateLimit | None:
+    """The backend's `rate`: its own, or shared by the fleet under its name."""
+    if config.rate is None:
+        return None
+    if fleet is not None:
+        return SharedRate(fleet, config.name, *config.rate)
+    return RateWindow(*config.rate)
+
+
 class Backend:
     """One upstream server: its sessions, health and rate."""
 
-    def __init__(self, config: BackendConfig) -> None:
+    def __init__(self, config: BackendConfig, fleet: Fleet | None = None) -> None:
         self.config = config
         self.name = config.name
         self.group = config.group
@@ -82,7 +137,7 @@ class Backend:
         self.retry_at = 0.0  # while down: when it may be tried (probed) again
         self.probe_wanted = False
         self.probing = False
-        self.rate = RateWindow(*config.rate) if config.rate else None
+        self.rate = rate_limit(config, fleet)
         self._tls_context: ssl.SSLContext | None = None
         self._slots = threading.BoundedSemaphore(config.max_connections)
         self._idle: list[Session] = []
@@ -155,8 +210,13 @@ class Choice:
 class Upstreams:
     """Every backend, grouped, with the routes that send each recipient to a group."""
 
-    def __init__(self, config: Config, on_group_up: Callable[[str], None] | None = None) -> None:
-        self.backends = [Backend(b) for b in config.backends]
+    def __init__(
+        self,
+        config: Config,
+        on_group_up: Callable[[str], None] | None = None,
+        fleet: Fleet | None = None,
+    ) -> None:
+        self.backends = [Backend(b, fleet) for b in config.backends]
         self.routes: tuple[RouteConfig, ...] = config.routes
         self.groups: dict[str, list[Backend]] = {}
         for backend in self.backends:
