@@ -52,6 +52,8 @@ EVENTS = frozenset(
         "tls_failed",
         "protocol_error",
         "draining",
+        "oauth2_failed",
+        "oauth2_renewed",
     }
 )
 
