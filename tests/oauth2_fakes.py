@@ -4,6 +4,7 @@ issued and that is still valid, over XOAUTH2 and OAUTHBEARER."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import json
@@ -167,7 +168,7 @@ class BearerHandler(SinkHandler):
         super().__init__()
         self.endpoint = endpoint
         self.logins: list[dict[str, Any]] = []  # per AUTH: mechanism, fields, accepted
-        self.hold_after_auth: threading.Event | None = None  # set: AUTH waits for it
+        self.hold = False  # True: each AUTH is recorded, then answered only once False
 
     async def auth_XOAUTH2(self, server, args):
         return await self._bearer(server, "XOAUTH2", args, _xoauth2_fields)
@@ -183,6 +184,8 @@ class BearerHandler(SinkHandler):
         ok = fields.get("user") == USER and self.endpoint.valid(token)
         login = {"mechanism": mechanism, "token": token, "accepted": ok, **fields}
         self.logins.append(login)
+        while self.hold:
+            await asyncio.sleep(0.01)
         if not ok:
             error = json.dumps({"status": "401", "schemes": "bearer", "scope": "mail"})
             login["error_reply"] = await server.challenge_auth(error)
