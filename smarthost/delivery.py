@@ -15,7 +15,7 @@ import struct
 import sys
 import threading
 
-from . import log, privileges, process
+from . import log, oauth2, privileges, process
 from .config import Config
 from .pickup import Pickup
 from .scheduler import Scheduler
@@ -36,6 +36,7 @@ class Delivery:
         self.upstreams = Upstreams(config)
         self.sender = Sender(config, spool, self.upstreams)
         self.scheduler = Scheduler(config, spool, self.sender)
+        self.token_keeper = oauth2.RefreshTokenKeeper(config)
         self.watcher: Watcher | None = None
         self.pickup: Pickup | None = None
 
@@ -51,12 +52,14 @@ class Delivery:
         self.watcher.start()  # returns once the watches are armed
         self.scheduler.start()  # its thread scans queue/ first
         self.pickup.start()  # its thread scans drop/ first
+        self.token_keeper.start()
 
     def reload(self, config: Config) -> None:
         upstreams = Upstreams(config)
         old_upstreams, self.upstreams = self.upstreams, upstreams
         self.sender.use(config, upstreams)
         self.scheduler.use(config, upstreams)
+        self.token_keeper.use(config)
         if self.pickup is not None:
             self.pickup.config = config
         self.config = config
@@ -68,6 +71,7 @@ class Delivery:
             self.watcher.stop()
         if self.pickup is not None:
             self.pickup.stop()
+        self.token_keeper.stop()
         clean = self.scheduler.stop(grace)
         self.upstreams.close_all()
         return clean

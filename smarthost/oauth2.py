@@ -48,6 +48,10 @@ MAX_RESPONSE = 1 << 20  # a token response is a few KiB; more is not a token end
 RENEW_MARGIN = 300.0  # renew this long before expiry (or a tenth of a short lifetime)
 DEFAULT_LIFETIME = 3600  # a response without expires_in
 DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
+# A refresh token not used for this long is used anyway (Microsoft voids one unused
+# for 90 days, Google one unused for six months), checked this often.
+KEEPALIVE_AFTER = 7 * 86400.0
+KEEPALIVE_CHECK = 3600.0
 
 # Errors (RFC 6749 §5.2) that say the relay's credentials are refused: retrying the
 # same request cannot help until an administrator fixes them.
@@ -185,6 +189,11 @@ class TokenSource:
                 return self._token, False
             return self._renew(), True
 
+    def renew_now(self) -> str:
+        """A new token now, whatever the cache holds (the refresh token gets used)."""
+        with self._lock:
+            return self._renew()
+
     def renew(self, refused: str) -> str:
         """A new token in place of `refused`, which the upstream did not take (unless
         another sender has renewed it meanwhile)."""
@@ -215,6 +224,10 @@ class TokenSource:
             )
             raise
         rotated = self._keep_rotated_refresh_token(document, fields)
+        if not rotated and self.config.refresh_token_file:
+            # The file's mtime says when its token was last used (see RefreshTokenKeeper).
+            with contextlib.suppress(OSError):
+                os.utime(self.config.refresh_token_file)
         lifetime = _seconds(document.get("expires_in"), DEFAULT_LIFETIME)
         self._token, self.expires_in = token, lifetime
         self._renew_at = time.monotonic() + lifetime - min(RENEW_MARGIN, lifetime / 10)
@@ -263,6 +276,64 @@ class TokenSource:
                 "unwritable_refresh_token_file", f"{path}: {exc.strerror or exc}"
             ) from None
         return True
+
+
+class RefreshTokenKeeper:
+    """Uses each refresh token at least every KEEPALIVE_AFTER, even when no mail goes
+    out for months: a relay that is idle must not find its token void on the day it
+    has something to send. The token file's mtime is when it was last used."""
+
+    def __init__(self, config: Config) -> None:
+        self.backends: list[BackendConfig] = []
+        self._running = False
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.use(config)
+
+    def use(self, config: Config) -> None:
+        """A (re)loaded config: the backends whose refresh tokens to keep alive."""
+        self.backends = [
+            b for b in config.backends if b.oauth2 is not None and b.oauth2.refresh_token_file
+        ]
+        self._start_thread()
+
+    def start(self) -> None:
+        self._running = True
+        self._start_thread()
+
+    def _start_thread(self) -> None:
+        # A thread only once there is a refresh token to keep.
+        if self._running and self.backends and self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="oauth2-keeper", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            self.check(time.time())
+            if self._stopping.wait(KEEPALIVE_CHECK):
+                return
+
+    def check(self, now: float) -> list[str]:
+        """Renew through every refresh token unused for KEEPALIVE_AFTER; the names of
+        the backends it renewed for (a failure is logged as `oauth2_failed`)."""
+        renewed = []
+        for backend in list(self.backends):
+            assert backend.oauth2 is not None and backend.oauth2.refresh_token_file
+            try:
+                age = now - os.stat(backend.oauth2.refresh_token_file).st_mtime
+            except OSError:
+                continue  # not authorized yet: `check --connect` and deliveries say so
+            if age < KEEPALIVE_AFTER or self._stopping.is_set():
+                continue
+            with contextlib.suppress(TokenError):
+                source_for(backend).renew_now()
+                renewed.append(backend.name)
+        return renewed
 
 
 def _seconds(value: Any, default: float, minimum: float = 1.0) -> float:

@@ -4,8 +4,10 @@ that endpoint issued and that has not expired."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import time
 import urllib.parse
 import urllib.request
 
@@ -337,6 +339,29 @@ def test_a_token_endpoint_that_cannot_be_reached_defers_without_a_secret_in_sigh
     deferred = wait_until(lambda: events.events("deferred", queue_id=queue_id), what="defer")
     assert "unreachable" in deferred[0]["backend_errors"][0]
     assert not events.events("failed", queue_id=queue_id)
+
+
+def test_an_idle_refresh_token_is_used_before_the_provider_voids_it(
+    tmp_path, events, endpoint, upstream
+):
+    token = endpoint.new_refresh_token()
+    backend = oauth2_backend(tmp_path, endpoint, flow="refresh_token", refresh_token=token)
+    config = load_config(add_to_backend(write_config(tmp_path, upstream.port), backend))
+    keeper = oauth2.RefreshTokenKeeper(config)
+    token_file = tmp_path / "refresh.token"
+    assert keeper.check(time.time()) == []  # just written: used recently enough
+    assert endpoint.token_requests() == []
+    unused_since = time.time() - 8 * 86400
+    os.utime(token_file, (unused_since, unused_since))
+    keeper.start()  # its thread looks at once, then every hour
+    try:
+        wait_until(endpoint.token_requests, what="the idle refresh token to be used")
+    finally:
+        keeper.stop()
+    assert [r["refresh_token"] for r in endpoint.token_requests()] == [token]
+    assert token_file.stat().st_mtime > unused_since + 86400  # marked as used
+    assert keeper.check(time.time()) == []
+    assert events.events("oauth2_renewed", backend="sink")
 
 
 # -- check --connect --------------------------------------------------------------------
