@@ -379,7 +379,8 @@ def _is_ip(text: str, version: int | None = None) -> bool:
     return version is None or address.version == version
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
+    """`localhost` or a loopback address (127.0.0.0/8, ::1)."""
     if host.lower().rstrip(".") == "localhost":
         return True
     return _is_ip(host) and ipaddress.ip_address(host).is_loopback
@@ -779,7 +780,7 @@ def _url_problem(url: str | None) -> str | None:
     parts = urllib.parse.urlsplit(url)
     if parts.scheme not in ("https", "http") or not parts.hostname:
         return f"{url!r} is not an https:// URL"
-    if parts.scheme == "http" and not _is_loopback(parts.hostname):
+    if parts.scheme == "http" and not is_loopback(parts.hostname):
         return "must be https (http only to a loopback host)"
     return None
 
@@ -815,7 +816,7 @@ def _check_backend(
         errors.append(f"{path}.username: needs one of {', '.join(SECRET_KEYS)}")
     if backend.auth != "auto" and not backend.username:
         errors.append(f"{path}.auth: {backend.auth!r} needs a username")
-    if backend.tls == "none" and backend.username and not _is_loopback(backend.host):
+    if backend.tls == "none" and backend.username and not is_loopback(backend.host):
         errors.append(
             f"{path}.tls: credentials would travel in clear;"
             " use starttls or implicit, or a loopback host"

@@ -40,7 +40,7 @@ from collections.abc import Callable
 from typing import IO, Any
 
 from . import log
-from .config import BackendConfig, Config, OAuth2Config, _is_loopback
+from .config import BackendConfig, Config, OAuth2Config, is_loopback
 from .spool import fsync_dir
 
 REQUEST_TIMEOUT = 30.0
@@ -115,7 +115,7 @@ def _opener(url: str) -> urllib.request.OpenerDirector:
     """Verified TLS; the environment's proxy, except for a loopback endpoint."""
     https = urllib.request.HTTPSHandler(context=ssl.create_default_context())
     host = urllib.parse.urlsplit(url).hostname or ""
-    if _is_loopback(host):
+    if is_loopback(host):
         return urllib.request.build_opener(https, urllib.request.ProxyHandler({}))
     return urllib.request.build_opener(https)
 
@@ -181,6 +181,7 @@ class TokenSource:
         self._token: str | None = None
         self._renew_at = 0.0  # time.monotonic() after which the token is renewed
         self.expires_in = 0.0  # the lifetime the provider gave the current token
+        self._unsaved: str | None = None  # a rotated refresh token its file could not take
 
     def get(self) -> tuple[str, bool]:
         """(the access token, whether it was fetched just now)."""
@@ -204,12 +205,13 @@ class TokenSource:
             return self._renew()
 
     def _renew(self) -> str:
-        fields = self._request()
         try:
+            fields = self._request()
             document = post_form(self.config.token_url, fields)
             token = document.get("access_token")
             if not isinstance(token, str) or not token:
                 raise TokenError("bad_response", "no access_token in the answer")
+            rotated = self._keep_rotated_refresh_token(document, fields)
         except TokenError as exc:
             self._token = None
             log.event(
@@ -223,7 +225,6 @@ class TokenSource:
                 hint=hint(exc, self.config, self.backend),
             )
             raise
-        rotated = self._keep_rotated_refresh_token(document, fields)
         if not rotated and self.config.refresh_token_file:
             # The file's mtime says when its token was last used (see RefreshTokenKeeper).
             with contextlib.suppress(OSError):
@@ -251,7 +252,9 @@ class TokenSource:
             if config.flow == "refresh_token":
                 assert config.refresh_token_file is not None
                 fields["grant_type"] = "refresh_token"
-                fields["refresh_token"] = read_first_line(config.refresh_token_file)
+                fields["refresh_token"] = self._unsaved or read_first_line(
+                    config.refresh_token_file
+                )
             else:
                 fields["grant_type"] = "client_credentials"
         except OSError as exc:
@@ -263,18 +266,25 @@ class TokenSource:
         return fields
 
     def _keep_rotated_refresh_token(self, document: dict, fields: dict[str, str]) -> bool:
-        """A new refresh token replaces its file before anything else happens: the old
-        one may already be void at the provider."""
-        new = document.get("refresh_token")
+        """A new refresh token replaces its file before its access token is used: the
+        old one may already be void at the provider. One that cannot be written is
+        kept in memory for the next renewal (which writes it, or a newer one) and is
+        the backend's failure until then."""
         path = self.config.refresh_token_file
-        if not (isinstance(new, str) and new and path) or new == fields.get("refresh_token"):
+        new = document.get("refresh_token")
+        candidate = new if isinstance(new, str) and new else self._unsaved
+        if not path or candidate is None:
             return False
+        if candidate == fields.get("refresh_token") and self._unsaved is None:
+            return False
+        self._unsaved = candidate
         try:
-            write_secret_file(path, new)
+            write_secret_file(path, candidate)
         except OSError as exc:
             raise TokenError(
                 "unwritable_refresh_token_file", f"{path}: {exc.strerror or exc}"
             ) from None
+        self._unsaved = None
         return True
 
 

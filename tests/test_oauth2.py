@@ -341,6 +341,32 @@ def test_a_token_endpoint_that_cannot_be_reached_defers_without_a_secret_in_sigh
     assert not events.events("failed", queue_id=queue_id)
 
 
+def test_a_rotated_refresh_token_its_file_cannot_take_is_kept_and_saved_later(
+    tmp_path, events, endpoint, monkeypatch
+):
+    endpoint.rotate = True
+    first = endpoint.new_refresh_token()
+    backend = oauth2_backend(tmp_path, endpoint, flow="refresh_token", refresh_token=first)
+    config = load_config(add_to_backend(write_config(tmp_path, 2525), backend))
+    source = oauth2.source_for(config.backends[0])
+    token_file = tmp_path / "refresh.token"
+
+    def disk_full(path: str, secret: str) -> None:  # tests run as root: no EACCES
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(oauth2, "write_secret_file", disk_full)
+    with pytest.raises(oauth2.TokenError) as caught:
+        source.get()
+    assert caught.value.error == "unwritable_refresh_token_file"
+    assert events.events("oauth2_failed", error="unwritable_refresh_token_file")
+    assert token_file.read_text() == first + "\n"  # the old file is whole
+    monkeypatch.undo()
+    ((_, rotated),) = endpoint.rotations
+    source.get()  # uses the token kept in memory, and saves the one it gets
+    assert endpoint.rotations[1][0] == rotated
+    assert token_file.read_text() == endpoint.rotations[1][1] + "\n"
+
+
 def test_an_idle_refresh_token_is_used_before_the_provider_voids_it(
     tmp_path, events, endpoint, upstream
 ):
