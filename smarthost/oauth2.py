@@ -257,6 +257,11 @@ class TokenSource:
                 )
             else:
                 fields["grant_type"] = "client_credentials"
+        except FileNotFoundError as exc:
+            error = "not_authorized" if exc.filename == config.refresh_token_file else None
+            raise TokenError(
+                error or "unreadable_secret", f"{exc.filename}: no such file"
+            ) from None
         except OSError as exc:
             raise TokenError(
                 "unreadable_secret", f"{exc.filename}: {exc.strerror or exc}"
@@ -361,6 +366,8 @@ def hint(exc: TokenError, config: OAuth2Config, backend: str) -> str | None:
         return (
             f"the refresh token is expired or revoked: run `smarthost oauth2 authorize {backend}`"
         )
+    if exc.error == "not_authorized":
+        return f"no refresh token yet: run `smarthost oauth2 authorize {backend}`"
     return {
         "invalid_client": "the client ID or secret is wrong or expired:"
         " check client_id and client_secret_file",
@@ -447,6 +454,14 @@ def authorize(
     backend = _backend_named(config, name)
     oauth2 = backend.oauth2
     assert oauth2 is not None and oauth2.refresh_token_file is not None
+    directory = os.path.dirname(os.path.abspath(oauth2.refresh_token_file))
+    if not os.path.isdir(directory):
+        # Said before the sign-in, not after it.
+        owner = f"-o {config.user} " if config.user else ""
+        raise AuthorizeError(
+            f"{directory} (of refresh_token_file) does not exist:"
+            f" install -d {owner}-m 0700 {directory}"
+        )
     client_secret = read_first_line(oauth2.client_secret_file) if oauth2.client_secret_file else ""
     if oauth2.device_code_url:
         document = _device_code_flow(oauth2, client_secret, out, sleep)

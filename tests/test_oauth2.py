@@ -414,6 +414,35 @@ def test_check_connect_shows_the_token_step_and_no_secret(tmp_path, endpoint, up
     assert endpoint.access_tokens() and not [t for t in endpoint.access_tokens() if t in output]
 
 
+def test_check_summary_and_warnings_name_the_oauth2_files_never_their_content(
+    tmp_path, endpoint, upstream
+):
+    backend = oauth2_backend(tmp_path, endpoint, flow="refresh_token", refresh_token="rt-x")
+    path = add_to_backend(write_config(tmp_path, upstream.port), backend)
+    (tmp_path / "client.secret").chmod(0o644)
+    done = subprocess.run(
+        [sys.executable, "-m", "smarthost", "-c", str(path), "check"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert f"oauth2=refresh_token client_id={CLIENT_ID} token_url={endpoint.url}/token" in (
+        done.stdout
+    )
+    assert "backend[0].oauth2.client_secret_file" in done.stderr
+    assert "readable by other users" in done.stderr
+    assert CLIENT_SECRET not in done.stdout + done.stderr and "rt-x" not in done.stdout
+
+
+def test_check_connect_before_authorize_says_to_authorize(tmp_path, endpoint, upstream):
+    backend = oauth2_backend(tmp_path, endpoint, flow="refresh_token")
+    done = check_connect(add_to_backend(write_config(tmp_path, upstream.port), backend))
+    assert done.returncode == 1
+    assert "not_authorized" in done.stdout
+    assert "run `smarthost oauth2 authorize sink`" in done.stdout
+
+
 def test_check_connect_says_what_to_fix_when_the_client_is_refused(tmp_path, endpoint, upstream):
     backend = oauth2_backend(tmp_path, endpoint, secret="not-the-secret")
     path = add_to_backend(write_config(tmp_path, upstream.port), backend)
@@ -466,6 +495,17 @@ def test_authorize_refuses_a_backend_without_a_refresh_token_flow(tmp_path, endp
     proc = authorize(path, "nosuch")
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 1 and "no backend named 'nosuch'" in err
+
+
+def test_authorize_asks_for_the_token_directory_before_the_sign_in(tmp_path, endpoint, upstream):
+    backend = oauth2_backend(tmp_path, endpoint, flow="refresh_token").replace(
+        str(tmp_path / "refresh.token"), str(tmp_path / "state" / "refresh.token")
+    )
+    proc = authorize(add_to_backend(write_config(tmp_path, upstream.port), backend))
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1
+    assert f"install -d -m 0700 {tmp_path / 'state'}" in err
+    assert endpoint.requests == []  # nobody was asked to sign in for nothing
 
 
 def google_config(tmp_path, endpoint, upstream):
