@@ -12,7 +12,7 @@ import urllib.parse
 import urllib.request
 
 import pytest
-from conftest import wait_until, write_config
+from conftest import spool_files, wait_until, write_config
 from oauth2_fakes import (
     CLIENT_ID,
     CLIENT_SECRET,
@@ -274,6 +274,8 @@ def test_a_refused_client_marks_the_backend_down_keeps_the_mail_and_recovers(
     deferred = wait_until(lambda: events.events("deferred", queue_id=queue_id), what="defer")
     assert "invalid_client" in deferred[0]["backend_errors"][0]
     assert upstream.handler.logins == []  # no token, no AUTH
+    files = spool_files(tmp_path / "spool")
+    assert any(name.startswith(queue_id) for name in files["queue"] + files["active"]), files
     # Fixed: the probe after fail_timeout gets a token and the waiting mail goes.
     (tmp_path / "client.secret").write_text(CLIENT_SECRET + "\n")
     wait_until(lambda: events.events("delivered", queue_id=queue_id), 15, "delivery after fix")
