@@ -199,8 +199,9 @@ class TokenSource:
         """A new token in place of `refused`, which the upstream did not take (unless
         another sender has renewed it meanwhile)."""
         with self._lock:
-            if self._token not in (None, refused) and time.monotonic() < self._renew_at:
-                return self._token  # type: ignore[return-value]
+            token = self._token
+            if token is not None and token != refused and time.monotonic() < self._renew_at:
+                return token
             self._token = None
             return self._renew()
 
@@ -419,6 +420,14 @@ def authenticate(
             raise
         note("oauth2", "the upstream refused the cached token: renewing it once")
         login(source.renew(token))
+
+
+# Why an upstream refuses a token the provider issued: the account may not send.
+REFUSED_TOKEN_HINT = (
+    "the upstream refused a token its provider issued: check that the account may send"
+    " by SMTP (Microsoft 365: New-ServicePrincipal and Add-MailboxPermission for the app,"
+    " SMTP AUTH enabled for the mailbox)"
+)
 
 
 def sasl_response(mechanism: str, user: str, token: str, host: str, port: int) -> str:

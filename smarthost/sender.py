@@ -543,7 +543,10 @@ class Sender:
                 login(read_secret(backend))
         except smtplib.SMTPAuthenticationError as exc:
             # Only the server's reply: never the credentials.
-            raise BackendFailure(format_reply(exc.smtp_code, exc.smtp_error), "4.7.8") from None
+            reply = format_reply(exc.smtp_code, exc.smtp_error)
+            if backend.oauth2 is not None:
+                reply = f"{reply} ({oauth2.REFUSED_TOKEN_HINT})"
+            raise BackendFailure(reply, "4.7.8") from None
         except oauth2.TokenError as exc:
             raise token_failure(backend, exc) from None
         return mechanism

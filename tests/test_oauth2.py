@@ -259,6 +259,23 @@ def test_a_535_for_a_cached_token_renews_it_once_and_retries(
     assert not events.events("backend_down")
 
 
+def test_a_fresh_token_the_upstream_refuses_is_not_renewed_and_says_what_to_check(
+    tmp_path, relay_factory, events, endpoint, upstream
+):
+    backend = oauth2_backend(tmp_path, endpoint).replace(USER, "nobody@contoso.test")
+    path = add_to_backend(write_config(tmp_path, upstream.port), backend)
+    # Down for an hour once refused: no probe logs in again while this test looks.
+    path.write_text(path.read_text().replace('fail_timeout = "1s"', 'fail_timeout = "1h"'))
+    relay = relay_factory(load_config(path))
+    queue_id = relay.send("a@client.test", ["b@dest.test"], BODY)
+    deferred = wait_until(lambda: events.events("deferred", queue_id=queue_id), what="defer")
+    reply = deferred[0]["backend_errors"][0]
+    assert "535 5.7.8" in reply and "Add-MailboxPermission" in reply
+    assert [login["accepted"] for login in upstream.handler.logins] == [False]
+    assert len(endpoint.token_requests()) == 1  # a token just issued is not renewed
+    assert not events.events("failed", queue_id=queue_id)
+
+
 def test_a_refused_client_marks_the_backend_down_keeps_the_mail_and_recovers(
     tmp_path, relay_factory, events, endpoint, upstream
 ):
