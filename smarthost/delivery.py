@@ -15,8 +15,9 @@ import struct
 import sys
 import threading
 
-from . import log, oauth2, privileges, process
+from . import log, privileges, process
 from .config import Config
+from .oauth2 import RefreshTokenKeeper
 from .pickup import Pickup
 from .scheduler import Scheduler
 from .sender import Sender
@@ -36,9 +37,9 @@ class Delivery:
         self.upstreams = Upstreams(config)
         self.sender = Sender(config, spool, self.upstreams)
         self.scheduler = Scheduler(config, spool, self.sender)
-        self.token_keeper = oauth2.RefreshTokenKeeper(config)
         self.watcher: Watcher | None = None
         self.pickup: Pickup | None = None
+        self.token_keeper = RefreshTokenKeeper(config)
 
     def submit(self, env: Envelope) -> None:
         self.scheduler.submit(env)
@@ -59,11 +60,11 @@ class Delivery:
         old_upstreams, self.upstreams = self.upstreams, upstreams
         self.sender.use(config, upstreams)
         self.scheduler.use(config, upstreams)
-        self.token_keeper.use(config)
         if self.pickup is not None:
             self.pickup.config = config
         self.config = config
         old_upstreams.retire()
+        self.token_keeper.use(config)
 
     def stop(self, grace: float) -> bool:
         """Stop; True if every attempt in flight ended within `grace` seconds."""

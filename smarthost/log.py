@@ -36,6 +36,8 @@ EVENTS = frozenset(
         "double_bounce",
         "backend_down",
         "backend_up",
+        "oauth2_failed",
+        "oauth2_renewed",
         "rejected",
         "config_reloaded",
         "spool_error",
@@ -52,8 +54,6 @@ EVENTS = frozenset(
         "tls_failed",
         "protocol_error",
         "draining",
-        "oauth2_failed",
-        "oauth2_renewed",
     }
 )
 
