@@ -160,7 +160,7 @@ def oauth2_authorize(path: str, backend: str) -> int:
 
     config = _load_or_report(path)
     if config is None:
-        return EX_CONFIG
+        return os.EX_CONFIG
     try:
         oauth2.authorize(config, backend, sys.stdin, lambda line: print(line, flush=True))
     except (oauth2.AuthorizeError, oauth2.TokenError) as exc:
@@ -168,10 +168,10 @@ def oauth2_authorize(path: str, backend: str) -> int:
         return 1
     except OSError as exc:
         print(f"smarthost oauth2 authorize: {exc.filename}: {exc.strerror}", file=sys.stderr)
-        return EX_CANTCREAT
+        return os.EX_CANTCREAT
     except KeyboardInterrupt:
         return 1
-    return EX_OK
+    return os.EX_OK
 
 
 def passwd(user: str | None) -> int:
