@@ -223,6 +223,17 @@ def test_first_token_then_reused_within_its_lifetime(
     assert not leaked(events.records, CLIENT_SECRET, logins[0]["token"])
 
 
+def test_a_reload_keeps_the_cached_token(tmp_path, relay_factory, events, endpoint, upstream):
+    relay = start_relay(tmp_path, relay_factory, upstream, endpoint)
+    first = relay.send("a@client.test", ["b@dest.test"], BODY)
+    wait_until(lambda: events.events("delivered", queue_id=first), what="first delivery")
+    relay.relay.reload(load_config(tmp_path / "smarthost.toml"))  # as SIGHUP does
+    second = relay.send("a@client.test", ["c@dest.test"], BODY)
+    wait_until(lambda: events.events("delivered", queue_id=second), what="second delivery")
+    assert len(upstream.handler.logins) == 2  # a new session after the reload ...
+    assert len(endpoint.token_requests()) == 1  # ... with the token it had
+
+
 def test_a_token_is_renewed_when_it_expires(tmp_path, relay_factory, events, endpoint, upstream):
     endpoint.lifetime = 1.5  # renewed a tenth of its lifetime early: after 1.35 s
     relay = start_relay(tmp_path, relay_factory, upstream, endpoint)
