@@ -130,12 +130,12 @@ def _json(body: bytes) -> dict:
 
 def _clean(text: Any, fields: dict[str, str]) -> str:
     """A provider's or library's words, on one line, short, with no secret we sent."""
-    line = " ".join(str(text or "").split())[:300]
+    line = str(text or "")
     for name in ("client_secret", "refresh_token", "code", "device_code", "code_verifier"):
         value = fields.get(name)
         if value:
             line = line.replace(value, "***")
-    return line
+    return " ".join(line.split())[:300]  # cut after masking: never half a secret
 
 
 # -------------------------------------------------------------------------- secrets on disk

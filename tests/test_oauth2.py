@@ -610,3 +610,5 @@ def test_a_provider_message_that_repeats_a_secret_is_masked():
     fields = {"client_secret": "abc123secret"}
     cleaned = oauth2._clean("bad secret\nabc123secret given", fields)
     assert cleaned == "bad secret *** given"
+    # Cut to 300 characters after masking: not half a secret at the cut either.
+    assert "abc123" not in oauth2._clean("x" * 295 + "abc123secret", fields)
