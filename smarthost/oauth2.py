@@ -457,7 +457,6 @@ def authorize(
     name: str,
     stdin: IO[str],
     out: Callable[[str], None],
-    sleep: Callable[[float], None] = time.sleep,
 ) -> None:
     """Sign in once for backend `name` and write its first refresh token."""
     backend = _backend_named(config, name)
@@ -473,7 +472,7 @@ def authorize(
         )
     client_secret = read_first_line(oauth2.client_secret_file) if oauth2.client_secret_file else ""
     if oauth2.device_code_url:
-        document = _device_code_flow(oauth2, client_secret, out, sleep)
+        document = _device_code_flow(oauth2, client_secret, out)
     elif oauth2.authorize_url:
         document = _installed_app_flow(oauth2, client_secret, stdin, out)
     else:
@@ -492,10 +491,10 @@ def authorize(
     out(f"Refresh token written to {oauth2.refresh_token_file} (mode 0600{owner}).")
     out("Next:")
     out(f"  smarthost -c {config.path} check --connect   # shows the token step and AUTH")
-    out("  systemctl reload smarthost                    # if the relay is running")
     out(
-        "The relay renews access tokens itself and saves a rotated refresh token in the"
-        " same file: it must be able to write that file and its directory."
+        "A running relay reads the file at its next try (no reload needed). It renews"
+        " access tokens itself and saves a rotated refresh token in the same file: it"
+        " must be able to write that file and its directory."
     )
 
 
@@ -533,7 +532,6 @@ def _device_code_flow(
     oauth2: OAuth2Config,
     client_secret: str,
     out: Callable[[str], None],
-    sleep: Callable[[float], None],
 ) -> dict:
     """RFC 8628: a code the administrator enters at a URL on any device; poll until done."""
     assert oauth2.device_code_url is not None
@@ -554,7 +552,7 @@ def _device_code_flow(
         client_secret,
     )
     while time.monotonic() < deadline:
-        sleep(interval)
+        time.sleep(interval)  # RFC 8628 §3.5: no faster than the server asks
         try:
             return post_form(oauth2.token_url, fields)
         except TokenError as exc:
