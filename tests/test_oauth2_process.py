@@ -1,5 +1,6 @@
 """Built-in OAuth 2.0 in the real `smarthost` process: a refresh token rotated just
-before a kill -9 is on disk, and the restarted relay uses it."""
+before a kill -9 is on disk, and the restarted relay uses it; a refused client keeps
+the mail (no DSN) until it is fixed; no secret or token in the JSON log."""
 
 from __future__ import annotations
 
@@ -65,3 +66,28 @@ def test_kill_9_right_after_a_rotation_loses_nothing(tmp_path, endpoint, upstrea
     secrets_ += [token for pair in endpoint.rotations for token in pair]
     assert not [s for s in secrets_ if s in log]
     assert '"oauth2_renewed"' in log
+
+
+def test_a_refused_client_waits_without_a_dsn_and_goes_once_fixed(
+    tmp_path, endpoint, upstream, relay_process
+):
+    wrong = "wrong-secret-0123456789"
+    backend = oauth2_backend(tmp_path, endpoint, secret=wrong)
+    proc = relay_process(add_to_backend(write_config(tmp_path, upstream.port), backend)).start()
+    send(proc.port, "<waits@client.test>")
+
+    def named(event: str) -> list[dict]:
+        return [r for r in proc.records() if r.get("event") == event]
+
+    (failed, *_) = wait_until(lambda: named("oauth2_failed"), DEADLINE, "oauth2_failed")
+    assert failed["level"] == "warning" and failed["error"] == "invalid_client"
+    assert failed["backend"] == "sink" and "client_secret_file" in failed["hint"]
+    wait_until(lambda: named("backend_down"), DEADLINE, "backend_down")
+    wait_until(lambda: named("deferred"), DEADLINE, "deferred")
+    (tmp_path / "client.secret").write_text(CLIENT_SECRET + "\n")
+    wait_until(lambda: upstream.messages, DEADLINE, "delivery once the secret is fixed")
+    assert b"<waits@client.test>" in upstream.messages[0].content
+    assert proc.stop() == 0
+    assert not named("dsn_queued") and not named("failed")
+    log = proc.log_path.read_text()
+    assert not [s for s in (wrong, CLIENT_SECRET, *endpoint.access_tokens()) if s in log]
