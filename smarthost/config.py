@@ -957,17 +957,21 @@ def _readable_by_others(label: str, path: str | None) -> str | None:
     return None
 
 
+def _oauth2_secret_files(path: str, backend: BackendConfig) -> list[tuple[str, str | None]]:
+    if backend.oauth2 is None:
+        return []
+    files = ("client_secret_file", "refresh_token_file")
+    return [(f"{path}.oauth2.{key}", getattr(backend.oauth2, key)) for key in files]
+
+
 def config_warnings(cfg: Config) -> list[str]:
     """Secrets readable by other users: the config (if it holds a password), secret files."""
     candidates = [("smtp.tls_key", cfg.smtp.tls_key), ("smtp.auth_users", cfg.smtp.auth_users)]
     if any(backend.password for backend in cfg.backends):
         candidates.insert(0, ("config file", cfg.path))
     for i, backend in enumerate(cfg.backends):
+        candidates.extend(_oauth2_secret_files(f"backend[{i}]", backend))
         candidates.append((f"backend[{i}].password_file", backend.password_file))
-        if backend.oauth2 is not None:
-            for key in ("client_secret_file", "refresh_token_file"):
-                path = getattr(backend.oauth2, key)
-                candidates.append((f"backend[{i}].oauth2.{key}", path))
     warnings = [_readable_by_others(label, path) for label, path in candidates]
     return [w for w in warnings if w]
 
