@@ -95,6 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also open a session to every backend and report each step",
     )
+    oauth2 = commands.add_parser("oauth2", help="OAuth 2.0 for upstreams")
+    oauth2_actions = oauth2.add_subparsers(dest="action", metavar="ACTION", required=True)
+    authorize = oauth2_actions.add_parser(
+        "authorize", help="sign in once and write a backend's refresh token"
+    )
+    authorize.add_argument("backend", help="the backend's name")
+    _config_option(authorize)
     return parser
 
 
@@ -133,7 +140,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         return queue(path, args)
     if args.command == "drain":
         return drain(path, args.timeout)
+    if args.command == "oauth2":
+        return oauth2_authorize(path, args.backend)
     return serve(path)
+
+
+def oauth2_authorize(path: str, backend: str) -> int:
+    """`smarthost oauth2 authorize BACKEND`: the administrator's one-time sign-in."""
+    from . import oauth2
+
+    config = _load_or_report(path)
+    if config is None:
+        return os.EX_CONFIG
+    try:
+        oauth2.authorize(config, backend, sys.stdin, lambda line: print(line, flush=True))
+    except (oauth2.AuthorizeError, oauth2.TokenError) as exc:
+        print(f"smarthost oauth2 authorize: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"smarthost oauth2 authorize: {exc.filename}: {exc.strerror}", file=sys.stderr)
+        return os.EX_CANTCREAT
+    except KeyboardInterrupt:
+        return 1
+    return os.EX_OK
 
 
 def passwd(user: str | None) -> int:

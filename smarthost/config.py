@@ -34,12 +34,42 @@ CONFIG_ENV = "SMARTHOST_CONFIG"
 
 DEFAULT_GROUP = "default"
 TLS_MODES = ("starttls", "implicit", "none")
-AUTH_MECHANISMS = ("auto", "plain", "login", "xoauth2")
+AUTH_MECHANISMS = ("auto", "plain", "login", "xoauth2", "oauthbearer")
+BEARER_MECHANISMS = ("xoauth2", "oauthbearer")  # SASL mechanisms that carry an OAuth 2.0 token
+OAUTH2_FLOWS = ("client_credentials", "refresh_token")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("json", "text")
 BARE_NEWLINES = ("normalize", "reject")
 SECRET_KEYS = ("password", "password_file", "password_command")
 _DEFAULT_PORTS = {"starttls": 587, "implicit": 465, "none": 25}
+
+
+@dataclass(frozen=True)
+class OAuth2Provider:
+    """What `[backend.oauth2] provider` fills in. `{tenant}` is the Microsoft tenant."""
+
+    token_url: str
+    scopes: dict[str, str]  # flow -> default scope (a flow absent here is not offered)
+    device_code_url: str | None = None  # `oauth2 authorize`: the device-code flow (RFC 8628)
+    authorize_url: str | None = None  # `oauth2 authorize`: the installed-app flow
+
+
+# The providers' documented endpoints and SMTP scopes.
+OAUTH2_PROVIDERS = {
+    "microsoft": OAuth2Provider(
+        token_url="https://login.microsoftonline.com/{tenant}/oauth2/v2.0/token",
+        scopes={
+            "client_credentials": "https://outlook.office365.com/.default",
+            "refresh_token": "https://outlook.office.com/SMTP.Send offline_access",
+        },
+        device_code_url="https://login.microsoftonline.com/{tenant}/oauth2/v2.0/devicecode",
+    ),
+    "google": OAuth2Provider(
+        token_url="https://oauth2.googleapis.com/token",
+        scopes={"refresh_token": "https://mail.google.com/"},
+        authorize_url="https://accounts.google.com/o/oauth2/v2/auth",
+    ),
+}
 
 
 class ConfigError(Exception):
@@ -119,6 +149,26 @@ class RewriteConfig:
 
 
 @dataclass(frozen=True)
+class OAuth2Config:
+    """`[backend.oauth2]`: how the relay gets its own access tokens (SPEC §11).
+
+    After parsing, `token_url`, `scope`, `device_code_url` and `authorize_url` hold
+    the provider's defaults where the file did not set them.
+    """
+
+    flow: str
+    client_id: str
+    provider: str | None = None
+    tenant: str | None = None
+    client_secret_file: str | None = None
+    refresh_token_file: str | None = None
+    scope: str = ""
+    token_url: str = ""
+    device_code_url: str | None = None
+    authorize_url: str | None = None
+
+
+@dataclass(frozen=True)
 class BackendConfig:
     """One `[[backend]]`: an upstream relay. `name` and `port` default from host and tls."""
 
@@ -133,6 +183,7 @@ class BackendConfig:
     password_file: str | None = None
     password_command: str | None = None
     auth: str = "auto"
+    oauth2: OAuth2Config | None = None
     weight: int = 1
     backup: bool = False
     max_connections: int = 4
@@ -393,7 +444,8 @@ def _is_ip(text: str, version: int | None = None) -> bool:
     return version is None or address.version == version
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
+    """`localhost` or a loopback address (127.0.0.0/8, ::1)."""
     if host.lower().rstrip(".") == "localhost":
         return True
     return _is_ip(host) and ipaddress.ip_address(host).is_loopback
@@ -645,6 +697,7 @@ _BACKEND: Schema = {
     "password_file": _optional_string,
     "password_command": _optional_string,
     "auth": _choice(*AUTH_MECHANISMS),
+    "oauth2": lambda value, key: _oauth2(value, key),
     "weight": _integer(1),
     "backup": _boolean,
     "max_connections": _integer(1),
@@ -652,6 +705,18 @@ _BACKEND: Schema = {
     "max_fails": _integer(0),
     "fail_timeout": _duration(positive=True),
     "group": _string,
+}
+_OAUTH2: Schema = {
+    "provider": _choice(*OAUTH2_PROVIDERS),
+    "tenant": _optional_string,
+    "flow": _choice(*OAUTH2_FLOWS),
+    "client_id": _optional_string,
+    "client_secret_file": _optional_string,
+    "refresh_token_file": _optional_string,
+    "scope": _optional_string,
+    "token_url": _optional_string,
+    "device_code_url": _optional_string,
+    "authorize_url": _optional_string,
 }
 _ROUTE: Schema = {
     "sender_domain": _list_of(_domain),
@@ -718,6 +783,97 @@ def _parse_array(raw: Any, name: str, errors: list[str]) -> list[tuple[str, Any]
 # --------------------------------------------------------------------------- cross-key rules
 
 
+def _oauth2(raw: Any, key: str) -> OAuth2Config:
+    """`[backend.oauth2]`: the table, its rules, the provider's defaults filled in."""
+    errors: list[str] = []
+    values = _parse_table(raw, key, _OAUTH2, errors)
+    if not isinstance(raw, dict):
+        raise ConfigError(errors)
+    flow, provider_name = values.get("flow"), values.get("provider")
+    if "flow" not in raw:
+        errors.append(f"{key}.flow: required ({' or '.join(map(_quoted, OAUTH2_FLOWS))})")
+    needs = f' for flow "{flow}"' if flow else ""
+    if not values.get("client_id") and isinstance(raw.get("client_id", ""), str):
+        errors.append(f"{key}.client_id: required{needs}")
+    _check_oauth2_flow(key, values, errors)
+    provider = OAUTH2_PROVIDERS.get(provider_name or "")
+    if provider is None and "provider" not in raw and not values.get("token_url"):
+        errors.append(f"{key}.token_url: required without a provider (or set provider)")
+    if provider is not None:
+        _fill_provider(key, provider_name or "", provider, values, errors)
+    elif values.get("tenant"):
+        errors.append(f'{key}.tenant: only for provider "microsoft"')
+    for url_key in ("token_url", "device_code_url", "authorize_url"):
+        problem = _url_problem(values.get(url_key))
+        if problem:
+            errors.append(f"{key}.{url_key}: {problem}")
+    if errors:
+        raise ConfigError(errors)
+    values.setdefault("scope", "")
+    return OAuth2Config(**values)
+
+
+def _quoted(text: str) -> str:
+    return f'"{text}"'
+
+
+def _check_oauth2_flow(key: str, values: dict[str, Any], errors: list[str]) -> None:
+    flow = values.get("flow")
+    if flow == "client_credentials":
+        if not values.get("client_secret_file"):
+            errors.append(f'{key}.client_secret_file: required for flow "client_credentials"')
+        if values.get("refresh_token_file"):
+            errors.append(f'{key}.refresh_token_file: only for flow "refresh_token"')
+    elif flow == "refresh_token" and not values.get("refresh_token_file"):
+        errors.append(f'{key}.refresh_token_file: required for flow "refresh_token"')
+
+
+def _fill_provider(
+    key: str, name: str, provider: OAuth2Provider, values: dict[str, Any], errors: list[str]
+) -> None:
+    """The provider's token URL, scope and `oauth2 authorize` endpoints, where not set."""
+    flow = values.get("flow")
+    if flow and flow not in provider.scopes:
+        offered = " or ".join(map(_quoted, provider.scopes))
+        errors.append(f'{key}.flow: provider "{name}" offers {offered} only')
+        return
+    if name == "google" and not values.get("client_secret_file"):
+        # Google's installed-app clients come with a secret that every request needs.
+        errors.append(f'{key}.client_secret_file: required for provider "google"')
+    tenant = values.get("tenant")
+    if name == "microsoft":
+        if not tenant:
+            errors.append(
+                f'{key}.tenant: required for provider "microsoft"'
+                " (the directory ID or domain, e.g. contoso.onmicrosoft.com)"
+            )
+            return
+        if not re.fullmatch(r"[A-Za-z0-9.-]+", tenant):
+            errors.append(f"{key}.tenant: {tenant!r} is not a tenant ID or domain")
+            return
+    defaults = {
+        "token_url": provider.token_url,
+        "scope": provider.scopes.get(flow or "", ""),
+        "device_code_url": provider.device_code_url,
+        "authorize_url": provider.authorize_url,
+    }
+    for name_, default in defaults.items():
+        if not values.get(name_) and default:
+            values[name_] = default.replace("{tenant}", tenant or "")
+
+
+def _url_problem(url: str | None) -> str | None:
+    """Why a token endpoint URL is not acceptable: only https, or http to loopback."""
+    if not url:
+        return None
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("https", "http") or not parts.hostname:
+        return f"{url!r} is not an https:// URL"
+    if parts.scheme == "http" and not is_loopback(parts.hostname):
+        return "must be https (http only to a loopback host)"
+    return None
+
+
 def _check_smtp(smtp: SmtpConfig, errors: list[str]) -> None:
     if bool(smtp.tls_cert) != bool(smtp.tls_key):
         missing, given = ("tls_key", "tls_cert") if smtp.tls_cert else ("tls_cert", "tls_key")
@@ -746,23 +902,39 @@ def _check_delivery(delivery: DeliveryConfig, errors: list[str]) -> None:
         errors.append("delivery.retry_min: must not be greater than delivery.retry_max")
 
 
-def _check_backend(path: str, backend: BackendConfig, errors: list[str]) -> None:
+def _check_backend(
+    path: str, backend: BackendConfig, errors: list[str], oauth2_given: bool = False
+) -> None:
+    """`oauth2_given`: the file has a [backend.oauth2] (maybe one with errors of its own)."""
     secrets = [key for key in SECRET_KEYS if getattr(backend, key)]
     if len(secrets) > 1:
         errors.append(f"{path}.{secrets[1]}: set only one of {', '.join(SECRET_KEYS)}")
     if secrets and not backend.username:
         errors.append(f"{path}.username: required when {secrets[0]} is set")
-    if backend.username and not secrets:
+    if backend.oauth2 is not None or oauth2_given:
+        _check_oauth2_backend(path, backend, secrets, errors)
+    elif backend.username and not secrets:
         errors.append(f"{path}.username: needs one of {', '.join(SECRET_KEYS)}")
     if backend.auth != "auto" and not backend.username:
         errors.append(f"{path}.auth: {backend.auth!r} needs a username")
-    if backend.tls == "none" and backend.username and not _is_loopback(backend.host):
+    if backend.tls == "none" and backend.username and not is_loopback(backend.host):
         errors.append(
             f"{path}.tls: credentials would travel in clear;"
             " use starttls or implicit, or a loopback host"
         )
     if ":" in backend.host and not _is_ip(backend.host, version=6):
         errors.append(f"{path}.host: give the port as {path}.port, not in the host")
+
+
+def _check_oauth2_backend(
+    path: str, backend: BackendConfig, secrets: list[str], errors: list[str]
+) -> None:
+    if backend.auth not in BEARER_MECHANISMS:
+        errors.append(f'{path}.auth: must be "xoauth2" or "oauthbearer" with [backend.oauth2]')
+    if secrets:
+        errors.append(f"{path}.{secrets[0]}: not with [backend.oauth2], which gets the token")
+    if not backend.username:
+        errors.append(f"{path}.username: required with [backend.oauth2] (the mailbox to send as)")
 
 
 def _parse_backends(raw: Any, errors: list[str]) -> list[tuple[str, BackendConfig]]:
@@ -777,7 +949,7 @@ def _parse_backends(raw: Any, errors: list[str]) -> list[tuple[str, BackendConfi
                 errors.append(f"{path}.host: required")
             continue
         backend = BackendConfig(**values)
-        _check_backend(path, backend, errors)
+        _check_backend(path, backend, errors, isinstance(entry, dict) and "oauth2" in entry)
         backends.append((path, backend))
     seen: dict[str, str] = {}
     for path, backend in backends:
@@ -887,12 +1059,20 @@ def _readable_by_others(label: str, path: str | None) -> str | None:
     return None
 
 
+def _oauth2_secret_files(path: str, backend: BackendConfig) -> list[tuple[str, str | None]]:
+    if backend.oauth2 is None:
+        return []
+    files = ("client_secret_file", "refresh_token_file")
+    return [(f"{path}.oauth2.{key}", getattr(backend.oauth2, key)) for key in files]
+
+
 def config_warnings(cfg: Config) -> list[str]:
     """Secrets readable by other users: the config (if it holds a password), secret files."""
     candidates = [("smtp.tls_key", cfg.smtp.tls_key), ("smtp.auth_users", cfg.smtp.auth_users)]
     if any(backend.password for backend in cfg.backends):
         candidates.insert(0, ("config file", cfg.path))
     for i, backend in enumerate(cfg.backends):
+        candidates.extend(_oauth2_secret_files(f"backend[{i}]", backend))
         candidates.append((f"backend[{i}].password_file", backend.password_file))
     candidates.append(("fleet.redis_password_file", cfg.fleet.redis_password_file))
     warnings = [_readable_by_others(label, path) for label, path in candidates]
@@ -923,7 +1103,13 @@ def _describe_backend(backend: BackendConfig) -> str:
     ]
     if backend.backup:
         parts.append("backup")
-    if backend.username:
+    if backend.oauth2 is not None:
+        oauth2 = backend.oauth2
+        parts.append(
+            f"auth={backend.auth} user={backend.username} oauth2={oauth2.flow}"
+            f" client_id={oauth2.client_id} token_url={oauth2.token_url}"
+        )
+    elif backend.username:
         # Name where the secret comes from, never the secret (nor the command, which
         # may embed one).
         source = next((key for key in SECRET_KEYS if getattr(backend, key)), "none")

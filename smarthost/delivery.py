@@ -12,6 +12,7 @@ from typing import Protocol
 
 from . import fleet
 from .config import Config
+from .oauth2 import RefreshTokenKeeper
 from .pickup import Pickup
 from .scheduler import DEFAULT_INTERVALS, Intervals, Scheduler
 from .sender import Sender
@@ -62,6 +63,7 @@ class Delivery:
         self.scheduler = Scheduler(config, spool, self.sender, intervals)
         self.watcher: Watcher | None = None
         self.pickup: Pickup | None = None
+        self.token_keeper = RefreshTokenKeeper(config)
 
     def submit(self, env: Envelope) -> None:
         self.scheduler.submit(env)
@@ -77,6 +79,7 @@ class Delivery:
         self.watcher.start()  # returns once the watches are armed
         self.scheduler.start()  # its thread scans queue/ first
         self.pickup.start()  # its thread scans drop/ first
+        self.token_keeper.start()
 
     def reload(self, config: Config) -> None:
         # `[fleet]` is read at start only: Redis and the node name stay as they were.
@@ -88,12 +91,14 @@ class Delivery:
             self.pickup.config = config
         self.config = config
         old_upstreams.retire()
+        self.token_keeper.use(config)
 
     def stop(self, grace: float) -> bool:
         if self.watcher is not None:
             self.watcher.stop()
         if self.pickup is not None:
             self.pickup.stop()
+        self.token_keeper.stop()
         clean = self.scheduler.stop(grace)
         self.upstreams.close_all()
         if self.fleet is not None:

@@ -40,6 +40,8 @@ EVENTS = frozenset(
         "double_bounce",
         "backend_down",
         "backend_up",
+        "oauth2_failed",
+        "oauth2_renewed",
         "rejected",
         "config_reloaded",
         "spool_error",

@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import BinaryIO, Union, cast
 
-from . import headers
+from . import headers, oauth2
 from .config import BackendConfig, Config
 from .dsn import xtext_encode
 from .retry import failover
@@ -108,11 +108,12 @@ class BackendFailure(Exception):
     """This backend cannot take mail now; the next one should be tried. `backend`: the
     one that failed, once known (a DSN names it as the Remote-MTA of its reply)."""
 
-    def __init__(self, reply: str, status: str = "4.4.1") -> None:
+    def __init__(self, reply: str, status: str = "4.4.1", down_now: bool = False) -> None:
         super().__init__(reply)
         self.reply = reply
         self.status = status
         self.backend: Backend | None = None
+        self.down_now = down_now  # mark the backend down whatever its max_fails
 
 
 @dataclass
@@ -225,7 +226,7 @@ class Sender:
             exc.backend = exc.backend or backend
             result.backend_errors.append((backend.name, exc.reply))
             errors.append(exc)
-            self.upstreams.failed(backend, exc.reply, time.time())
+            self.upstreams.failed(backend, exc.reply, time.time(), exc.down_now)
             raise
         result.backend = backend.name
         self.upstreams.succeeded(backend)
@@ -508,7 +509,7 @@ class Sender:
                 "ehlo", " ".join(f"{k.upper()} {v}".strip() for k, v in smtp.esmtp_features.items())
             )
             if backend.username:
-                mechanism = self._login(smtp, backend)
+                mechanism = self._login(smtp, backend, note)
                 note("auth", f"{mechanism} as {backend.username}: accepted")
         except UnicodeEncodeError:
             close_session(smtp)
@@ -521,7 +522,7 @@ class Sender:
             raise
         return smtp
 
-    def _login(self, smtp: smtplib.SMTP, backend: BackendConfig) -> str:
+    def _login(self, smtp: smtplib.SMTP, backend: BackendConfig, note: Trace) -> str:
         offered = smtp.esmtp_features.get("auth", "").upper().split()
         mechanism = choose_mechanism(backend.auth, offered)
         if mechanism is None:
@@ -529,21 +530,37 @@ class Sender:
                 f"{backend.name} offers no usable AUTH mechanism "
                 f"(auth = {backend.auth!r}; offered: {' '.join(offered) or 'none'})"
             )
-        secret = read_secret(backend)
-        if mechanism == "XOAUTH2":
-            token = f"user={backend.username}\x01auth=Bearer {secret}\x01\x01"
-            # On failure the server sends a 334 error challenge: answer it with nothing.
-            authobject = lambda challenge=None: "" if challenge else token  # noqa: E731
-        else:
-            smtp.user, smtp.password = backend.username or "", secret
-            authobject = smtp.auth_plain if mechanism == "PLAIN" else smtp.auth_login
+
+        def login(secret: str) -> None:
+            if mechanism in ("XOAUTH2", "OAUTHBEARER"):
+                response = oauth2.sasl_response(
+                    mechanism, backend.username or "", secret, backend.host, backend.port
+                )
+                # On failure the server sends an error challenge: answer as the
+                # mechanism says, and its failure reply follows.
+                error_reply = oauth2.sasl_error_reply(mechanism)
+                authobject = lambda challenge=None: error_reply if challenge else response  # noqa: E731
+            else:
+                smtp.user, smtp.password = backend.username or "", secret
+                authobject = smtp.auth_plain if mechanism == "PLAIN" else smtp.auth_login
+            try:
+                smtp.auth(mechanism, authobject)
+            finally:
+                smtp.password = ""
+
         try:
-            smtp.auth(mechanism, authobject)
+            if backend.oauth2 is not None:
+                oauth2.authenticate(backend, login, note)
+            else:
+                login(read_secret(backend))
         except smtplib.SMTPAuthenticationError as exc:
             # Only the server's reply: never the credentials.
-            raise BackendFailure(format_reply(exc.smtp_code, exc.smtp_error), "4.7.8") from None
-        finally:
-            smtp.password = ""
+            reply = format_reply(exc.smtp_code, exc.smtp_error)
+            if backend.oauth2 is not None:
+                reply = f"{reply} ({oauth2.REFUSED_TOKEN_HINT})"
+            raise BackendFailure(reply, "4.7.8") from None
+        except oauth2.TokenError as exc:
+            raise token_failure(backend, exc) from None
         return mechanism
 
 
@@ -611,6 +628,18 @@ def check_connections(config: Config, out: Callable[[str], None]) -> bool:
 
 def _elapsed(started: float) -> str:
     return f"{(time.monotonic() - started) * 1000:.0f} ms"
+
+
+def token_failure(backend: BackendConfig, exc: oauth2.TokenError) -> BackendFailure:
+    """No access token for the backend: a failure of the backend (the mail waits, it
+    is never bounced for the relay's own credentials), down at once when refused."""
+    assert backend.oauth2 is not None
+    fix = oauth2.hint(exc, backend.oauth2, backend.name)
+    return BackendFailure(
+        f"{backend.name}: OAuth 2.0 token endpoint: {exc}" + (f" ({fix})" if fix else ""),
+        "4.7.0",
+        down_now=exc.refused,
+    )
 
 
 def choose_mechanism(configured: str, offered: list[str]) -> str | None:

@@ -292,16 +292,19 @@ class Upstreams:
 
     # -- health ----------------------------------------------------------------
 
-    def failed(self, backend: Backend, reply: str, now: float) -> None:
-        """Count a backend failure; `max_fails` within `fail_timeout` mark it down."""
+    def failed(self, backend: Backend, reply: str, now: float, down_now: bool = False) -> None:
+        """Count a backend failure; `max_fails` within `fail_timeout` mark it down
+        (`down_now`: at once, as for credentials its token endpoint refused)."""
         config = backend.config
         with self._lock:
             backend.fails.append(now)
             while backend.fails and backend.fails[0] <= now - config.fail_timeout:
                 backend.fails.popleft()
             # A backend that is down stays down when its probe (or first try) fails.
-            if not backend.down and (
-                config.max_fails == 0 or len(backend.fails) < config.max_fails
+            if (
+                not backend.down
+                and not down_now
+                and (config.max_fails == 0 or len(backend.fails) < config.max_fails)
             ):
                 return
             was_down = backend.down
