@@ -1,0 +1,118 @@
+"""The relay under test: in-process (`RunningRelay`) or as a real process
+(`RelayProcess`, `python -m smarthost -c CONFIG serve` with its JSON log in a file)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import smtplib
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from smarthost.config import Config
+from smarthost.daemon import Relay
+from support import ROOT
+from support.waiting import wait_until
+
+
+class RunningRelay:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.relay = Relay(config)
+        self.relay.start()
+        self.host, self.port = "127.0.0.1", self.relay.listeners.ports[0]
+
+    def client(self) -> smtplib.SMTP:
+        return smtplib.SMTP(self.host, self.port, timeout=10)
+
+    def send(self, sender: str, recipients: list[str], content: bytes | str) -> str:
+        """Send one message; return the queue ID from the 250 reply."""
+        with self.client() as client:
+            client.ehlo("client.test")
+            client.mail(sender)
+            for rcpt in recipients:
+                code, msg = client.rcpt(rcpt)
+                assert code == 250, (code, msg)
+            code, msg = client.data(content)
+            assert code == 250, (code, msg)
+            return msg.decode().rsplit(" ", 1)[-1]
+
+    def stop(self) -> None:
+        self.relay.stop()
+
+
+class RelayProcess:
+    """`python -m smarthost -c CONFIG serve` with its JSON log in a file."""
+
+    def __init__(self, config_path: Path, log_path: Path) -> None:
+        self.config_path = config_path
+        self.log_path = log_path
+        self.proc: subprocess.Popen | None = None
+        self.port: int | None = None
+        self.env: dict[str, str] | None = None  # extra environment variables
+
+    def start(self, timeout: float = 20.0) -> RelayProcess:
+        self.wait_started(self.spawn(), timeout)
+        return self
+
+    def spawn(self) -> int:
+        """Start the process; the log offset its records start at."""
+        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        with open(self.log_path, "ab") as log_file:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "smarthost", "-c", str(self.config_path), "serve"],
+                stderr=log_file,
+                cwd=ROOT,
+                env={**os.environ, **(self.env or {})},
+            )
+        return offset
+
+    def wait_started(self, offset: int, timeout: float) -> dict:
+        """Its `started` record (logged after `offset`); `port` is set from it."""
+        started = wait_until(
+            lambda: self._started_since(offset), timeout, "the relay process to start"
+        )
+        self.port = int(started["listen"][0].rsplit(":", 1)[1])
+        return started
+
+    def _started_since(self, offset: int) -> dict | None:
+        if self.proc is not None and self.proc.poll() is not None:
+            pytest.fail(f"relay exited with {self.proc.returncode}:\n{self.log_path.read_text()}")
+        for record in self.records(offset):
+            if record.get("event") == "started":
+                return record
+        return None
+
+    def records(self, offset: int = 0) -> list[dict]:
+        if not self.log_path.exists():
+            return []
+        with open(self.log_path, "rb") as f:
+            f.seek(offset)
+            lines = f.read().decode("utf-8", "replace").splitlines()
+        out = []
+        for line in lines:
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                out.append({"event": "<not json>", "line": line})
+        return out
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait()
