@@ -15,24 +15,14 @@ from typing import Any
 
 import pytest
 
-# Re-exported while the test modules still import them from here (the next commit moves
-# those imports to `support`).
-from support import ROOT  # noqa: F401
-from support.configs import write_config
-from support.logs import (
-    LogCapture,
-    parse_logfmt,  # noqa: F401
-)
-from support.procs import RssSampler, process_tree, vm_rss_kib  # noqa: F401
-from support.relay import RelayProcess, RunningRelay
-from support.sink import RawUpstream, Received, Sink, SinkHandler  # noqa: F401
-from support.smtp import RawSMTP  # noqa: F401
-from support.spool import spool_files  # noqa: F401
-from support.torture import TortureOutcome
-from support.waiting import wait_until  # noqa: F401
-
 from smarthost import log
 from smarthost.config import Config, load_config
+
+from support.configs import write_config
+from support.logs import LogCapture
+from support.relay import RelayProcess, RunningRelay
+from support.sink import RawUpstream, Sink
+from support.torture import TortureOutcome
 
 # -- the upstream ---------------------------------------------------------------------
 

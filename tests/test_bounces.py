@@ -18,7 +18,6 @@ from typing import Any
 import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, syntax
-from conftest import Received, Sink, SinkHandler, wait_until, write_config
 from flufl.bounce import all_failures, scan_message
 
 import smarthost.scheduler
@@ -26,6 +25,10 @@ from smarthost.bounce import Bouncer
 from smarthost.config import Config, load_config
 from smarthost.dsn import take_dsn_params
 from smarthost.spool import MSG, Envelope, Recipient, Spool, new_id
+
+from support.configs import write_config
+from support.sink import Received, Sink, SinkHandler
+from support.waiting import wait_until
 
 SENDER = "s@client.test"
 BODY_MARK = b"the body of the original, which a headers-only report leaves out"

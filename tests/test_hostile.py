@@ -24,19 +24,18 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import trustme
-from conftest import (
-    RawSMTP,
-    RawUpstream,
-    RelayProcess,
-    RssSampler,
-    parse_logfmt,
-    spool_files,
-    wait_until,
-    write_config,
-)
 
 from smarthost.auth import hash_password
 from smarthost.config import load_config
+
+from support.configs import write_config
+from support.logs import parse_logfmt
+from support.procs import RssSampler
+from support.relay import RelayProcess
+from support.sink import RawUpstream
+from support.smtp import RawSMTP
+from support.spool import spool_files
+from support.waiting import wait_until
 
 DEADLINE = 30.0  # generous: a busy two-core machine
 SENDER = "client@client.test"

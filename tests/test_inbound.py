@@ -10,10 +10,11 @@ import threading
 
 import pytest
 import trustme
-from conftest import write_config
 
 from smarthost.auth import hash_password, verify_password
 from smarthost.config import load_config
+
+from support.configs import write_config
 
 MESSAGE = b"Subject: auth\r\n\r\nbody\r\n"
 

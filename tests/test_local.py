@@ -33,7 +33,6 @@ from email.utils import getaddresses
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, Received, Sink, wait_until, write_config
 
 import smarthost.scheduler
 from smarthost import drop
@@ -42,6 +41,11 @@ from smarthost.delivery import Delivery
 from smarthost.pickup import Pickup
 from smarthost.spool import Spool
 from smarthost.watcher import Watcher
+
+from support import ROOT
+from support.configs import write_config
+from support.sink import Received, Sink
+from support.waiting import wait_until
 
 DROP_MAGIC = b"SMARTHOST-DROP 1\n"
 HOSTNAME = "relay.test"  # write_config's hostname

@@ -13,7 +13,10 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import Sink, wait_until, write_config
+
+from support.configs import write_config
+from support.sink import Sink
+from support.waiting import wait_until
 
 MESSAGE = b"Subject: ops\r\n\r\nbody\r\n"
 
@@ -204,10 +207,10 @@ def test_any_local_user_can_submit_and_the_relay_can_read_it(sink):
     import subprocess
     import sys
 
-    from conftest import ROOT
-
     from smarthost.config import load_config
     from smarthost.spool import DROP, Spool
+
+    from support import ROOT
 
     account = pwd.getpwnam("nobody")
     interpreter = Path(os.path.realpath(sys.executable))
@@ -271,7 +274,7 @@ def test_check_warns_when_the_service_user_cannot_run_the_interpreter(tmp_path, 
     import subprocess
     import sys
 
-    from conftest import ROOT
+    from support import ROOT
 
     venv = Path(sys.prefix)
     if venv == Path(sys.base_prefix):

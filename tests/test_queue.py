@@ -17,9 +17,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ROOT, Sink, wait_until, write_config
 
 from smarthost.spool import Envelope, Recipient, Spool, new_id
+
+from support import ROOT
+from support.configs import write_config
+from support.sink import Sink
+from support.waiting import wait_until
 
 SENDER = "alice@client.test"
 MESSAGE = b"Subject: queue\r\n\r\nbody\r\n"

@@ -10,8 +10,6 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import ROOT, write_config
-
 from smarthost.queuectl import SUMMARY_BUCKETS, _bucket
 from smarthost.spool import (
     ACTIVE,
@@ -25,6 +23,9 @@ from smarthost.spool import (
     Spool,
     new_id,
 )
+
+from support import ROOT
+from support.configs import write_config
 
 MINUTE = 60.0
 CONTENT = [b"Subject: shape\r\n\r\nbody\r\n"]

@@ -14,13 +14,16 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import spool_files, wait_until, write_config
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import smarthost.spool
 from smarthost.config import Config, load_config
 from smarthost.spool import is_queue_id
+
+from support.configs import write_config
+from support.spool import spool_files
+from support.waiting import wait_until
 
 MESSAGE = b"From: a@client.test\r\nTo: b@dest.test\r\nSubject: test\r\n\r\nHello.\r\n"
 QUEUED = re.compile(rb"^2\.0\.0 Ok: queued as ([0-9A-Z]{16})$")

@@ -19,13 +19,17 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, RawSMTP, Received, Sink, write_config
 
 from smarthost import headers
 from smarthost.config import RewriteConfig, load_config
 from smarthost.rewrite import HeaderInDoubt, force_header_from, rewrite
 from smarthost.spool import Envelope, Recipient
 from smarthost.submission import Refused, UnreadableHeader, prepare
+
+from support import ROOT
+from support.configs import write_config
+from support.sink import Received, Sink
+from support.smtp import RawSMTP
 
 HOST = "relay.test"  # write_config's hostname
 FORCED = "relay@example.com"

@@ -20,11 +20,14 @@ import threading
 from pathlib import Path
 
 import pytest
-from conftest import Sink, wait_until, write_config
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from smarthost.config import load_config
+
+from support.configs import write_config
+from support.sink import Sink
+from support.waiting import wait_until
 
 SENDER = "client@client.test"
 RCPT = "rcpt@dest.test"

@@ -22,12 +22,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ROOT
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from smarthost import config as cfgmod
 from smarthost.config import Config, ConfigError, load_config
+
+from support import ROOT
 
 EXAMPLES = sorted((ROOT / "examples").rglob("*.toml"))
 

@@ -22,7 +22,12 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import Sink, spool_files, wait_until, write_config
+
+from smarthost.config import load_config
+from smarthost.delivery import Delivery
+from smarthost.sender import DATA_BLOCK
+from smarthost.spool import EMBEDDED, Envelope, Recipient, Spool, new_id
+
 from faults.harness import (
     DEADLINE,
     LARGE_SIZES,
@@ -48,11 +53,10 @@ from faults.harness import (
     spool_drained,
     try_send,
 )
-
-from smarthost.config import load_config
-from smarthost.delivery import Delivery
-from smarthost.sender import DATA_BLOCK
-from smarthost.spool import EMBEDDED, Envelope, Recipient, Spool, new_id
+from support.configs import write_config
+from support.sink import Sink
+from support.spool import spool_files
+from support.waiting import wait_until
 
 
 @pytest.fixture

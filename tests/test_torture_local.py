@@ -30,13 +30,17 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, Sink, wait_until, write_config
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from smarthost import drop, headers, sendmail
 from smarthost.config import load_config
 from smarthost.spool import Spool
+
+from support import ROOT
+from support.configs import write_config
+from support.sink import Sink
+from support.waiting import wait_until
 
 DROP_MAGIC = drop.MAGIC
 DEADLINE = 60.0

@@ -22,11 +22,18 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, RelayProcess, Sink, spool_files, wait_until, write_config
-from test_process import events_named, header_message_id
 
 from smarthost.config import load_config
 from smarthost.spool import Envelope, Recipient, is_queue_id, new_id
+
+from support import ROOT
+from support.configs import write_config
+from support.logs import events_named
+from support.messages import header_message_id
+from support.relay import RelayProcess
+from support.sink import Sink
+from support.spool import spool_files
+from support.waiting import wait_until
 
 SENDER = "client@client.test"
 RCPT = "rcpt@dest.test"

@@ -21,7 +21,9 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, Sink, spool_files, wait_until, write_config
+
+from smarthost.scheduler import RESCAN_INTERVAL
+
 from faults.harness import (
     DEADLINE,
     LARGE_SIZES,
@@ -35,8 +37,11 @@ from faults.harness import (
     spool_drained,
     try_send,
 )
-
-from smarthost.scheduler import RESCAN_INTERVAL
+from support import ROOT
+from support.configs import write_config
+from support.sink import Sink
+from support.spool import spool_files
+from support.waiting import wait_until
 
 EXPECTED = {"ENOSPC": (452, "4.3.1"), "EIO": (451, "4.3.0")}
 

@@ -28,10 +28,16 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import RelayProcess, Sink, spool_files, wait_until, write_config
-from test_process import edit_config, events_named, header_message_id, spool_drained
 
 from smarthost.config import load_config
+
+from support.configs import edit_config, write_config
+from support.logs import events_named
+from support.messages import header_message_id
+from support.relay import RelayProcess
+from support.sink import Sink
+from support.spool import spool_drained, spool_files
+from support.waiting import wait_until
 
 SENDER = "client@client.test"
 DEADLINE = 60.0  # generous: two busy cores

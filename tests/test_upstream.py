@@ -23,12 +23,14 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
-from conftest import Sink, SinkHandler, wait_until
 
 from smarthost.config import BackendConfig, load_config
 from smarthost.scheduler import RESCAN_INTERVAL
 from smarthost.spool import QUEUE, Spool
 from smarthost.upstream import Backend, RateWindow, Upstreams, _smooth_weighted_pick
+
+from support.sink import Sink, SinkHandler
+from support.waiting import wait_until
 
 BODY = b"From: a@client.test\r\nTo: b@dest.test\r\nSubject: upstreams\r\n\r\nhello\r\n"
 

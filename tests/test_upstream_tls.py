@@ -11,9 +11,12 @@ import pytest
 import trustme
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult
-from conftest import SinkHandler, wait_until, write_config
 
 from smarthost.config import load_config
+
+from support.configs import write_config
+from support.sink import SinkHandler
+from support.waiting import wait_until
 
 # aiosmtpd, as the test upstream here, leaks sockets of TLS sessions that end early
 # (a failed STARTTLS handshake, its own implicit-TLS start-up probe). Not ours to fix.

@@ -25,9 +25,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ROOT, RelayProcess, Sink, SinkHandler, spool_files, wait_until
 
 from smarthost.spool import ENVELOPE_STATES, Envelope
+
+from support import ROOT
+from support.relay import RelayProcess
+from support.sink import Sink, SinkHandler
+from support.spool import spool_files
+from support.waiting import wait_until
 
 TESTS = Path(__file__).resolve().parent.parent
 SITE = Path(__file__).resolve().parent / "site"  # its sitecustomize installs the hook

@@ -36,3 +36,10 @@ fail_timeout = "1s"
 """
     )
     return path
+
+
+def edit_config(path: Path, old: str, new: str) -> None:
+    """Replace `old` (which must be there) by `new` in the config file at `path`."""
+    text = path.read_text()
+    assert old in text, f"{old!r} not in the config"
+    path.write_text(text.replace(old, new))

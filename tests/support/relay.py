@@ -10,12 +10,17 @@ import smtplib
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from smarthost.config import Config
 from smarthost.daemon import Relay
+
 from support import ROOT
+from support.configs import edit_config, write_config
+from support.sink import SilentServer
+from support.smtp import send_message, transaction
 from support.waiting import wait_until
 
 
@@ -33,13 +38,7 @@ class RunningRelay:
         """Send one message; return the queue ID from the 250 reply."""
         with self.client() as client:
             client.ehlo("client.test")
-            client.mail(sender)
-            for rcpt in recipients:
-                code, msg = client.rcpt(rcpt)
-                assert code == 250, (code, msg)
-            code, msg = client.data(content)
-            assert code == 250, (code, msg)
-            return msg.decode().rsplit(" ", 1)[-1]
+            return transaction(client, sender, recipients, content)
 
     def stop(self) -> None:
         self.relay.stop()
@@ -116,3 +115,16 @@ class RelayProcess:
         assert self.proc is not None
         self.proc.kill()
         self.proc.wait()
+
+
+def stuck_on(silent: SilentServer, tmp_path: Path, relay_process: Any) -> tuple[Path, Any, str]:
+    """A relay process (from the `relay_process` fixture) whose one message's attempt is
+    stuck on `silent` (timeouts of 60 s, long enough to outlast what the test does
+    meanwhile): (config, relay, queue ID)."""
+    config = write_config(tmp_path, silent.port)
+    edit_config(config, 'connect_timeout = "3s"', 'connect_timeout = "60s"')
+    edit_config(config, 'timeout = "5s"', 'timeout = "60s"')
+    proc = relay_process(config).start()
+    queue_id = send_message(proc.port, "<stuck@client.test>")
+    wait_until(silent.accepted.is_set, 10, "the relay to connect to the silent upstream")
+    return config, proc, queue_id

@@ -1,10 +1,16 @@
-"""SMTP clients for the tests: `RawSMTP` sends exactly the bytes it is given."""
+"""SMTP clients for the tests: `RawSMTP` sends exactly the bytes it is given,
+`send_one` one message through smtplib with every reply checked; free ports."""
 
 from __future__ import annotations
 
+import re
+import smtplib
 import socket
+from collections.abc import Sequence
 
 import pytest
+
+from support.messages import RCPT, SENDER, message
 
 
 class RawSMTP:
@@ -73,3 +79,77 @@ class RawSMTP:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+# -- smtplib: one message, every reply checked ------------------------------------------
+
+QUEUED = re.compile(r"^2\.0\.0 Ok: queued as ([0-9A-Z]{16})$")
+
+
+def transaction(
+    client: smtplib.SMTP,
+    sender: str,
+    recipients: list[str],
+    content: bytes | str,
+    *,
+    mail_options: Sequence[str] = (),
+    rcpt_options: dict[str, Sequence[str]] | None = None,
+) -> str:
+    """MAIL, a RCPT per recipient and DATA on an open session, each answered 250; the
+    queue ID from the final reply."""
+    code, msg = client.mail(sender, list(mail_options))
+    assert code == 250, (code, msg)
+    for rcpt in recipients:
+        code, msg = client.rcpt(rcpt, list((rcpt_options or {}).get(rcpt, ())))
+        assert code == 250, (rcpt, code, msg)
+    code, msg = client.data(content)
+    assert code == 250, (code, msg)
+    match = QUEUED.match(msg.decode())
+    assert match, msg
+    return match.group(1)
+
+
+def send_one(
+    port: int,
+    sender: str,
+    recipients: list[str],
+    content: bytes | str,
+    *,
+    timeout: float = 10.0,
+    mail_options: Sequence[str] = (),
+    rcpt_options: dict[str, Sequence[str]] | None = None,
+) -> str:
+    """Send one message to the relay on `port` in a session of its own; its queue ID."""
+    with smtplib.SMTP("127.0.0.1", port, timeout=timeout) as client:
+        client.ehlo("client.test")
+        return transaction(
+            client,
+            sender,
+            recipients,
+            content,
+            mail_options=mail_options,
+            rcpt_options=rcpt_options,
+        )
+
+
+# -- ports ------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on now (connections refused until someone binds it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def port_is_closed(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=2):
+            return False
+    except ConnectionRefusedError:
+        return True
+
+
+def send_message(port: int, message_id: str) -> str:
+    """Send `messages.message(message_id)` from SENDER to RCPT; its queue ID."""
+    return send_one(port, SENDER, [RCPT], message(message_id))
