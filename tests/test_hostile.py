@@ -30,6 +30,7 @@ from smarthost.config import load_config
 
 from support.configs import write_config
 from support.logs import parse_logfmt
+from support.messages import RCPT, SENDER
 from support.procs import RssSampler
 from support.relay import RelayProcess
 from support.sink import RawUpstream
@@ -38,8 +39,6 @@ from support.spool import spool_files
 from support.waiting import wait_until
 
 DEADLINE = 30.0  # generous: a busy two-core machine
-SENDER = "client@client.test"
-RCPT = "rcpt@dest.test"
 MIB = 1 << 20
 RSS_LIMIT_MIB = 64  # the target is 32 MiB (issue 13); tests are not benchmarks
 SECTION = "clients: hostile"

@@ -43,7 +43,9 @@ from smarthost.spool import Spool
 from smarthost.watcher import Watcher
 
 from support import ROOT
+from support.cli import ok, queue, sendmail, sendmail_entry
 from support.configs import write_config
+from support.relay import RunningRelay
 from support.sink import Received, Sink
 from support.waiting import wait_until
 
@@ -55,45 +57,6 @@ LATER = "451 4.2.0 later"
 
 
 # -- helpers --------------------------------------------------------------------------
-
-
-def sendmail(cfg: Path, *args: str, stdin: bytes = b"") -> subprocess.CompletedProcess:
-    """`smarthost -c CFG sendmail ARGS...`, the message on stdin."""
-    return subprocess.run(
-        [sys.executable, "-m", "smarthost", "-c", str(cfg), "sendmail", *args],
-        input=stdin,
-        capture_output=True,
-        timeout=30,
-        cwd=ROOT,
-    )
-
-
-def sendmail_entry(cfg: Path, *args: str, stdin: bytes = b"") -> subprocess.CompletedProcess:
-    """The `smarthost-sendmail` console script's entry point, with `-C CFG`."""
-    code = "import sys; from smarthost.cli import sendmail_main; sys.exit(sendmail_main())"
-    return subprocess.run(
-        [sys.executable, "-c", code, "-C", str(cfg), *args],
-        input=stdin,
-        capture_output=True,
-        timeout=30,
-        cwd=ROOT,
-    )
-
-
-def queue(cfg: Path, *args: str) -> subprocess.CompletedProcess:
-    """`smarthost -c CFG queue ARGS...`, output as text."""
-    return subprocess.run(
-        [sys.executable, "-m", "smarthost", "-c", str(cfg), "queue", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=ROOT,
-    )
-
-
-def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert result.returncode == 0, (result.returncode, result.stdout, result.stderr)
-    return result
 
 
 def token() -> str:
@@ -673,6 +636,20 @@ def deferring_config(tmp_path: Path, sink: Sink) -> Path:
     )
 
 
+def deferring_relay(
+    tmp_path: Path, sink: Sink, relay_factory, monkeypatch=None
+) -> tuple[Path, RunningRelay]:
+    """A relay on deferring_config; its upstream defers later@dest.test. With
+    `monkeypatch`, no rescan during the test: only the watcher can explain a prompt
+    delivery."""
+    if monkeypatch is not None:
+        monkeypatch.setattr(smarthost.scheduler, "RESCAN_INTERVAL", 3600.0)
+    cfg = deferring_config(tmp_path, sink)
+    relay = relay_factory(load_config(cfg))
+    sink.handler.rcpt_replies["later@dest.test"] = LATER
+    return cfg, relay
+
+
 def queue_log(tmp_path: Path) -> list[dict]:
     path = tmp_path / "queue.log"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
@@ -692,9 +669,7 @@ def listing(cfg: Path) -> dict[str, dict]:
 
 
 def test_queue_list_and_show(tmp_path: Path, sink: Sink, relay_factory, events) -> None:
-    cfg = deferring_config(tmp_path, sink)
-    relay = relay_factory(load_config(cfg))
-    sink.handler.rcpt_replies["later@dest.test"] = LATER
+    cfg, relay = deferring_relay(tmp_path, sink, relay_factory)
     subject = token()
     queue_id = deferred(events, relay, "later@dest.test", subject)
 
@@ -732,11 +707,7 @@ def test_queue_list_and_show(tmp_path: Path, sink: Sink, relay_factory, events) 
 def test_queue_hold_survives_flush_release_delivers(
     tmp_path: Path, sink: Sink, relay_factory, events, monkeypatch
 ) -> None:
-    # No rescan during the test: only the watcher can explain a prompt delivery.
-    monkeypatch.setattr(smarthost.scheduler, "RESCAN_INTERVAL", 3600.0)
-    cfg = deferring_config(tmp_path, sink)
-    relay = relay_factory(load_config(cfg))
-    sink.handler.rcpt_replies["later@dest.test"] = LATER
+    cfg, relay = deferring_relay(tmp_path, sink, relay_factory, monkeypatch)
     held_subject, control_subject = token(), token()
     held = deferred(events, relay, "later@dest.test", held_subject)
     control = deferred(events, relay, "later@dest.test", control_subject)
@@ -767,11 +738,7 @@ def test_queue_hold_survives_flush_release_delivers(
 def test_queue_delete_without_dsn_and_bounce_with_dsn(
     tmp_path: Path, sink: Sink, relay_factory, events, monkeypatch
 ) -> None:
-    # No rescan during the test: only the watcher can explain a prompt delivery.
-    monkeypatch.setattr(smarthost.scheduler, "RESCAN_INTERVAL", 3600.0)
-    cfg = deferring_config(tmp_path, sink)
-    relay = relay_factory(load_config(cfg))
-    sink.handler.rcpt_replies["later@dest.test"] = LATER
+    cfg, relay = deferring_relay(tmp_path, sink, relay_factory, monkeypatch)
     deleted_subject, bounced_subject = token(), token()
     deleted = deferred(events, relay, "later@dest.test", deleted_subject)
     bounced = deferred(events, relay, "later@dest.test", bounced_subject, "bob@client.test")

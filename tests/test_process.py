@@ -26,6 +26,7 @@ from smarthost import __version__
 
 from support.cli import run_cli
 from support.configs import edit_config, write_config
+from support.load import LoadClient
 from support.logs import events_named
 from support.messages import RCPT, SENDER, arrived, header_message_id, message
 from support.relay import RelayProcess, stuck_on
@@ -44,7 +45,7 @@ STOP_BOUND = 15.0  # sanity bound for a clean stop (the relay's own grace is 5 s
 # -- helpers ------------------------------------------------------------------------
 
 
-class SendingClient(threading.Thread):
+class SendingClient(LoadClient):
     """Sends messages in a loop (5 per session) until halted or the relay goes away.
 
     A Message-ID is recorded in `acked` only once DATA got 250. Any error is expected
@@ -53,35 +54,19 @@ class SendingClient(threading.Thread):
     """
 
     def __init__(self, port: int, tag: str, acked: list[str], killing: threading.Event):
-        super().__init__(name=f"sending-client-{tag}")
-        self.port = port
-        self.tag = tag
+        super().__init__(port, tag)
+        self.name = f"sending-client-{tag}"
         self.acked = acked
         self.killing = killing
-        self.halt = threading.Event()
         self.problems: list[str] = []
 
-    def run(self) -> None:
-        n = 0
-        try:
-            while not self.halt.is_set():
-                with smtplib.SMTP("127.0.0.1", self.port, timeout=10) as client:
-                    client.ehlo("client.test")
-                    for _ in range(5):
-                        if self.halt.is_set():
-                            break
-                        message_id = f"<{self.tag}.{n}@client.test>"
-                        n += 1
-                        for code, reply in (client.mail(SENDER), client.rcpt(RCPT)):
-                            if code != 250:
-                                raise smtplib.SMTPResponseException(code, reply)
-                        code, reply = client.data(message(message_id))
-                        if code != 250:
-                            raise smtplib.SMTPResponseException(code, reply)
-                        self.acked.append(message_id)  # list.append is atomic
-        except (OSError, smtplib.SMTPException) as exc:
-            if not self.killing.is_set():
-                self.problems.append(f"{self.name}: {type(exc).__name__}: {exc}")
+    def acknowledged(self, message_id: str, queue_id: str) -> None:
+        self.acked.append(message_id)  # list.append is atomic
+
+    def failed(self, exc: Exception) -> None:
+        super().failed(exc)
+        if not self.killing.is_set():
+            self.problems.append(f"{self.name}: {self.error}")
 
 
 # -- 1. kill -9 under load ----------------------------------------------------------

@@ -8,8 +8,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import smtplib
-import socket
 import subprocess
 import sys
 import time
@@ -21,32 +19,15 @@ import pytest
 from smarthost.spool import Envelope, Recipient, Spool, new_id
 
 from support import ROOT
+from support.cli import ok, queue, run_cli
 from support.configs import write_config
 from support.sink import Sink
+from support.smtp import free_port, send_one
 from support.waiting import wait_until
 
 SENDER = "alice@client.test"
 MESSAGE = b"Subject: queue\r\n\r\nbody\r\n"
 LATER = "451 4.2.0 later"
-
-
-def smarthost(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "smarthost", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=ROOT,
-    )
-
-
-def queue(cfg: Path, *args: str, timeout: float = 30) -> subprocess.CompletedProcess:
-    return smarthost("-c", str(cfg), "queue", *args, timeout=timeout)
-
-
-def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert result.returncode == 0, (result.returncode, result.stdout, result.stderr)
-    return result
 
 
 def good_message(root: Path, state: str = "queue", recipients: int = 1) -> str:
@@ -66,13 +47,7 @@ def good_message(root: Path, state: str = "queue", recipients: int = 1) -> str:
 
 
 def send(port: int, rcpt: str) -> str:
-    with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
-        client.ehlo("client.test")
-        client.mail(SENDER)
-        client.rcpt(rcpt)
-        code, msg = client.data(MESSAGE)
-    assert code == 250, msg
-    return msg.decode().rsplit(" ", 1)[-1]
+    return send_one(port, SENDER, [rcpt], MESSAGE)
 
 
 # -- 1. garbage under queue-ID names ------------------------------------------------------
@@ -234,25 +209,19 @@ def test_config_option_after_the_command(tmp_path: Path, sink: Sink, monkeypatch
     cfg = write_config(tmp_path, sink.port)
     Spool(str(tmp_path / "spool")).create()
     monkeypatch.setenv("SMARTHOST_CONFIG", str(tmp_path / "no-such.toml"))
-    done = smarthost(*(a.replace("{cfg}", str(cfg)) for a in args))
+    done = run_cli(*(a.replace("{cfg}", str(cfg)) for a in args))
     assert done.returncode == 0, (done.returncode, done.stdout, done.stderr)
 
 
 def test_config_option_after_the_command_wins_over_the_one_before(tmp_path: Path, sink: Sink):
     cfg = write_config(tmp_path, sink.port)
-    done = smarthost("-c", str(tmp_path / "no-such.toml"), "check", "-c", str(cfg))
+    done = run_cli("-c", str(tmp_path / "no-such.toml"), "check", "-c", str(cfg))
     assert done.returncode == 0, done
-    missing = smarthost("-c", str(cfg), "check", "-c", str(tmp_path / "no-such.toml"))
+    missing = run_cli("-c", str(cfg), "check", "-c", str(tmp_path / "no-such.toml"))
     assert missing.returncode == 1 and "no-such.toml" in missing.stderr
 
 
 # -- 4. flush while the group's backends are marked down ----------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def refused_and_marked_down(tmp_path: Path, relay_process) -> tuple[int, Path, Any, str]:

@@ -14,8 +14,6 @@ import os
 import pwd
 import re
 import secrets
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -26,7 +24,7 @@ from smarthost.rewrite import HeaderInDoubt, force_header_from, rewrite
 from smarthost.spool import Envelope, Recipient
 from smarthost.submission import Refused, UnreadableHeader, prepare
 
-from support import ROOT
+from support.cli import sendmail
 from support.configs import write_config
 from support.sink import Received, Sink
 from support.smtp import RawSMTP
@@ -281,16 +279,6 @@ def smtp_raw(port: int, sender: str, rcpt: str, content: bytes) -> bytes:
         reply = client.reply()
         client.command("QUIT")
         return reply
-
-
-def sendmail(cfg: Path, *args: str, stdin: bytes) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "smarthost", "-c", str(cfg), "sendmail", *args],
-        input=stdin,
-        capture_output=True,
-        timeout=30,
-        cwd=ROOT,
-    )
 
 
 def arrived(sink: Sink, mark: str, timeout: float = 10.0) -> Received:

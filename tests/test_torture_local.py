@@ -23,22 +23,22 @@ import os
 import re
 import secrets
 import subprocess
-import sys
 import threading
 import time
 from datetime import datetime
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from smarthost import drop, headers, sendmail
 from smarthost.config import load_config
 from smarthost.spool import Spool
 
-from support import ROOT
+from support.cli import sendmail_entry
 from support.configs import write_config
+from support.fuzz import fuzz_settings
 from support.sink import Sink
 from support.waiting import wait_until
 
@@ -46,22 +46,6 @@ DROP_MAGIC = drop.MAGIC
 DEADLINE = 60.0
 EX_USAGE, EX_DATAERR = 64, 65
 DSN_MARK = b"report-type=delivery-status"
-
-
-def fuzz_settings(request: pytest.FixtureRequest, small: int, large: int) -> settings:
-    """`small` derandomized examples in make test, `large` random ones under --torture."""
-    torture = request.config.getoption("--torture")
-    return settings(
-        max_examples=large if torture else small,
-        deadline=None,
-        database=None,
-        derandomize=not torture,
-        suppress_health_check=[
-            HealthCheck.function_scoped_fixture,
-            HealthCheck.too_slow,
-            HealthCheck.data_too_large,
-        ],
-    )
 
 
 def run_sendmail(cfg: Path, argv: list[str], stdin: bytes) -> tuple[int, str]:
@@ -74,15 +58,7 @@ def run_sendmail(cfg: Path, argv: list[str], stdin: bytes) -> tuple[int, str]:
 
 def run_sendmail_process(cfg: Path, argv: list[str], stdin: bytes) -> subprocess.CompletedProcess:
     """The real `smarthost-sendmail` (its console entry point)."""
-    code = "import sys; from smarthost.cli import sendmail_main; sys.exit(sendmail_main())"
-    return subprocess.run(
-        [sys.executable, "-c", code, "-C", str(cfg), *argv],
-        input=stdin,
-        capture_output=True,
-        timeout=60,
-        cwd=ROOT,
-        check=False,
-    )
+    return sendmail_entry(cfg, *argv, stdin=stdin)
 
 
 def squash(text: str) -> str:

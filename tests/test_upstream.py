@@ -30,6 +30,7 @@ from smarthost.spool import QUEUE, Spool
 from smarthost.upstream import Backend, RateWindow, Upstreams, _smooth_weighted_pick
 
 from support.sink import Sink, SinkHandler
+from support.smtp import free_port
 from support.waiting import wait_until
 
 BODY = b"From: a@client.test\r\nTo: b@dest.test\r\nSubject: upstreams\r\n\r\nhello\r\n"
@@ -116,14 +117,6 @@ def sinks() -> Iterator[Callable[..., Sink]]:
     yield start
     for s in started:
         s.stop()
-
-
-def free_port() -> int:
-    """A loopback port nobody listens on (connection refused), reusable for a sink."""
-    s = Sink().start()
-    port = s.port
-    s.stop()
-    return port
 
 
 def send_batch(port: int, rcpts: list[str], sender: str = "a@client.test") -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import gc
 import ssl
 import subprocess
-import sys
 
 import pytest
 import trustme
@@ -14,6 +13,7 @@ from aiosmtpd.smtp import AuthResult
 
 from smarthost.config import load_config
 
+from support.cli import run_cli
 from support.configs import write_config
 from support.sink import SinkHandler
 from support.waiting import wait_until
@@ -186,12 +186,7 @@ def test_implicit_tls_with_each_auth_mechanism(tmp_path, ca, relay_factory, auth
 
 
 def run_check_connect(config_path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "smarthost", "-c", str(config_path), "check", "--connect"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    return run_cli("-c", str(config_path), "check", "--connect")
 
 
 def test_check_connect_reports_tls_ehlo_and_auth(tmp_path, ca):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 
@@ -18,3 +19,15 @@ class TortureOutcome:
     duplicated: int = 0  # extra copies the upstream got
     in_flight: int = 0  # messages an attempt was on when the fault hit (bounds duplicated)
     note: str = ""
+
+
+def arrival_counts(acknowledged: Iterable[str], got: Mapping[str | None, int]) -> dict[str, int]:
+    """The report's counts for messages told apart by Message-ID: `acknowledged` (the
+    IDs answered 250) against `got` (copies the upstream received, by ID)."""
+    acked = set(acknowledged)
+    return {
+        "acknowledged": len(acked),
+        "delivered": len(acked & set(got)),
+        "lost": len(acked - set(got)),
+        "duplicated": sum(got[m] - 1 for m in acked if m in got),
+    }
