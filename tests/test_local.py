@@ -45,7 +45,8 @@ from smarthost.watcher import Watcher
 from support import ROOT
 from support.cli import ok, queue, sendmail, sendmail_entry
 from support.configs import write_config
-from support.relay import RunningRelay
+from support.logs import received_locally
+from support.relay import RunningRelay, start_amid
 from support.sink import Received, Sink
 from support.waiting import wait_until
 
@@ -1087,27 +1088,13 @@ def test_mail_dropped_while_the_relay_starts_is_picked_up_at_once(
                 failures.append(result)
             dropped[subject] = time.time()
 
-    threads = [threading.Thread(target=f) for f in (writer, command, command, command)]
     proc = relay_process(cfg)
-    for thread in threads:
-        thread.start()
-    try:
-        offset = proc.spawn()
-        proc.wait_started(offset, 20.0)
-        time.sleep(0.5)  # keep submitting for a while after the start
-    finally:
-        stop.set()
-        for thread in threads:
-            thread.join(30)
+    start_amid(proc, [writer, command, command, command], stop, linger=0.5, join_timeout=30)
     assert not failures, failures
     stopped = time.time()
 
     def received() -> dict[str, float]:
-        found = {}
-        for r in proc.records():
-            if r.get("event") == "received" and r.get("client") == "local":
-                found[r["message_id"]] = datetime.fromisoformat(r["time"]).timestamp()
-        return found
+        return received_locally(proc.records())
 
     # 8 s after the last submission: below the 10 s rescan that would have found a file
     # the pickup missed, far above what a backlog of these files takes (on a busy machine).

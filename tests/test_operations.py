@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from support.cli import run_cli
 from support.configs import write_config
 from support.sink import Sink
 from support.waiting import wait_until
@@ -158,8 +159,6 @@ def test_an_idle_client_is_timed_out(tmp_path, sink, relay_process):
 
 
 def test_a_bad_users_file_is_a_config_error_at_start_and_on_reload(tmp_path, sink, relay_process):
-    import subprocess
-    import sys
 
     import trustme
 
@@ -173,20 +172,10 @@ def test_a_bad_users_file_is_a_config_error_at_start_and_on_reload(tmp_path, sin
         f'auth_users = "{users}"\n'
     )
     path.write_text(path.read_text().replace("[smtp]\n", f"[smtp]\n{smtp}", 1))
-    done = subprocess.run(
-        [sys.executable, "-m", "smarthost", "-c", str(path), "serve"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    done = run_cli("-c", str(path), "serve", timeout=30)
     assert done.returncode == 78 and "smtp.auth_users" in done.stderr
     assert "Traceback" not in done.stderr
-    checked = subprocess.run(
-        [sys.executable, "-m", "smarthost", "-c", str(path), "check"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    checked = run_cli("-c", str(path), "check", timeout=30)
     assert checked.returncode == 1 and "smtp.auth_users" in checked.stderr
     # With a good file it starts; a broken one on SIGHUP is refused, the relay lives on.
     from smarthost.auth import hash_password

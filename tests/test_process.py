@@ -26,7 +26,7 @@ from smarthost import __version__
 
 from support.cli import run_cli
 from support.configs import edit_config, write_config
-from support.load import LoadClient
+from support.load import LoadClient, clients_running
 from support.logs import events_named
 from support.messages import RCPT, SENDER, arrived, header_message_id, message
 from support.relay import RelayProcess, stuck_on
@@ -81,9 +81,7 @@ def interrupt_under_load(
     before = len(acked)
     assert proc.port is not None
     clients = [SendingClient(proc.port, f"{tag}c{i}", acked, killing) for i in range(CLIENTS)]
-    for client in clients:
-        client.start()
-    try:
+    with clients_running(clients, 15):
         eventually(
             lambda: len(acked) - before >= ACKS_PER_ROUND or not all(c.is_alive() for c in clients),
             DELIVERY_DEADLINE,
@@ -92,11 +90,6 @@ def interrupt_under_load(
         assert len(acked) - before >= ACKS_PER_ROUND, f"only {len(acked) - before} acked"
         killing.set()
         interrupt()
-    finally:
-        for client in clients:
-            client.halt.set()
-        for client in clients:
-            client.join(15)
     assert not [c for c in clients if c.is_alive()], "a client hung after the interruption"
     assert not [p for c in clients for p in c.problems]
 

@@ -49,7 +49,7 @@ from faults.harness import (
     try_send,
 )
 from support.configs import write_config
-from support.load import LoadClient
+from support.load import LoadClient, clients_running
 from support.logs import events_named
 from support.messages import RCPT, SENDER
 from support.sink import Sink
@@ -157,9 +157,7 @@ def test_kill_9_at_random_moments_under_load(
         in_a_draft = bool(large) and round_no % 2 == 1
         before = len(ledger.acked)
         target = before + rng.randint(1, 25)
-        for client in clients:
-            client.start()
-        try:
+        with clients_running(clients, 30):
             wait_until(
                 lambda t=target, cs=clients: (
                     len(ledger.acked) >= t or not all(c.is_alive() for c in cs)
@@ -180,11 +178,6 @@ def test_kill_9_at_random_moments_under_load(
                 proc.kill()
             files = spool_files(spool)
             ledger.in_flight += len(files["active"])
-        finally:
-            for client in clients:
-                client.halt.set()
-            for client in clients:
-                client.join(30)
         assert not [c for c in clients if c.is_alive()], "a client hung after the kill"
         assert not [c.error for c in clients if c.refused], (seed, [c.error for c in clients])
         left = [name for name in files["tmp"] if name.endswith(".draft")]
@@ -260,9 +253,7 @@ def test_kill_9_of_the_delivery_process_alone(tmp_path, sink, faulty, torture_si
         clients = [
             LedgerClient(proc.port, f"alone.r{round_no}c{i}", ledger, lock) for i in range(3)
         ]
-        for client in clients:
-            client.start()
-        try:
+        with clients_running(clients, 30):
             target = len(ledger.acked) + rng.randint(1, 25)
             wait_until(
                 lambda t=target, cs=clients: (
@@ -301,11 +292,6 @@ def test_kill_9_of_the_delivery_process_alone(tmp_path, sink, faulty, torture_si
             wait_until(
                 lambda n=acked_at_kill: len(ledger.acked) > n, DEADLINE, "a 250 after the kill"
             )
-        finally:
-            for client in clients:
-                client.halt.set()
-            for client in clients:
-                client.join(30)
         assert not [c for c in clients if c.is_alive()], "a client hung"
         assert not [c.error for c in clients if c.error], [c.error for c in clients]
         # What is sent now goes out through the new process.

@@ -39,6 +39,8 @@ from smarthost.spool import Spool
 from support.cli import sendmail_entry
 from support.configs import write_config
 from support.fuzz import fuzz_settings
+from support.logs import received_locally
+from support.relay import start_amid
 from support.sink import Sink
 from support.waiting import wait_until
 
@@ -622,27 +624,13 @@ def test_files_dropped_during_start_up_are_picked_up_at_once(
             dropped[f"<{token}@local.test>"] = time.time()
 
     def taken() -> dict[str, float]:
-        found = {}
-        for record in proc.records():
-            if record.get("event") == "received" and record.get("client") == "local":
-                found[record["message_id"]] = datetime.fromisoformat(record["time"]).timestamp()
-        return found
+        return received_locally(proc.records())
 
     rounds = torture_size(2, 8)
     worst = 0.0
     for _ in range(rounds):
         stop.clear()
-        threads = [threading.Thread(target=f) for f in (writer, command, command)]
-        for thread in threads:
-            thread.start()
-        try:
-            offset = proc.spawn()
-            started = proc.wait_started(offset, 20.0)
-            time.sleep(0.3)  # keep submitting for a moment after the start
-        finally:
-            stop.set()
-            for thread in threads:
-                thread.join(60)
+        started = start_amid(proc, [writer, command, command], stop, linger=0.3, join_timeout=60)
         assert not failures, failures
         wait_until(lambda: set(taken()) >= set(dropped), 5.0, "every dropped file taken in")
         start = datetime.fromisoformat(started["time"]).timestamp()

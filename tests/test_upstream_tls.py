@@ -124,14 +124,21 @@ def test_starttls_with_a_verified_certificate_and_auth(tmp_path, ca, relay_facto
         upstream.stop()
 
 
+def starttls_refused(tmp_path, upstream: TLSSink, relay_factory, events) -> str:
+    """Send one message through a relay that requires STARTTLS of `upstream`, which must
+    get nothing; the error of the deferred attempt."""
+    relay = relay_factory(relay_config(tmp_path, upstream.port, 'tls = "starttls"'))
+    queue_id = relay.send("a@client.test", ["b@dest.test"], BODY)
+    deferred = wait_until(lambda: events.events("deferred", queue_id=queue_id), what="defer")
+    assert upstream.handler.messages == []
+    return deferred[0]["backend_errors"][0]
+
+
 def test_unverifiable_certificate_is_a_backend_failure(tmp_path, ca, relay_factory, events):
     upstream = TLSSink(ca)
     try:
-        relay = relay_factory(relay_config(tmp_path, upstream.port, 'tls = "starttls"'))
-        queue_id = relay.send("a@client.test", ["b@dest.test"], BODY)
-        deferred = wait_until(lambda: events.events("deferred", queue_id=queue_id), what="defer")
-        assert "CERTIFICATE_VERIFY_FAILED" in deferred[0]["backend_errors"][0]
-        assert upstream.handler.messages == []
+        error = starttls_refused(tmp_path, upstream, relay_factory, events)
+        assert "CERTIFICATE_VERIFY_FAILED" in error
     finally:
         upstream.stop()
 
@@ -141,11 +148,8 @@ def test_starttls_required_but_not_offered_sends_nothing_in_clear(
 ):
     upstream = TLSSink(ca, starttls=False)
     try:
-        relay = relay_factory(relay_config(tmp_path, upstream.port, 'tls = "starttls"'))
-        queue_id = relay.send("a@client.test", ["b@dest.test"], BODY)
-        deferred = wait_until(lambda: events.events("deferred", queue_id=queue_id), what="defer")
-        assert "does not offer STARTTLS" in deferred[0]["backend_errors"][0]
-        assert upstream.handler.messages == []
+        error = starttls_refused(tmp_path, upstream, relay_factory, events)
+        assert "does not offer STARTTLS" in error
     finally:
         upstream.stop()
 

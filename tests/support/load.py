@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import smtplib
 import threading
+from collections.abc import Iterator
 
 from support.messages import RCPT, SENDER, message
 
@@ -59,3 +61,18 @@ class LoadClient(threading.Thread):
         if code != 250:
             raise smtplib.SMTPResponseException(code, reply)
         self.acknowledged(message_id, reply.decode().rsplit(" ", 1)[-1])
+
+
+@contextlib.contextmanager
+def clients_running(clients: list[LoadClient], join_timeout: float) -> Iterator[list[LoadClient]]:
+    """`clients` started for the `with` block, then halted and joined (each given
+    `join_timeout` seconds: the caller asserts that none is still alive)."""
+    for client in clients:
+        client.start()
+    try:
+        yield clients
+    finally:
+        for client in clients:
+            client.halt.set()
+        for client in clients:
+            client.join(join_timeout)

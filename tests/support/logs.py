@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import threading
+from datetime import datetime
 from typing import Any
 
 
@@ -80,3 +81,13 @@ def parse_logfmt(line: str) -> tuple[list[str], list[tuple[str, str]]]:
 def events_named(records: list[dict], name: str) -> list[dict]:
     """The records of one event, in order (`records`: a relay process's JSON log)."""
     return [r for r in records if r.get("event") == name]
+
+
+def received_locally(records: list[dict]) -> dict[str, float]:
+    """Message-ID → when (epoch seconds) the relay took in each message submitted
+    locally (its `received` event with client "local")."""
+    return {
+        r["message_id"]: datetime.fromisoformat(r["time"]).timestamp()
+        for r in records
+        if r.get("event") == "received" and r.get("client") == "local"
+    }

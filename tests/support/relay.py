@@ -9,6 +9,9 @@ import signal
 import smtplib
 import subprocess
 import sys
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -128,3 +131,26 @@ def stuck_on(silent: SilentServer, tmp_path: Path, relay_process: Any) -> tuple[
     queue_id = send_message(proc.port, "<stuck@client.test>")
     wait_until(silent.accepted.is_set, 10, "the relay to connect to the silent upstream")
     return config, proc, queue_id
+
+
+def start_amid(
+    proc: RelayProcess,
+    work: list[Callable[[], None]],
+    stop: threading.Event,
+    linger: float,
+    join_timeout: float,
+) -> dict:
+    """Start the relay process while each of `work` runs in a thread of its own (until
+    `stop` is set); stop them `linger` seconds after the relay's `started` record,
+    which is returned."""
+    threads = [threading.Thread(target=f) for f in work]
+    for thread in threads:
+        thread.start()
+    try:
+        started = proc.wait_started(proc.spawn(), 20.0)
+        time.sleep(linger)  # keep the work going for a while after the start
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(join_timeout)
+    return started
