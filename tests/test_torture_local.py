@@ -19,7 +19,6 @@ import email
 import email.policy
 import io
 import json
-import os
 import re
 import secrets
 import subprocess
@@ -39,6 +38,7 @@ from smarthost.spool import Spool
 from support.cli import sendmail_entry
 from support.configs import write_config
 from support.fuzz import fuzz_settings
+from support.local import drop_dir, place_in_drop
 from support.logs import received_locally
 from support.relay import start_amid
 from support.sink import Sink
@@ -70,17 +70,6 @@ def squash(text: str) -> str:
 
 def with_token(sink: Sink, token: str) -> list:
     return [m for m in list(sink.messages) if token.encode() in m.content]
-
-
-def drop_dir(tmp_path: Path) -> Path:
-    return tmp_path / "spool" / "drop"
-
-
-def place_in_drop(drop: Path, name: str, data: bytes) -> None:
-    """Written as .tmp-..., then renamed: atomic, and a move event wakes the pickup."""
-    tmp = drop / f".tmp-{secrets.token_hex(8)}"
-    tmp.write_bytes(data)
-    os.rename(tmp, drop / name)
 
 
 def bounce_settled(sink: Sink, events, refused_id: str) -> tuple[str, list[str]]:
