@@ -4,12 +4,12 @@ thrown into a running relay's drop area (garbage is quarantined, a submission th
 refuses is bounced to its submitter, 0 lost); files dropped while the relay starts
 (picked up at once, never left for the 10 s rescan).
 
-tests/test_pickup.py and tests/test_sendmail.py already cover the fixed drop-area attacks (symlinks, FIFOs,
-oversized, deep JSON...) and a list of injection arguments; this file fuzzes. The
-fuzzed sendmail calls go through `smarthost.sendmail.main` in-process (a subprocess per
-example would blow the time budget); a handful also run as the real command. A running
-in-process relay picks up every accepted submission, and the upstream (the `sink`)
-shows what would have gone out.
+tests/test_pickup.py and tests/test_sendmail.py already cover the fixed drop-area
+attacks (symlinks, FIFOs, oversized, deep JSON...) and a list of injection arguments;
+this file fuzzes. The fuzzed sendmail calls go through `smarthost.sendmail.main`
+in-process (a subprocess per example would blow the time budget); a handful also run as
+the real command. A running in-process relay picks up every accepted submission, and
+the upstream (the `sink`) shows what would have gone out.
 """
 
 from __future__ import annotations
