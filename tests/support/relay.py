@@ -98,9 +98,12 @@ class RelayProcess:
         out = []
         for line in lines:
             try:
-                out.append(json.loads(line))
+                record = json.loads(line)
             except ValueError:
-                out.append({"event": "<not json>", "line": line})
+                record = None
+            out.append(
+                record if isinstance(record, dict) else {"event": "<not json>", "line": line}
+            )
         return out
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
