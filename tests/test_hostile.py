@@ -51,8 +51,7 @@ def start_relay(
     relay_process, tmp_path: Path, upstream_port: int, smtp: str = "", log: str = ""
 ) -> RelayProcess:
     """`smarthost serve` with `smtp` lines added to [smtp] and `log` to [log]."""
-    path = write_config(tmp_path, upstream_port, log)
-    path.write_text(path.read_text().replace("[smtp]\n", f"[smtp]\n{smtp}\n", 1))
+    path = write_config(tmp_path, upstream_port, log, smtp=smtp)
     load_config(path)  # the test's own config is valid
     return relay_process(path).start()
 

@@ -75,8 +75,7 @@ def test_a_bad_config_on_sighup_is_refused_and_the_old_one_kept(tmp_path, sink, 
 
 def test_log_file_is_reopened_after_rotation(tmp_path, sink, relay_process):
     log_file = tmp_path / "smarthost.log"
-    path = write_config(tmp_path, sink.port)
-    path.write_text(path.read_text().replace("[log]\n", f'[log]\nfile = "{log_file}"\n'))
+    path = write_config(tmp_path, sink.port, f'file = "{log_file}"')
     proc = relay_process(path)
     proc.log_path = log_file
     proc.start()
@@ -144,8 +143,7 @@ def test_privileges_are_dropped_after_binding(sink, relay_process):
 
 
 def test_an_idle_client_is_timed_out(tmp_path, sink, relay_process):
-    path = write_config(tmp_path, sink.port)
-    path.write_text(path.read_text().replace("[smtp]\n", '[smtp]\ntimeout = "1s"\n', 1))
+    path = write_config(tmp_path, sink.port, smtp='timeout = "1s"')
     proc = relay_process(path).start()
     with socket.create_connection(("127.0.0.1", proc.port), timeout=10) as slow:
         assert slow.recv(100).startswith(b"220")
@@ -166,12 +164,11 @@ def test_a_bad_users_file_is_a_config_error_at_start_and_on_reload(tmp_path, sin
     cert.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "server.pem"))
     users = tmp_path / "users"
     users.write_text("not a users line\n")
-    path = write_config(tmp_path, sink.port)
     smtp = (
         f'tls_cert = "{tmp_path / "server.pem"}"\ntls_key = "{tmp_path / "server.pem"}"\n'
         f'auth_users = "{users}"\n'
     )
-    path.write_text(path.read_text().replace("[smtp]\n", f"[smtp]\n{smtp}", 1))
+    path = write_config(tmp_path, sink.port, smtp=smtp)
     done = run_cli("-c", str(path), "serve", timeout=30)
     assert done.returncode == 78 and "smtp.auth_users" in done.stderr
     assert "Traceback" not in done.stderr

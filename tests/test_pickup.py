@@ -33,7 +33,6 @@ from support.configs import write_config
 from support.local import (
     DROP_MAGIC,
     PROMPT,
-    config_with,
     drop_dir,
     drop_file,
     drop_files,
@@ -103,7 +102,7 @@ def test_sendmail_without_relay_is_picked_up_at_start_then_at_once(
 def test_hostile_drop_files_are_quarantined_and_good_mail_flows(
     tmp_path: Path, sink: Sink, relay_process
 ) -> None:
-    cfg = config_with(tmp_path, sink, size=("[smtp]\n", '[smtp]\nmax_message_size = "10K"\n'))
+    cfg = write_config(tmp_path, sink.port, smtp='max_message_size = "10K"')
     proc = relay_process(cfg).start()
     drop = drop_dir(tmp_path)
     passwd = Path("/etc/passwd")
@@ -229,7 +228,7 @@ def test_refused_drop_files_are_bounced_to_the_submitter(
     """A drop file the relay still refuses at pickup (crafted, or the config changed
     since sendmail checked it) gets a DSN, to its sender or else to the user who dropped
     it; nothing goes to corrupt/, nothing is sent as it was."""
-    cfg = config_with(tmp_path, sink, size=("[smtp]\n", '[smtp]\nmax_message_size = "64K"\n'))
+    cfg = write_config(tmp_path, sink.port, smtp='max_message_size = "64K"')
     shrunk = token()
     # Accepted under a 64 KiB limit; the relay then starts with 10 KiB.
     ok(sendmail(cfg, "-i", "-f", "carol@client.test", "x@dest.test", stdin=message(

@@ -31,12 +31,8 @@ ENHANCED = re.compile(rb"^[245]\.\d{1,3}\.\d{1,3} ")
 
 
 def smtp_config(tmp_path: Path, sink_port: int, smtp: str) -> Config:
-    """A test config with extra `[smtp]` keys (write_config's `extra` lands after [log])."""
-    path = write_config(tmp_path, sink_port)
-    text = path.read_text()
-    assert "[smtp]\n" in text
-    path.write_text(text.replace("[smtp]\n", f"[smtp]\n{smtp}\n", 1))
-    return load_config(path)
+    """A test config with extra `[smtp]` keys."""
+    return load_config(write_config(tmp_path, sink_port, smtp=smtp))
 
 
 def spool_dirs(relay, *names: str) -> dict[str, list[str]]:

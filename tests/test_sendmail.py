@@ -33,7 +33,6 @@ from support.cli import ok, sendmail, sendmail_entry
 from support.configs import write_config
 from support.local import (
     PROMPT,
-    config_with,
     drop_dir,
     drop_files,
     header_section,
@@ -285,8 +284,7 @@ def test_unwritable_spool_exits_75(tmp_path: Path) -> None:
 
 
 def test_message_over_max_message_size_exits_65(tmp_path: Path) -> None:
-    cfg = write_config(tmp_path, 1)
-    cfg.write_text(cfg.read_text().replace("[smtp]\n", '[smtp]\nmax_message_size = "10K"\n'))
+    cfg = write_config(tmp_path, 1, smtp='max_message_size = "10K"')
     small = message("small", body="x" * 1000 + "\n")
     ok(sendmail(cfg, "x@dest.test", stdin=small))
     assert len(drop_files(tmp_path)) == 1
@@ -569,7 +567,7 @@ def test_bs_speaks_smtp_and_the_relay_delivers(tmp_path: Path, sink: Sink, relay
 
 
 def test_bs_is_strict_and_makes_the_same_checks(tmp_path: Path, sink: Sink) -> None:
-    cfg = config_with(tmp_path, sink, size=("[smtp]\n", '[smtp]\nmax_message_size = "10K"\n'))
+    cfg = write_config(tmp_path, sink.port, smtp='max_message_size = "10K"')
     good, looped, big = token(), token(), token()
 
     def data(content: bytes) -> bytes:

@@ -94,9 +94,7 @@ def bounce_settled(sink: Sink, events, refused_id: str) -> tuple[str, list[str]]
 
 @pytest.fixture
 def local_relay(tmp_path: Path, sink: Sink, relay_factory):
-    cfg = write_config(tmp_path, sink.port)
-    text = cfg.read_text().replace("[smtp]\n", '[smtp]\nmax_message_size = "64K"\n', 1)
-    cfg.write_text(text)
+    cfg = write_config(tmp_path, sink.port, smtp='max_message_size = "64K"')
     relay = relay_factory(load_config(cfg))
     return cfg, relay
 

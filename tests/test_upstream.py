@@ -29,6 +29,7 @@ from smarthost.scheduler import RESCAN_INTERVAL
 from smarthost.spool import QUEUE, Spool
 from smarthost.upstream import Backend, RateWindow, Upstreams, _smooth_weighted_pick
 
+from support.configs import relay_settings
 from support.sink import Sink, SinkHandler
 from support.smtp import free_port
 from support.waiting import wait_until
@@ -63,21 +64,7 @@ def make_config(
     retry_max: str = "2s",
 ) -> Path:
     """A relay config with several backends and routes (listen on a free port)."""
-    lines = [
-        'hostname = "relay.test"',
-        "[smtp]",
-        'listen = ["127.0.0.1:0"]',
-        "[spool]",
-        f'dir = "{tmp_path / "spool"}"',
-        "[delivery]",
-        f"workers = {workers}",
-        f'retry_min = "{retry_min}"',
-        f'retry_max = "{retry_max}"',
-        'connect_timeout = "3s"',
-        'timeout = "5s"',
-        "[log]",
-        'level = "debug"',
-    ]
+    lines = [relay_settings(tmp_path, workers=workers, retry_min=retry_min, retry_max=retry_max)]
     for b in backends:
         lines += [
             "[[backend]]",
