@@ -29,12 +29,12 @@ from smarthost.auth import hash_password
 from smarthost.config import load_config
 
 from support.configs import write_config
-from support.logs import parse_logfmt
+from support.logs import events_named, parse_logfmt
 from support.messages import RCPT, SENDER
 from support.procs import RssSampler
 from support.relay import RelayProcess
 from support.sink import RawUpstream
-from support.smtp import RawSMTP
+from support.smtp import RawSMTP, send_one
 from support.spool import spool_files
 from support.waiting import wait_until
 
@@ -68,7 +68,7 @@ def tls_settings(tmp_path: Path) -> tuple[str, ssl.SSLContext]:
 
 
 def named(proc: RelayProcess, event: str, offset: int = 0) -> list[dict]:
-    return [r for r in proc.records(offset) if r.get("event") == event]
+    return events_named(proc.records(offset), event)
 
 
 def assert_nothing_queued(proc: RelayProcess, tmp_path: Path, before: int = 0) -> None:
@@ -91,8 +91,7 @@ def warm_up(proc: RelayProcess) -> None:
     """One message through both processes, so that the RSS baseline is not taken
     before the imports and threads a first message brings."""
     assert proc.port is not None
-    with smtplib.SMTP("127.0.0.1", proc.port, timeout=DEADLINE) as client:
-        client.sendmail(SENDER, [RCPT], b"Subject: warm-up\r\n\r\nwarm\r\n")
+    send_one(proc.port, SENDER, [RCPT], b"Subject: warm-up\r\n\r\nwarm\r\n", timeout=DEADLINE)
     wait_until(lambda: named(proc, "delivered"), DEADLINE, "the warm-up message delivered")
 
 

@@ -16,24 +16,16 @@ import pytest
 
 from support.cli import run_cli
 from support.configs import write_config
+from support.logs import events_named
 from support.sink import Sink
+from support.smtp import send_one
 from support.waiting import wait_until
 
 MESSAGE = b"Subject: ops\r\n\r\nbody\r\n"
 
 
 def send(port: int, rcpt: str = "b@dest.test") -> str:
-    with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
-        client.ehlo("client.test")
-        client.mail("a@client.test")
-        client.rcpt(rcpt)
-        code, msg = client.data(MESSAGE)
-    assert code == 250, msg
-    return msg.decode().rsplit(" ", 1)[-1]
-
-
-def events_named(proc, name: str) -> list[dict]:
-    return [r for r in proc.records() if r.get("event") == name]
+    return send_one(port, "a@client.test", [rcpt], MESSAGE)
 
 
 def test_sighup_reloads_upstreams_without_dropping_a_session(tmp_path, sink, relay_process):
@@ -47,7 +39,9 @@ def test_sighup_reloads_upstreams_without_dropping_a_session(tmp_path, sink, rel
         sink.wait_for(1)
         path.write_text(path.read_text().replace(f"port = {sink.port}", f"port = {other.port}"))
         proc.proc.send_signal(signal.SIGHUP)
-        reloaded = wait_until(lambda: events_named(proc, "config_reloaded"), what="reload")
+        reloaded = wait_until(
+            lambda: events_named(proc.records(), "config_reloaded"), what="reload"
+        )
         assert reloaded[0]["ok"] is True
         # The session opened before the reload still works, and uses the new upstream.
         held.sendmail("a@client.test", ["c@dest.test"], MESSAGE)
@@ -65,7 +59,7 @@ def test_a_bad_config_on_sighup_is_refused_and_the_old_one_kept(tmp_path, sink, 
     good = path.read_text()
     path.write_text(good.replace("[smtp]\n", "[smtp]\nmax_client = 3\n", 1))
     proc.proc.send_signal(signal.SIGHUP)
-    refused = wait_until(lambda: events_named(proc, "config_reloaded"), what="refusal")
+    refused = wait_until(lambda: events_named(proc.records(), "config_reloaded"), what="refusal")
     assert refused[0]["ok"] is False and refused[0]["level"] == "error"
     assert any("smtp.max_client" in error for error in refused[0]["errors"])
     send(proc.port)  # still relaying with the old config
@@ -181,7 +175,7 @@ def test_a_bad_users_file_is_a_config_error_at_start_and_on_reload(tmp_path, sin
     proc = relay_process(path).start()
     users.write_text("broken\n")
     proc.proc.send_signal(signal.SIGHUP)
-    refused = wait_until(lambda: events_named(proc, "config_reloaded"), what="refusal")
+    refused = wait_until(lambda: events_named(proc.records(), "config_reloaded"), what="refusal")
     assert refused[0]["ok"] is False
     assert proc.proc.poll() is None
     assert proc.stop() == 0

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import smtplib
 import stat
 import threading
 import time
@@ -52,6 +51,7 @@ from support.local import (
 from support.logs import received_locally
 from support.relay import start_amid
 from support.sink import Sink
+from support.smtp import send_one
 from support.waiting import wait_until
 
 HOSTNAME = "relay.test"  # write_config's hostname
@@ -163,9 +163,7 @@ def test_hostile_drop_files_are_quarantined_and_good_mail_flows(
     # Still alive and still answering SMTP.
     assert proc.proc is not None and proc.proc.poll() is None
     after_subject = token()
-    with smtplib.SMTP("127.0.0.1", proc.port, timeout=10) as client:
-        assert client.ehlo("client.test")[0] == 250
-        client.sendmail(SENDER, ["x@dest.test"], message(after_subject).replace(b"\n", b"\r\n"))
+    send_one(proc.port, SENDER, ["x@dest.test"], message(after_subject).replace(b"\n", b"\r\n"))
     wait_message(sink, subject_is(after_subject), PROMPT, "mail sent after the attack")
     assert not [r for r in proc.records() if r.get("event") == "<not json>"]
     assert proc.stop() == 0

@@ -121,7 +121,8 @@ def send_one(
 ) -> str:
     """Send one message to the relay on `port` in a session of its own; its queue ID."""
     with smtplib.SMTP("127.0.0.1", port, timeout=timeout) as client:
-        client.ehlo("client.test")
+        code, msg = client.ehlo("client.test")
+        assert code == 250, (code, msg)
         return transaction(
             client,
             sender,
