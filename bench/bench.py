@@ -142,10 +142,24 @@ from dataclasses import dataclass
 from datetime import datetime
 from email.utils import formatdate
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any, Callable
+
+import pytest
 
 from smarthost.config import DEFAULT_GROUP, parse_size
 from smarthost.spool import DEFERRED, QUEUE, Content, Envelope, Recipient, Spool, new_id
+
+# The relay wrapper and the /proc readers are the tests' own (tests/support/).
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from support.procs import (
+    RssSampler,
+    cpu_seconds,
+    proc_status_kib,
+    reset_peak_rss,
+)
+from support.relay import RelayProcess
+from support.smtp import free_port
 
 HOST = "127.0.0.1"
 SENDER = "load@client.example"
@@ -240,46 +254,6 @@ class EmptyLines(Messages):
     """The body nothing but empty lines (CRLF CRLF ...): the most lines per byte."""
 
     UNIT = b"\r\n"
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a live process, from /proc (0.0 once it is gone)."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
-            # Fields after the ")" closing the command name: utime is the 12th, stime the 13th.
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def proc_status_kib(pid: int, key: str) -> int:
-    """A size line of /proc/PID/status (`VmRSS`, `VmHWM`) in KiB; 0 once the process is gone."""
-    try:
-        with open(f"/proc/{pid}/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
-def reset_peak_rss(pid: int) -> bool:
-    """Set a process's VmHWM back to its current RSS (Linux 4.0+: "5" to clear_refs)."""
-    try:
-        with open(f"/proc/{pid}/clear_refs", "w", encoding="ascii") as f:
-            f.write("5")
-    except OSError:
-        return False
-    return True
-
-
-def free_port() -> int:
-    """A port nothing listens on now (the relay binds it a moment later)."""
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
 
 
 def durable_writes(directory: str, seconds: float = 1.0) -> tuple[float, float]:
@@ -510,8 +484,8 @@ class RelayEnd:
     problems: list[str]  # log records at warning level or above, non-JSON stderr lines
 
 
-class Relay:
-    """`python -m smarthost -c CFG serve` as a subprocess, its stderr (the log) to a file.
+class Relay(RelayProcess):
+    """`python -m smarthost -c CFG serve` as a subprocess, its log (stderr) in a file.
 
     `serve` runs as two processes: this one (listeners, spool commits) and a delivery
     process it starts (scheduler, senders), named `delivery_pid` in its `started` event.
@@ -528,58 +502,33 @@ class Relay:
     ) -> None:
         """With `port` (the config's listen port), `accept_seconds` is the time from
         Popen until a client connecting there was greeted."""
-        self.log_path = os.path.join(directory, f"relay-{label}.log")
+        super().__init__(Path(config), Path(directory) / f"relay-{label}.log")
         self.delivery_pid = 0
         self.started_at = 0.0  # time.time() of its `started` event
         self.accept_seconds = math.nan
-        with open(self.log_path, "wb") as log:
-            self.popen_time = time.time()
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "smarthost", "-c", config, "serve"],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=log,
-            )
+        self.popen_time = time.time()
+        offset = self.spawn()
         if port:
             self.accept_seconds = self.wait_accepting(port, timeout)
-        self.port = self._wait_started(timeout)
+        try:
+            started = self.wait_started(offset, timeout)
+        except pytest.fail.Exception as exc:  # what the tests' wait reports
+            self.kill()
+            raise RuntimeError(f"the relay did not start: {exc}") from None
+        self.delivery_pid = int(started.get("delivery_pid") or 0)
+        with contextlib.suppress(KeyError, TypeError, ValueError):
+            self.started_at = datetime.fromisoformat(started["time"]).timestamp()
 
-    def _wait_started(self, timeout: float) -> int:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for record in self._records():
-                if record.get("event") == "started":
-                    self.delivery_pid = int(record.get("delivery_pid") or 0)
-                    with contextlib.suppress(KeyError, TypeError, ValueError):
-                        self.started_at = datetime.fromisoformat(record["time"]).timestamp()
-                    return int(record["listen"][0].rsplit(":", 1)[1])
-            if self.process.poll() is not None:
-                break
-            time.sleep(POLL_INTERVAL)
-        self.kill()
-        log = "\n".join(self._lines()[-20:])
-        raise RuntimeError(f"the relay did not start (exit {self.process.returncode}):\n{log}")
+    @property
+    def process(self) -> subprocess.Popen:
+        assert self.proc is not None
+        return self.proc
 
     def kill(self) -> None:
-        self.process.kill()
-        self.process.wait()
+        super().kill()
         if self.delivery_pid:  # it dies with us (PR_SET_PDEATHSIG); this is in case not
             with contextlib.suppress(OSError):
                 os.kill(self.delivery_pid, signal.SIGKILL)
-
-    def _lines(self) -> list[str]:
-        with open(self.log_path, encoding="utf-8", errors="replace") as f:
-            return f.read().splitlines()
-
-    def _records(self) -> list[dict[str, Any]]:
-        records = []
-        for line in self._lines():
-            try:
-                record = json.loads(line)
-            except ValueError:
-                record = None
-            records.append(record if isinstance(record, dict) else {"level": "stderr", "": line})
-        return records
 
     def pids(self) -> list[int]:
         """The relay process, then its delivery process (0: not known)."""
@@ -618,7 +567,7 @@ class Relay:
                 raise RuntimeError(f"the relay greeted with {greeting!r}")
             return greeted - self.popen_time
 
-    def stop(self, expected: frozenset[str] = frozenset()) -> RelayEnd:
+    def finish(self, expected: frozenset[str] = frozenset()) -> RelayEnd:
         """SIGTERM, wait, and read the log; warnings of `expected` events are no problem."""
         rss = self.memory_kib("VmHWM")
         started = time.monotonic()
@@ -631,7 +580,9 @@ class Relay:
         stop_seconds = time.monotonic() - started
         events: Counter[str] = Counter()
         problems = []
-        for record in self._records():
+        for record in self.records():
+            if record["event"] == "<not json>":  # stderr that is not a log record
+                record = {"level": "stderr", "": record["line"]}
             events[str(record.get("event", "-"))] += 1
             if record.get("level") not in ("debug", "info") and record.get("event") not in expected:
                 record.pop("time", None)
@@ -836,7 +787,7 @@ def run_scenario(
         send_and_wait(load, relay.port, sink, args.wait)
         cpu = Cpu.now(relay, sink) - before
     finally:
-        end = relay.stop()
+        end = relay.finish()
     sink.poll()
     return Result(title, load, warmup, sink.arrivals, cpu, end)
 
@@ -1071,6 +1022,16 @@ def send_new_mail(
     return loads
 
 
+def backlog_relay(
+    args: argparse.Namespace, directory: str, label: str, sink: Sink, timeout: float = START_TIMEOUT
+) -> Relay:
+    """A relay on the spool `label`, listening on a port chosen beforehand (so that the
+    time to its first 220 is measured), its backend `fail_timeout` short."""
+    port = free_port()
+    config = write_config(directory, label, sink.port, args.workers, port, BACKLOG_FAIL_TIMEOUT)
+    return Relay(config, directory, label, port, timeout)
+
+
 def ratio(value: float, reference: float | None) -> str:
     if reference is None or not reference > 0 or math.isnan(value):
         return "-"
@@ -1107,15 +1068,11 @@ def run_backlog(
         )
 
         # The same relay and load on an empty queue, for reference.
-        port = free_port()
-        config = write_config(
-            directory, "backlog-empty", sink.port, args.workers, port, BACKLOG_FAIL_TIMEOUT
-        )
-        relay = Relay(config, directory, "backlog-empty", port)
+        relay = backlog_relay(args, directory, "backlog-empty", sink)
         try:
             empty_loads = send_new_mail(args, messages, "backlog-empty", relay.port)
         finally:
-            empty_end = relay.stop(EXPECTED_WHILE_DOWN)
+            empty_end = relay.finish(EXPECTED_WHILE_DOWN)
         empty = empty_loads[-1]
         empty_accept = accepted_rate(empty)
         problems += [p for load in empty_loads for p in load.session_errors]
@@ -1131,11 +1088,7 @@ def run_backlog(
         )
 
         # (a) start, (b) memory with the backlog loaded.
-        port = free_port()
-        config = write_config(
-            directory, "backlog", sink.port, args.workers, port, BACKLOG_FAIL_TIMEOUT
-        )
-        relay = Relay(config, directory, "backlog", port, BACKLOG_START_TIMEOUT)
+        relay = backlog_relay(args, directory, "backlog", sink, BACKLOG_START_TIMEOUT)
         try:
             settled = wait_until_settled(relay, BACKLOG_START_TIMEOUT)
             line(
@@ -1172,7 +1125,7 @@ def run_backlog(
             cpu = Cpu.now(relay, sink) - before
             drain_peak = relay.memory_kib("VmHWM")
         finally:
-            end = relay.stop(EXPECTED_WHILE_DOWN)
+            end = relay.finish(EXPECTED_WHILE_DOWN)
         # The whole run's peak, each process's: its VmHWM was reset for the drain.
         end.peak_rss_kib = [max(a, b) for a, b in zip(start_peak, end.peak_rss_kib)]
         sink.poll()
@@ -1232,68 +1185,6 @@ SETTLE_LIMIT = 30.0  # seconds for the relay to go idle after the warm-up
 BIG_TIMEOUT = 600.0  # seconds for one reply: today's relay takes minutes on hostile DATA
 # Events at warning level that a hostile DATA may rightly cause (SPEC §8).
 CLIENT_FAILURES = frozenset({"protocol_error", "rejected"})
-
-
-def parent_pid(pid: int) -> int:
-    """The parent of a live process (0: gone, or a zombie)."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
-            state, ppid = f.read().rsplit(")", 1)[1].split()[:2]
-    except (OSError, ValueError):
-        return 0
-    return 0 if state == "Z" else int(ppid)
-
-
-def child_pids(pid: int) -> list[int]:
-    """The live children of `pid`: /proc/PID/task/*/children where the kernel has it
-    (CONFIG_PROC_CHILDREN), else a scan of /proc for processes whose parent it is."""
-    found: set[int] = set()
-    try:
-        tasks = os.listdir(f"/proc/{pid}/task")
-        for task in tasks:
-            with open(f"/proc/{pid}/task/{task}/children", encoding="ascii") as f:
-                found.update(int(child) for child in f.read().split())
-        return sorted(found)
-    except FileNotFoundError:
-        pass
-    except OSError:
-        return []
-    return sorted(int(e) for e in os.listdir("/proc") if e.isdigit() and parent_pid(int(e)) == pid)
-
-
-class RssSampler:
-    """VmRSS of the relay process and of its children (the delivery process) every
-    RSS_INTERVAL, in a thread, from construction to stop(). The children are looked up
-    at each sample, so a delivery process started again is followed."""
-
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
-        self.idle = self.read()  # [receiver, delivery] KiB when sampling began
-        self.peak = list(self.idle)
-        self.samples = 0
-        self._done = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="rss", daemon=True)
-        self._thread.start()
-
-    def read(self) -> list[int]:
-        children = child_pids(self.pid)
-        return [
-            proc_status_kib(self.pid, "VmRSS"),
-            sum(proc_status_kib(child, "VmRSS") for child in children),
-        ]
-
-    def _sample(self) -> None:
-        self.peak = [max(a, b) for a, b in zip(self.peak, self.read())]
-        self.samples += 1
-
-    def _run(self) -> None:
-        while not self._done.wait(RSS_INTERVAL):
-            self._sample()
-
-    def stop(self) -> None:
-        self._done.set()
-        self._thread.join()
-        self._sample()
 
 
 class NoopProbe:
@@ -1379,7 +1270,7 @@ def run_memory(
             send_and_wait(warmup, relay.port, sink, args.wait)
         wait_until_settled(relay, SETTLE_LIMIT)
         hwm_reset = relay.reset_peak_rss()
-        sampler = RssSampler(relay.process.pid)
+        sampler = RssSampler(relay.process.pid, RSS_INTERVAL).start()
         before = Cpu.now(relay, sink)
         try:
             noop = NoopProbe(relay.port) if probe else None
@@ -1391,7 +1282,7 @@ def run_memory(
         cpu = Cpu.now(relay, sink) - before
         hwm = relay.memory_kib("VmHWM")
     finally:
-        end = relay.stop(CLIENT_FAILURES)
+        end = relay.finish(CLIENT_FAILURES)
     sink.poll()
     expect = 552 if load.messages.size > parse_size(max_message_size) else 250
     return MemoryResult(
@@ -1400,8 +1291,8 @@ def run_memory(
         warmup,
         expect,
         sink.arrivals,
-        sampler.idle,
-        sampler.peak,
+        sampler.idle_split,
+        sampler.peak_split,
         hwm,
         hwm_reset,
         sampler.samples,

@@ -18,7 +18,6 @@ from typing import Any
 import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, syntax
-from conftest import Received, Sink, SinkHandler, wait_until, write_config
 from flufl.bounce import all_failures, scan_message
 
 from smarthost.bounce import Bouncer
@@ -26,6 +25,11 @@ from smarthost.config import Config, load_config
 from smarthost.dsn import take_dsn_params
 from smarthost.scheduler import Intervals
 from smarthost.spool import MSG, Envelope, Recipient, Spool, new_id
+
+from support.configs import write_config
+from support.sink import Received, Sink, SinkHandler
+from support.smtp import send_one
+from support.waiting import wait_until
 
 SENDER = "s@client.test"
 BODY_MARK = b"the body of the original, which a headers-only report leaves out"
@@ -72,18 +76,14 @@ def send(
     rcpt_options: dict[str, tuple[str, ...]] | None = None,
 ) -> str:
     """One message with RFC 3461 parameters; the queue ID from the 250 reply."""
-    with relay.client() as client:
-        client.ehlo("client.test")
-        code, msg = client.mail(sender, list(mail_options))
-        assert code == 250, (code, msg)
-        for rcpt in recipients:
-            code, msg = client.rcpt(rcpt, list((rcpt_options or {}).get(rcpt, ())))
-            assert code == 250, (rcpt, code, msg)
-        code, msg = client.data(content)
-        assert code == 250, (code, msg)
-    match = QUEUED.match(msg)
-    assert match, msg
-    return match.group(1).decode()
+    return send_one(
+        relay.port,
+        sender,
+        recipients,
+        content,
+        mail_options=mail_options,
+        rcpt_options=rcpt_options,
+    )
 
 
 def bounces(sink: Sink) -> list[Received]:
@@ -335,14 +335,20 @@ def test_expiry_fails_with_4_4_7_and_the_last_reply(tmp_path, sink, relay_factor
 # -- 5. the delayed DSN -----------------------------------------------------------------
 
 
-def test_delayed_dsn_goes_out_exactly_once(tmp_path, sink, relay_factory, events):
+def warning_relay(tmp_path: Path, sink: Sink, relay_factory):
+    """A relay that warns of a delay after 1 s (retrying every second for an hour), and
+    an upstream that defers slow@dest.test."""
     config = relay_config(
         tmp_path,
         sink.port,
         delivery={"warn_after": "1s", "retry_for": "1h", "retry_min": "1s", "retry_max": "1s"},
     )
-    relay = relay_factory(config)
     sink.handler.rcpt_replies["slow@dest.test"] = "451 4.2.1 mailbox busy, try later"
+    return relay_factory(config)
+
+
+def test_delayed_dsn_goes_out_exactly_once(tmp_path, sink, relay_factory, events):
+    relay = warning_relay(tmp_path, sink, relay_factory)
     queue_id = send(relay, SENDER, ["slow@dest.test"])
     (received,) = events.events("received", queue_id=queue_id)
     wait_until(
@@ -408,13 +414,7 @@ def test_notify_is_per_recipient(relay, sink, events):
 
 
 def test_notify_failure_gets_no_delayed_dsn(tmp_path, sink, relay_factory, events):
-    config = relay_config(
-        tmp_path,
-        sink.port,
-        delivery={"warn_after": "1s", "retry_for": "1h", "retry_min": "1s", "retry_max": "1s"},
-    )
-    relay = relay_factory(config)
-    sink.handler.rcpt_replies["slow@dest.test"] = "451 4.2.1 mailbox busy, try later"
+    relay = warning_relay(tmp_path, sink, relay_factory)
     queue_id = send(
         relay, SENDER, ["slow@dest.test"], rcpt_options={"slow@dest.test": ("NOTIFY=FAILURE",)}
     )

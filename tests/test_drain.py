@@ -12,18 +12,16 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import ROOT, Sink, spool_files, wait_until, write_config
-from test_process import (
-    RCPT,
-    SENDER,
-    SilentServer,
-    edit_config,
-    events_named,
-    message,
-    run_cli,
-    send,
-    stuck_on,
-)
+from support import ROOT
+from support.cli import run_cli
+from support.configs import edit_config, write_config
+from support.logs import events_named
+from support.messages import RCPT, SENDER, message
+from support.relay import stuck_on
+from support.sink import SilentServer, Sink
+from support.smtp import send_message
+from support.spool import spool_files
+from support.waiting import wait_until
 
 STOP_BOUND = 15.0  # the relay's orderly stop, as in test_process
 
@@ -63,7 +61,7 @@ def test_drain_delivers_what_is_due_then_the_relay_exits_0(tmp_path, sink, relay
     slow_data(sink, 1.5)
     proc = relay_process(config).start()
     for n in range(5):
-        send(proc.port, f"<due.{n}@client.test>")
+        send_message(proc.port, f"<due.{n}@client.test>")
     drain = start_drain(config)
     out, err = drain.communicate(timeout=60)
     assert drain.returncode == 0, err
@@ -86,7 +84,7 @@ def test_mail_deferred_to_later_does_not_hold_the_drain(tmp_path, sink, relay_pr
     edit_config(config, 'retry_max = "2s"', 'retry_max = "1h"')
     sink.handler.data_reply = "451 4.3.0 try again later"
     proc = relay_process(config).start()
-    queue_id = send(proc.port, "<later@client.test>")
+    queue_id = send_message(proc.port, "<later@client.test>")
     wait_until(lambda: events_named(proc.records(), "deferred"), 20, "the deferral")
     started = time.monotonic()
     result = run_cli("drain", "-c", str(config))
@@ -148,7 +146,7 @@ def test_new_connections_are_refused_while_draining_and_delivery_goes_on(
     open_session = smtplib.SMTP("127.0.0.1", proc.port, timeout=10)
     try:
         open_session.ehlo("client.test")
-        send(proc.port, "<in-flight@client.test>")
+        send_message(proc.port, "<in-flight@client.test>")
         drain = start_drain(config)
         wait_until(lambda: events_named(proc.records(), "draining"), 10, "the drain to begin")
         assert wait_until(lambda: refused(proc.port), 5, "the listener to close")

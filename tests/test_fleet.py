@@ -18,11 +18,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, RelayProcess, Sink, wait_until, write_config
 
 from smarthost.config import ConfigError, FleetConfig, parse_config
 from smarthost.fleet import NODES_KEY, Fleet
 from smarthost.upstream import SharedRate
+
+from support import ROOT
+from support.configs import write_config
+from support.relay import RelayProcess
+from support.sink import Sink
+from support.waiting import wait_until
 
 REDIS_SERVER = shutil.which("redis-server")
 

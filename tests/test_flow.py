@@ -10,10 +10,14 @@ from pathlib import Path
 
 import pytest
 from aiosmtpd.smtp import SMTP
-from conftest import Sink, SinkHandler, spool_files, wait_until, write_config
 
 from smarthost.config import load_config
 from smarthost.spool import DEFERRED, DELIVERED, FAILED_RCPT, QUEUE
+
+from support.configs import write_config
+from support.sink import Sink, SinkHandler
+from support.spool import spool_files
+from support.waiting import wait_until
 
 BODY = (
     b"From: a@client.test\r\nTo: b@dest.test\r\nSubject: bytes\r\n"

@@ -24,23 +24,21 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import trustme
-from conftest import (
-    RawSMTP,
-    RawUpstream,
-    RelayProcess,
-    RssSampler,
-    parse_logfmt,
-    spool_files,
-    wait_until,
-    write_config,
-)
 
 from smarthost.auth import hash_password
 from smarthost.config import load_config
 
+from support.configs import write_config
+from support.logs import events_named, parse_logfmt
+from support.messages import RCPT, SENDER
+from support.procs import RssSampler
+from support.relay import RelayProcess
+from support.sink import RawUpstream
+from support.smtp import RawSMTP, send_one
+from support.spool import spool_files
+from support.waiting import wait_until
+
 DEADLINE = 30.0  # generous: a busy two-core machine
-SENDER = "client@client.test"
-RCPT = "rcpt@dest.test"
 MIB = 1 << 20
 RSS_LIMIT_MIB = 64  # the target is 32 MiB (issue 13); tests are not benchmarks
 SECTION = "clients: hostile"
@@ -53,8 +51,7 @@ def start_relay(
     relay_process, tmp_path: Path, upstream_port: int, smtp: str = "", log: str = ""
 ) -> RelayProcess:
     """`smarthost serve` with `smtp` lines added to [smtp] and `log` to [log]."""
-    path = write_config(tmp_path, upstream_port, log)
-    path.write_text(path.read_text().replace("[smtp]\n", f"[smtp]\n{smtp}\n", 1))
+    path = write_config(tmp_path, upstream_port, log, smtp=smtp)
     load_config(path)  # the test's own config is valid
     return relay_process(path).start()
 
@@ -71,7 +68,7 @@ def tls_settings(tmp_path: Path) -> tuple[str, ssl.SSLContext]:
 
 
 def named(proc: RelayProcess, event: str, offset: int = 0) -> list[dict]:
-    return [r for r in proc.records(offset) if r.get("event") == event]
+    return events_named(proc.records(offset), event)
 
 
 def assert_nothing_queued(proc: RelayProcess, tmp_path: Path, before: int = 0) -> None:
@@ -94,8 +91,7 @@ def warm_up(proc: RelayProcess) -> None:
     """One message through both processes, so that the RSS baseline is not taken
     before the imports and threads a first message brings."""
     assert proc.port is not None
-    with smtplib.SMTP("127.0.0.1", proc.port, timeout=DEADLINE) as client:
-        client.sendmail(SENDER, [RCPT], b"Subject: warm-up\r\n\r\nwarm\r\n")
+    send_one(proc.port, SENDER, [RCPT], b"Subject: warm-up\r\n\r\nwarm\r\n", timeout=DEADLINE)
     wait_until(lambda: named(proc, "delivered"), DEADLINE, "the warm-up message delivered")
 
 

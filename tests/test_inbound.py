@@ -10,10 +10,11 @@ import threading
 
 import pytest
 import trustme
-from conftest import write_config
 
 from smarthost.auth import hash_password, verify_password
 from smarthost.config import load_config
+
+from support.configs import write_config
 
 MESSAGE = b"Subject: auth\r\n\r\nbody\r\n"
 
@@ -26,12 +27,11 @@ def tls_relay(tmp_path, sink, relay_factory):
     cert.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "server.pem"))
     users = tmp_path / "users"
     users.write_text(f"# test users\nalice:{hash_password('wonderland')}\n")
-    path = write_config(tmp_path, sink.port)
     smtp = (
         f'allow = []\ntls_cert = "{tmp_path / "server.pem"}"\n'
         f'tls_key = "{tmp_path / "server.pem"}"\nauth_users = "{users}"\n'
     )
-    path.write_text(path.read_text().replace("[smtp]\n", f"[smtp]\n{smtp}", 1))
+    path = write_config(tmp_path, sink.port, smtp=smtp)
     relay = relay_factory(load_config(path))
     client_context = ssl.create_default_context()
     ca.configure_trust(client_context)

@@ -10,11 +10,12 @@ import re
 from collections.abc import Iterator
 
 import pytest
-from conftest import parse_logfmt
 from hypothesis import given
 from hypothesis import strategies as st
 
 from smarthost import log
+
+from support.logs import parse_logfmt
 
 
 def _capture(formatter: logging.Formatter, *filters: logging.Filter) -> Iterator[io.StringIO]:

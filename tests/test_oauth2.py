@@ -12,8 +12,12 @@ import urllib.parse
 import urllib.request
 
 import pytest
-from conftest import spool_files, wait_until, write_config
-from oauth2_fakes import (
+
+from smarthost import oauth2
+from smarthost.config import ConfigError, load_config, parse_config
+
+from support.configs import write_config
+from support.oauth2 import (
     CLIENT_ID,
     CLIENT_SECRET,
     USER,
@@ -23,9 +27,8 @@ from oauth2_fakes import (
     oauth2_backend,
     s256,
 )
-
-from smarthost import oauth2
-from smarthost.config import ConfigError, load_config, parse_config
+from support.spool import spool_files
+from support.waiting import wait_until
 
 BODY = b"Subject: oauth\r\n\r\nbody\r\n"
 

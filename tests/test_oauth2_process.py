@@ -9,8 +9,11 @@ import signal
 import smtplib
 
 import pytest
-from conftest import process_tree, wait_until, write_config
-from oauth2_fakes import CLIENT_SECRET, BearerSink, TokenEndpoint, add_to_backend, oauth2_backend
+
+from support.configs import write_config
+from support.oauth2 import CLIENT_SECRET, BearerSink, TokenEndpoint, add_to_backend, oauth2_backend
+from support.procs import process_tree
+from support.waiting import wait_until
 
 DEADLINE = 20.0
 

@@ -13,23 +13,19 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import Sink, wait_until, write_config
+
+from support.cli import run_cli
+from support.configs import write_config
+from support.logs import events_named
+from support.sink import Sink
+from support.smtp import send_one
+from support.waiting import wait_until
 
 MESSAGE = b"Subject: ops\r\n\r\nbody\r\n"
 
 
 def send(port: int, rcpt: str = "b@dest.test") -> str:
-    with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
-        client.ehlo("client.test")
-        client.mail("a@client.test")
-        client.rcpt(rcpt)
-        code, msg = client.data(MESSAGE)
-    assert code == 250, msg
-    return msg.decode().rsplit(" ", 1)[-1]
-
-
-def events_named(proc, name: str) -> list[dict]:
-    return [r for r in proc.records() if r.get("event") == name]
+    return send_one(port, "a@client.test", [rcpt], MESSAGE)
 
 
 def test_sighup_reloads_upstreams_without_dropping_a_session(tmp_path, sink, relay_process):
@@ -43,7 +39,9 @@ def test_sighup_reloads_upstreams_without_dropping_a_session(tmp_path, sink, rel
         sink.wait_for(1)
         path.write_text(path.read_text().replace(f"port = {sink.port}", f"port = {other.port}"))
         proc.proc.send_signal(signal.SIGHUP)
-        reloaded = wait_until(lambda: events_named(proc, "config_reloaded"), what="reload")
+        reloaded = wait_until(
+            lambda: events_named(proc.records(), "config_reloaded"), what="reload"
+        )
         assert reloaded[0]["ok"] is True
         # The session opened before the reload still works, and uses the new upstream.
         held.sendmail("a@client.test", ["c@dest.test"], MESSAGE)
@@ -61,7 +59,7 @@ def test_a_bad_config_on_sighup_is_refused_and_the_old_one_kept(tmp_path, sink, 
     good = path.read_text()
     path.write_text(good.replace("[smtp]\n", "[smtp]\nmax_client = 3\n", 1))
     proc.proc.send_signal(signal.SIGHUP)
-    refused = wait_until(lambda: events_named(proc, "config_reloaded"), what="refusal")
+    refused = wait_until(lambda: events_named(proc.records(), "config_reloaded"), what="refusal")
     assert refused[0]["ok"] is False and refused[0]["level"] == "error"
     assert any("smtp.max_client" in error for error in refused[0]["errors"])
     send(proc.port)  # still relaying with the old config
@@ -71,8 +69,7 @@ def test_a_bad_config_on_sighup_is_refused_and_the_old_one_kept(tmp_path, sink, 
 
 def test_log_file_is_reopened_after_rotation(tmp_path, sink, relay_process):
     log_file = tmp_path / "smarthost.log"
-    path = write_config(tmp_path, sink.port)
-    path.write_text(path.read_text().replace("[log]\n", f'[log]\nfile = "{log_file}"\n'))
+    path = write_config(tmp_path, sink.port, f'file = "{log_file}"')
     proc = relay_process(path)
     proc.log_path = log_file
     proc.start()
@@ -140,8 +137,7 @@ def test_privileges_are_dropped_after_binding(sink, relay_process):
 
 
 def test_an_idle_client_is_timed_out(tmp_path, sink, relay_process):
-    path = write_config(tmp_path, sink.port)
-    path.write_text(path.read_text().replace("[smtp]\n", '[smtp]\ntimeout = "1s"\n', 1))
+    path = write_config(tmp_path, sink.port, smtp='timeout = "1s"')
     proc = relay_process(path).start()
     with socket.create_connection(("127.0.0.1", proc.port), timeout=10) as slow:
         assert slow.recv(100).startswith(b"220")
@@ -155,8 +151,6 @@ def test_an_idle_client_is_timed_out(tmp_path, sink, relay_process):
 
 
 def test_a_bad_users_file_is_a_config_error_at_start_and_on_reload(tmp_path, sink, relay_process):
-    import subprocess
-    import sys
 
     import trustme
 
@@ -164,26 +158,15 @@ def test_a_bad_users_file_is_a_config_error_at_start_and_on_reload(tmp_path, sin
     cert.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "server.pem"))
     users = tmp_path / "users"
     users.write_text("not a users line\n")
-    path = write_config(tmp_path, sink.port)
     smtp = (
         f'tls_cert = "{tmp_path / "server.pem"}"\ntls_key = "{tmp_path / "server.pem"}"\n'
         f'auth_users = "{users}"\n'
     )
-    path.write_text(path.read_text().replace("[smtp]\n", f"[smtp]\n{smtp}", 1))
-    done = subprocess.run(
-        [sys.executable, "-m", "smarthost", "-c", str(path), "serve"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    path = write_config(tmp_path, sink.port, smtp=smtp)
+    done = run_cli("-c", str(path), "serve", timeout=30)
     assert done.returncode == 78 and "smtp.auth_users" in done.stderr
     assert "Traceback" not in done.stderr
-    checked = subprocess.run(
-        [sys.executable, "-m", "smarthost", "-c", str(path), "check"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    checked = run_cli("-c", str(path), "check", timeout=30)
     assert checked.returncode == 1 and "smtp.auth_users" in checked.stderr
     # With a good file it starts; a broken one on SIGHUP is refused, the relay lives on.
     from smarthost.auth import hash_password
@@ -192,7 +175,7 @@ def test_a_bad_users_file_is_a_config_error_at_start_and_on_reload(tmp_path, sin
     proc = relay_process(path).start()
     users.write_text("broken\n")
     proc.proc.send_signal(signal.SIGHUP)
-    refused = wait_until(lambda: events_named(proc, "config_reloaded"), what="refusal")
+    refused = wait_until(lambda: events_named(proc.records(), "config_reloaded"), what="refusal")
     assert refused[0]["ok"] is False
     assert proc.proc.poll() is None
     assert proc.stop() == 0
@@ -204,10 +187,10 @@ def test_any_local_user_can_submit_and_the_relay_can_read_it(sink):
     import subprocess
     import sys
 
-    from conftest import ROOT
-
     from smarthost.config import load_config
     from smarthost.spool import DROP, Spool
+
+    from support import ROOT
 
     account = pwd.getpwnam("nobody")
     interpreter = Path(os.path.realpath(sys.executable))
@@ -271,7 +254,7 @@ def test_check_warns_when_the_service_user_cannot_run_the_interpreter(tmp_path, 
     import subprocess
     import sys
 
-    from conftest import ROOT
+    from support import ROOT
 
     venv = Path(sys.prefix)
     if venv == Path(sys.base_prefix):

@@ -7,7 +7,6 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import write_config
 
 from smarthost.bounce import Bouncer
 from smarthost.config import Config, load_config
@@ -26,6 +25,8 @@ from smarthost.spool import (
     new_id,
 )
 from smarthost.upstream import Upstreams
+
+from support.configs import write_config
 
 CONTENT = b"From: a@client.test\r\nSubject: outcome\r\n\r\nbody\r\n"
 

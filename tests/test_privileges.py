@@ -16,10 +16,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import wait_until, write_config
 
 from smarthost import privileges
 from smarthost.spool import DIRECTORIES, DROP, HOLD, MSG, QUEUE, Envelope, Recipient, Spool, new_id
+
+from support.configs import write_config
+from support.waiting import wait_until
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="a root start needs root")
 

@@ -8,16 +8,12 @@ commands and exit codes of §2 and the log format of §8 from the outside.
 
 from __future__ import annotations
 
-import collections
 import datetime
 import json
 import os
-import re
 import signal
 import smtplib
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -25,107 +21,31 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ROOT, RelayProcess, Sink, spool_files, wait_until, write_config
 
 from smarthost import __version__
 
-SENDER = "client@client.test"
-RCPT = "rcpt@dest.test"
+from support.cli import run_cli
+from support.configs import edit_config, write_config
+from support.load import LoadClient, clients_running
+from support.logs import events_named
+from support.messages import RCPT, SENDER, arrived, header_message_id, message
+from support.relay import RelayProcess, stuck_on
+from support.sink import SilentServer, Sink
+from support.smtp import port_is_closed, send_message
+from support.spool import spool_drained, spool_files
+from support.waiting import eventually, wait_until
+
 CLIENTS = 4  # sending threads in the crash test
 ROUNDS = 3  # kill -9 / restart rounds in the crash test
 ACKS_PER_ROUND = 30  # acknowledged messages before each kill
 DELIVERY_DEADLINE = 30.0  # generous: two busy cores, retry_max 2 s
 STOP_BOUND = 15.0  # sanity bound for a clean stop (the relay's own grace is 5 s)
 
-_MESSAGE_ID = re.compile(rb"^Message-ID:[ \t]*(\S+)", re.MULTILINE | re.IGNORECASE)
-_QUEUED_AS = re.compile(r"queued as (\S+)")
-
 
 # -- helpers ------------------------------------------------------------------------
 
 
-def message(message_id: str) -> bytes:
-    return (
-        f"From: {SENDER}\r\nTo: {RCPT}\r\nSubject: process test\r\n"
-        f"Message-ID: {message_id}\r\nDate: Wed, 25 Nov 2026 10:00:00 +0000\r\n"
-        f"\r\nbody of {message_id}\r\n"
-    ).encode()
-
-
-def header_message_id(content: bytes) -> str | None:
-    """The Message-ID header of a message as the upstream received it."""
-    match = _MESSAGE_ID.search(content.split(b"\r\n\r\n", 1)[0])
-    return match.group(1).decode() if match else None
-
-
-def arrived(sink: Sink) -> collections.Counter[str | None]:
-    """How many copies of each Message-ID the upstream has received."""
-    return collections.Counter(header_message_id(m.content) for m in list(sink.messages))
-
-
-def send(port: int, message_id: str) -> str:
-    """Send one message to the relay; return the queue ID from its 250 reply."""
-    with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
-        client.ehlo("client.test")
-        code, reply = client.mail(SENDER)
-        assert code == 250, (code, reply)
-        code, reply = client.rcpt(RCPT)
-        assert code == 250, (code, reply)
-        code, reply = client.data(message(message_id))
-        assert code == 250, (code, reply)
-    match = _QUEUED_AS.search(reply.decode())
-    assert match, reply
-    return match.group(1)
-
-
-def eventually(predicate: Callable[[], Any], timeout: float) -> bool:
-    """Poll `predicate` until it holds or `timeout` passes; the caller asserts with detail."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return bool(predicate())
-        time.sleep(0.02)
-    return True
-
-
-def spool_drained(spool: Path) -> bool:
-    """No message left anywhere a delivery could still come from."""
-    files = spool_files(spool)
-    return not (files["msg"] or files["queue"] or files["active"])
-
-
-def edit_config(path: Path, old: str, new: str) -> None:
-    text = path.read_text()
-    assert old in text, f"{old!r} not in the config"
-    path.write_text(text.replace(old, new))
-
-
-def events_named(records: list[dict], name: str) -> list[dict]:
-    return [r for r in records if r.get("event") == name]
-
-
-def port_is_closed(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=2):
-            return False
-    except ConnectionRefusedError:
-        return True
-
-
-def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """`python -m smarthost ARGS` to completion, output captured."""
-    return subprocess.run(
-        [sys.executable, "-m", "smarthost", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        env=env,
-        check=False,
-    )
-
-
-class SendingClient(threading.Thread):
+class SendingClient(LoadClient):
     """Sends messages in a loop (5 per session) until halted or the relay goes away.
 
     A Message-ID is recorded in `acked` only once DATA got 250. Any error is expected
@@ -134,68 +54,19 @@ class SendingClient(threading.Thread):
     """
 
     def __init__(self, port: int, tag: str, acked: list[str], killing: threading.Event):
-        super().__init__(name=f"sending-client-{tag}")
-        self.port = port
-        self.tag = tag
+        super().__init__(port, tag)
+        self.name = f"sending-client-{tag}"
         self.acked = acked
         self.killing = killing
-        self.halt = threading.Event()
         self.problems: list[str] = []
 
-    def run(self) -> None:
-        n = 0
-        try:
-            while not self.halt.is_set():
-                with smtplib.SMTP("127.0.0.1", self.port, timeout=10) as client:
-                    client.ehlo("client.test")
-                    for _ in range(5):
-                        if self.halt.is_set():
-                            break
-                        message_id = f"<{self.tag}.{n}@client.test>"
-                        n += 1
-                        for code, reply in (client.mail(SENDER), client.rcpt(RCPT)):
-                            if code != 250:
-                                raise smtplib.SMTPResponseException(code, reply)
-                        code, reply = client.data(message(message_id))
-                        if code != 250:
-                            raise smtplib.SMTPResponseException(code, reply)
-                        self.acked.append(message_id)  # list.append is atomic
-        except (OSError, smtplib.SMTPException) as exc:
-            if not self.killing.is_set():
-                self.problems.append(f"{self.name}: {type(exc).__name__}: {exc}")
+    def acknowledged(self, message_id: str, queue_id: str) -> None:
+        self.acked.append(message_id)  # list.append is atomic
 
-
-class SilentServer:
-    """An upstream that accepts TCP connections and never says a word."""
-
-    def __init__(self) -> None:
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.sock.settimeout(0.05)
-        self.port = self.sock.getsockname()[1]
-        self.accepted = threading.Event()
-        self._stop = threading.Event()
-        self._conns: list[socket.socket] = []
-        self._thread = threading.Thread(target=self._run, name="silent-server")
-
-    def __enter__(self) -> SilentServer:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(10)
-        for conn in self._conns:
-            conn.close()
-        self.sock.close()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except TimeoutError:
-                continue
-            self._conns.append(conn)
-            self.accepted.set()
+    def failed(self, exc: Exception) -> None:
+        super().failed(exc)
+        if not self.killing.is_set():
+            self.problems.append(f"{self.name}: {self.error}")
 
 
 # -- 1. kill -9 under load ----------------------------------------------------------
@@ -210,9 +81,7 @@ def interrupt_under_load(
     before = len(acked)
     assert proc.port is not None
     clients = [SendingClient(proc.port, f"{tag}c{i}", acked, killing) for i in range(CLIENTS)]
-    for client in clients:
-        client.start()
-    try:
+    with clients_running(clients, 15):
         eventually(
             lambda: len(acked) - before >= ACKS_PER_ROUND or not all(c.is_alive() for c in clients),
             DELIVERY_DEADLINE,
@@ -221,11 +90,6 @@ def interrupt_under_load(
         assert len(acked) - before >= ACKS_PER_ROUND, f"only {len(acked) - before} acked"
         killing.set()
         interrupt()
-    finally:
-        for client in clients:
-            client.halt.set()
-        for client in clients:
-            client.join(15)
     assert not [c for c in clients if c.is_alive()], "a client hung after the interruption"
     assert not [p for c in clients for p in c.problems]
 
@@ -352,7 +216,7 @@ def test_kill_9_with_the_upstream_down_delivers_after_restart(tmp_path, sink, re
     sink.stop()  # the upstream is down; its port number is kept for later
     proc = relay_process(write_config(tmp_path, port)).start()
     message_ids = [f"<down.{i}@client.test>" for i in range(20)]
-    queue_ids = [send(proc.port, message_id) for message_id in message_ids]
+    queue_ids = [send_message(proc.port, message_id) for message_id in message_ids]
     assert len(set(queue_ids)) == 20
     # Let every message be tried and deferred, so its retry schedule is on disk.
     wait_until(
@@ -399,7 +263,7 @@ def test_a_killed_delivery_process_is_replaced_and_mail_flows(tmp_path, sink, re
     proc = relay_process(write_config(tmp_path, sink.port)).start()
     first = delivery_pid(proc)
     assert first != proc.proc.pid
-    send(proc.port, "<before@client.test>")
+    send_message(proc.port, "<before@client.test>")
     sink.wait_for(1)
     os.kill(first, signal.SIGKILL)
     replaced = wait_until(
@@ -413,7 +277,7 @@ def test_a_killed_delivery_process_is_replaced_and_mail_flows(tmp_path, sink, re
     )
     assert replaced[0]["level"] == "error"
     # Mail accepted meanwhile and after is delivered by the new one.
-    send(proc.port, "<after@client.test>")
+    send_message(proc.port, "<after@client.test>")
     wanted = {"<before@client.test>", "<after@client.test>"}
     assert eventually(lambda: wanted <= set(arrived(sink)), DELIVERY_DEADLINE), arrived(sink)
     assert proc.stop() == 0
@@ -429,7 +293,7 @@ def test_kill_9_of_the_relay_takes_its_delivery_process_along(tmp_path, sink, re
     offset = proc.log_path.stat().st_size
     proc.start()
     assert delivery_pid(proc, offset) != child
-    send(proc.port, "<after-restart@client.test>")
+    send_message(proc.port, "<after-restart@client.test>")
     sink.wait_for(1)
     assert proc.stop() == 0
 
@@ -447,7 +311,7 @@ def test_sigterm_stops_the_delivery_process_too(tmp_path, sink, relay_process):
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_stop_signal_exits_0_after_stopping_and_stopped(tmp_path, sink, relay_process, sig):
     proc = relay_process(write_config(tmp_path, sink.port)).start()
-    send(proc.port, "<before-stop@client.test>")
+    send_message(proc.port, "<before-stop@client.test>")
     sink.wait_for(1)
     offset = proc.log_path.stat().st_size
     started = time.monotonic()
@@ -485,18 +349,6 @@ def test_sigterm_with_a_client_session_open_exits_0(tmp_path, sink, relay_proces
         "stopped",
     ]
     assert port_is_closed(proc.port)
-
-
-def stuck_on(silent: SilentServer, tmp_path: Path, relay_process) -> tuple[Path, Any, str]:
-    """A relay whose one message's attempt is stuck on `silent` (timeouts of 60 s, long
-    enough to outlast what the test does meanwhile): (config, relay, queue ID)."""
-    config = write_config(tmp_path, silent.port)
-    edit_config(config, 'connect_timeout = "3s"', 'connect_timeout = "60s"')
-    edit_config(config, 'timeout = "5s"', 'timeout = "60s"')
-    proc = relay_process(config).start()
-    queue_id = send(proc.port, "<stuck@client.test>")
-    wait_until(silent.accepted.is_set, 10, "the relay to connect to the silent upstream")
-    return config, proc, queue_id
 
 
 def test_sigterm_with_a_stuck_upstream_exits_0_and_keeps_the_message(tmp_path, sink, relay_process):
@@ -538,7 +390,7 @@ def test_forwarding_starts_at_once_not_on_a_poll(tmp_path, sink, relay_process):
     latencies = []
     for i in range(5):
         message_id = f"<event.{i}@client.test>"
-        send(proc.port, message_id)
+        send_message(proc.port, message_id)
         acknowledged = time.monotonic()
         got = sink.wait_for(i + 1, timeout=DELIVERY_DEADLINE)[i]
         assert header_message_id(got.content) == message_id
@@ -633,7 +485,7 @@ def test_a_second_serve_on_the_same_spool_exits_75(tmp_path, sink, relay_process
     assert "Traceback" not in result.stderr
     # The first relay is untouched and still relays.
     assert first.proc.poll() is None
-    send(first.port, "<still-works@client.test>")
+    send_message(first.port, "<still-works@client.test>")
     (got,) = sink.wait_for(1)
     assert header_message_id(got.content) == "<still-works@client.test>"
     assert first.stop() == 0
@@ -645,7 +497,7 @@ def test_a_second_serve_on_the_same_spool_exits_75(tmp_path, sink, relay_process
 def test_every_log_line_is_a_json_object_with_time_level_event(tmp_path, sink, relay_process):
     """SPEC §8: one JSON object per line; a message's life follows its queue_id."""
     proc: RelayProcess = relay_process(write_config(tmp_path, sink.port)).start()
-    queue_id = send(proc.port, "<logged@client.test>")
+    queue_id = send_message(proc.port, "<logged@client.test>")
     sink.wait_for(1)
     wait_until(lambda: events_named(proc.records(), "delivered"), 10, "the delivered event")
     assert proc.stop() == 0

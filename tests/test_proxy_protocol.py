@@ -18,9 +18,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Sink, wait_until, write_config
 
 from smarthost.config import load_config
+
+from support.configs import write_config
+from support.sink import Sink
+from support.waiting import wait_until
 
 HAPROXY = shutil.which("haproxy") or shutil.which("haproxy", path="/usr/sbin:/sbin")
 REAL_CLIENT = "127.0.0.2"  # another loopback address: the client the proxy stands for

@@ -10,8 +10,6 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import ROOT, write_config
-
 from smarthost.queuectl import SUMMARY_BUCKETS, _bucket
 from smarthost.spool import (
     ACTIVE,
@@ -26,20 +24,16 @@ from smarthost.spool import (
     new_id,
 )
 
+from support import ROOT
+from support.cli import ok, queue
+from support.configs import write_config
+
 MINUTE = 60.0
 CONTENT = [b"Subject: shape\r\n\r\nbody\r\n"]
 
 
 def summary(cfg: Path, *args: str) -> subprocess.CompletedProcess:
-    done = subprocess.run(
-        [sys.executable, "-m", "smarthost", "-c", str(cfg), "queue", "summary", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=ROOT,
-    )
-    assert done.returncode == 0, (done.returncode, done.stdout, done.stderr)
-    return done
+    return ok(queue(cfg, "summary", *args))
 
 
 def envelope(age: float, *rcpts: Recipient | str, sender: str = "a@Client.Test") -> Envelope:

@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import spool_files, wait_until, write_config
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -22,18 +21,18 @@ import smarthost.spool
 from smarthost.config import Config, load_config
 from smarthost.spool import is_queue_id
 
+from support.configs import write_config
+from support.spool import spool_files
+from support.waiting import wait_until
+
 MESSAGE = b"From: a@client.test\r\nTo: b@dest.test\r\nSubject: test\r\n\r\nHello.\r\n"
 QUEUED = re.compile(rb"^2\.0\.0 Ok: queued as ([0-9A-Z]{16})$")
 ENHANCED = re.compile(rb"^[245]\.\d{1,3}\.\d{1,3} ")
 
 
 def smtp_config(tmp_path: Path, sink_port: int, smtp: str) -> Config:
-    """A test config with extra `[smtp]` keys (write_config's `extra` lands after [log])."""
-    path = write_config(tmp_path, sink_port)
-    text = path.read_text()
-    assert "[smtp]\n" in text
-    path.write_text(text.replace("[smtp]\n", f"[smtp]\n{smtp}\n", 1))
-    return load_config(path)
+    """A test config with extra `[smtp]` keys."""
+    return load_config(write_config(tmp_path, sink_port, smtp=smtp))
 
 
 def spool_dirs(relay, *names: str) -> dict[str, list[str]]:

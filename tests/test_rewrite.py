@@ -14,18 +14,20 @@ import os
 import pwd
 import re
 import secrets
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, RawSMTP, Received, Sink, write_config
 
 from smarthost import headers
 from smarthost.config import RewriteConfig, load_config
 from smarthost.rewrite import HeaderInDoubt, force_header_from, rewrite
 from smarthost.spool import Envelope, Recipient
 from smarthost.submission import Refused, UnreadableHeader, prepare
+
+from support.cli import sendmail
+from support.configs import write_config
+from support.sink import Received, Sink
+from support.smtp import RawSMTP
 
 HOST = "relay.test"  # write_config's hostname
 FORCED = "relay@example.com"
@@ -277,16 +279,6 @@ def smtp_raw(port: int, sender: str, rcpt: str, content: bytes) -> bytes:
         reply = client.reply()
         client.command("QUIT")
         return reply
-
-
-def sendmail(cfg: Path, *args: str, stdin: bytes) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "smarthost", "-c", str(cfg), "sendmail", *args],
-        input=stdin,
-        capture_output=True,
-        timeout=30,
-        cwd=ROOT,
-    )
 
 
 def arrived(sink: Sink, mark: str, timeout: float = 10.0) -> Received:

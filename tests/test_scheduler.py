@@ -11,13 +11,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Sink, wait_until, write_config
 
 from smarthost.config import load_config
 from smarthost.scheduler import Intervals, Scheduler
 from smarthost.sender import Sender
 from smarthost.spool import ACTIVE, HOLD, QUEUE, Envelope, Recipient, Spool, new_id
 from smarthost.upstream import Upstreams
+
+from support.configs import write_config
+from support.sink import Sink
+from support.waiting import wait_until
 
 NO_RESCANS = Intervals(rescan=3600.0)  # only hints and the start-up scan
 CONTENT = b"From: a@client.test\r\nSubject: dispatch\r\n\r\nbody\r\n"

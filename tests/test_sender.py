@@ -18,7 +18,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import write_config
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -35,6 +34,8 @@ from smarthost.sender import (
 )
 from smarthost.spool import CorruptEnvelope, Envelope, Recipient, Spool, new_id
 from smarthost.upstream import Upstreams, make_tls_context
+
+from support.configs import write_config
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import spool_files, wait_until
 
 import smarthost.spool
 from smarthost.spool import (
@@ -35,6 +34,9 @@ from smarthost.spool import (
     is_queue_id,
     new_id,
 )
+
+from support.spool import spool_files
+from support.waiting import wait_until
 
 CONTENT = [b"Subject: hi\r\nMessage-ID: <x@y>\r\n", b"\r\nbody \xc3\xa9\r\n.dot\r\n"]
 

@@ -9,10 +9,12 @@ import re
 from types import SimpleNamespace
 
 import pytest
-from conftest import RawSMTP, write_config
 
 from smarthost.config import load_config
 from smarthost.receiver import received_header
+
+from support.configs import write_config
+from support.smtp import RawSMTP
 
 MESSAGE = b"From: a@client.test\r\nTo: b@dest.test\r\nSubject: syntax\r\n\r\nHello.\r\n"
 RULED_OUT = [

@@ -20,14 +20,18 @@ import threading
 from pathlib import Path
 
 import pytest
-from conftest import Sink, wait_until, write_config
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from smarthost.config import load_config
 
-SENDER = "client@client.test"
-RCPT = "rcpt@dest.test"
+from support.configs import write_config
+from support.fuzz import fuzz_settings
+from support.messages import RCPT, SENDER, arrived
+from support.sink import Sink
+from support.smtp import send_one
+from support.waiting import wait_until
+
 DEADLINE = 60.0  # generous: a busy two-core machine
 SYNC = b"\r\n.\r\nQUIT\r\n"  # ends a line, a DATA in progress, then the session
 
@@ -41,24 +45,6 @@ EHLO_REPLY = re.compile(rb"^50\d Syntax: (EHLO|HELO) hostname$")
 # surrogate escapes aiosmtpd decodes bytes that are not UTF-8 to.
 UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f\udc80-\udcff]")
 QUEUED = re.compile(rb"^250 2\.0\.0 Ok: queued as ([0-9A-Z]{16})$")
-MESSAGE_ID = re.compile(rb"^Message-ID:[ \t]*(\S+)", re.MULTILINE | re.IGNORECASE)
-
-
-def fuzz_settings(request: pytest.FixtureRequest, small: int, large: int) -> settings:
-    """`small` derandomized examples in make test, `large` random ones under --torture."""
-    torture = request.config.getoption("--torture")
-    return settings(
-        max_examples=large if torture else small,
-        deadline=None,
-        database=None,
-        derandomize=not torture,
-        suppress_health_check=[
-            HealthCheck.function_scoped_fixture,
-            HealthCheck.too_slow,
-            HealthCheck.data_too_large,
-            HealthCheck.large_base_example,
-        ],
-    )
 
 
 # -- a raw SMTP dialogue ------------------------------------------------------------------
@@ -139,24 +125,11 @@ def valid_message(tag: str) -> bytes:
 
 def send_valid(port: int, tag: str) -> str:
     """One message from a well-behaved client; its queue ID."""
-    with smtplib.SMTP("127.0.0.1", port, timeout=DEADLINE) as client:
-        client.ehlo("client.test")
-        code, reply = client.mail(SENDER)
-        assert code == 250, (code, reply)
-        code, reply = client.rcpt(RCPT)
-        assert code == 250, (code, reply)
-        code, reply = client.data(valid_message(tag))
-        assert code == 250, (code, reply)
-    return reply.decode().rsplit(" ", 1)[-1]
+    return send_one(port, SENDER, [RCPT], valid_message(tag), timeout=DEADLINE)
 
 
 def message_ids(sink: Sink) -> set[str]:
-    found = set()
-    for m in list(sink.messages):
-        match = MESSAGE_ID.search(m.content.split(b"\r\n\r\n", 1)[0])
-        if match:
-            found.add(match.group(1).decode("utf-8", "replace"))
-    return found
+    return {message_id for message_id in arrived(sink) if message_id}
 
 
 def queue_ids_seen(sink: Sink) -> str:

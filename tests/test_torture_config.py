@@ -15,19 +15,19 @@ import json
 import math
 import os
 import random
-import subprocess
-import sys
 import tempfile
-from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ROOT
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from smarthost import config as cfgmod
 from smarthost.config import Config, ConfigError, load_config
+
+from support import ROOT
+from support.cli import run_cli
+from support.fuzz import fuzz_settings
 
 EXAMPLES = sorted((ROOT / "examples").rglob("*.toml"))
 
@@ -59,24 +59,6 @@ KEYS += [(f"backend[0].{k}", ("backend", 0, k)) for k in cfgmod._BACKEND]
 KEYS += [(f"route[0].{k}", ("route", 0, k)) for k in cfgmod._ROUTE]
 CONTAINERS = [("", ()), *((t, (t,)) for t in TABLES), ("backend[0]", ("backend", 0))]
 CONTAINERS += [("route[0]", ("route", 0))]
-
-
-def fuzz_settings(request: pytest.FixtureRequest, small: int, large: int) -> settings:
-    """hypothesis settings: `small` derandomized examples in make test, `large` random
-    ones under --torture; never a database in the repository."""
-    torture = request.config.getoption("--torture")
-    return settings(
-        max_examples=large if torture else small,
-        deadline=None,
-        database=None,
-        derandomize=not torture,
-        suppress_health_check=[
-            HealthCheck.function_scoped_fixture,
-            HealthCheck.too_slow,
-            HealthCheck.data_too_large,
-            HealthCheck.filter_too_much,
-        ],
-    )
 
 
 # -- TOML writing (inline tables: every document is `key = value` lines) ---------------
@@ -413,17 +395,6 @@ CLI_CASES = [
 ]
 
 
-def run_cli(config: Path, command: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "smarthost", "-c", str(config), command],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-
-
 def test_check_and_serve_name_the_key_of_generated_bad_files(tmp_path, torture_size):
     cases = CLI_CASES[: torture_size(3, len(CLI_CASES))]
     for key, path, value in cases:
@@ -431,12 +402,12 @@ def test_check_and_serve_name_the_key_of_generated_bad_files(tmp_path, torture_s
         config.write_text(toml_document(with_value(path, value)))
         with pytest.raises(ConfigError):
             load_config(config)
-        checked = run_cli(config, "check")
+        checked = run_cli("-c", str(config), "check")
         assert checked.returncode == 1, (key, checked)  # SPEC §2: check exits 1 on errors
         assert key in checked.stdout + checked.stderr, (key, checked)
         assert "Traceback" not in checked.stdout + checked.stderr
     key, path, value = cases[0]
-    served = run_cli(tmp_path / f"{key}.toml", "serve")
+    served = run_cli("-c", str(tmp_path / f"{key}.toml"), "serve")
     assert served.returncode == 78, served
     assert key in served.stderr and "Traceback" not in served.stderr
 
@@ -461,6 +432,6 @@ def test_huge_numbers_are_an_error_naming_the_key():
 def test_check_on_a_huge_size_names_the_key_without_a_traceback(tmp_path):
     config = tmp_path / "huge.toml"
     config.write_text(toml_document(with_value(("smtp", "max_message_size"), "9" * 400)))
-    checked = run_cli(config, "check")
+    checked = run_cli("-c", str(config), "check")
     assert "Traceback" not in checked.stderr, checked.stderr
     assert checked.returncode == 1 and "smtp.max_message_size" in checked.stderr

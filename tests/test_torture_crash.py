@@ -16,18 +16,20 @@ import contextlib
 import os
 import random
 import signal
-import smtplib
 import threading
 import time
 from pathlib import Path
 
 import pytest
-from conftest import Sink, spool_files, wait_until, write_config
+
+from smarthost.config import load_config
+from smarthost.delivery import Delivery
+from smarthost.sender import DATA_BLOCK
+from smarthost.spool import EMBEDDED, Envelope, Recipient, Spool, new_id
+
 from faults.harness import (
     DEADLINE,
     LARGE_SIZES,
-    RCPT,
-    SENDER,
     FaultyRelay,
     HoldingHandler,
     Ledger,
@@ -35,7 +37,6 @@ from faults.harness import (
     assert_spool_sane,
     body,
     delivery_children,
-    events_named,
     faulty_relays,
     holding_sink,
     lines_for_size,
@@ -45,14 +46,15 @@ from faults.harness import (
     read_fault_log,
     resolve,
     running,
-    spool_drained,
     try_send,
 )
-
-from smarthost.config import load_config
-from smarthost.delivery import Delivery
-from smarthost.sender import DATA_BLOCK
-from smarthost.spool import EMBEDDED, Envelope, Recipient, Spool, new_id
+from support.configs import write_config
+from support.load import LoadClient, clients_running
+from support.logs import events_named
+from support.messages import RCPT, SENDER
+from support.sink import Sink
+from support.spool import spool_drained, spool_files
+from support.waiting import wait_until
 
 
 @pytest.fixture
@@ -67,14 +69,16 @@ def queue_id_of(path: str) -> str:
 def wait_at_rest(ledger: Ledger, sink: Sink, spool: Path, leftovers: set[str] | None) -> None:
     """Every acknowledged message settled, nothing left to send, the spool consistent."""
     ledger.wait_settled(sink, spool)
-    wait_until(lambda: spool_drained(spool), DEADLINE, f"a drained spool: {spool_files(spool)}")
+    wait_until(
+        lambda: spool_drained(spool, "tmp"), DEADLINE, f"a drained spool: {spool_files(spool)}"
+    )
     assert_spool_sane(spool, leftovers)
 
 
 # -- 1. kill -9 at random moments under load ----------------------------------------------
 
 
-class LoadClient(threading.Thread):
+class LedgerClient(LoadClient):
     """Sends messages (5 per session) until halted; records each acknowledged one.
     A `large` share of them is large mail (LARGE_SIZES: a Draft, the two-file commit)."""
 
@@ -87,42 +91,25 @@ class LoadClient(threading.Thread):
         large: float = 0.0,
         seed: int = 0,
     ) -> None:
-        super().__init__(name=f"load-{tag}")
-        self.port, self.tag, self.ledger, self.lock = port, tag, ledger, lock
+        super().__init__(port, tag, timeout=15)
+        self.ledger, self.lock = ledger, lock
         self.large = large
         self.rng = random.Random(f"{seed}.{tag}")
-        self.halt = threading.Event()
-        self.error: str | None = None
-        self.refused = False  # a reply other than 250 (not a broken connection)
 
     def lines(self, message_id: str) -> int:
         if self.large and self.rng.random() < self.large:
             return lines_for_size(message_id, self.rng.randint(*LARGE_SIZES))
         return 20
 
-    def run(self) -> None:
-        n = 0
-        try:
-            while not self.halt.is_set():
-                with smtplib.SMTP("127.0.0.1", self.port, timeout=15) as client:
-                    client.ehlo("client.test")
-                    for _ in range(5):
-                        message_id = f"<{self.tag}.{n}@client.test>"
-                        n += 1
-                        lines = self.lines(message_id)
-                        with self.lock:  # known before the 250: a commit killed before
-                            self.ledger.lines[message_id] = lines  # it may go out too
-                        client.mail(SENDER)
-                        client.rcpt(RCPT)
-                        code, reply = client.data(message(message_id, lines))
-                        if code != 250:
-                            raise smtplib.SMTPResponseException(code, reply)
-                        queue_id = reply.decode().rsplit(" ", 1)[-1]
-                        with self.lock:
-                            self.ledger.acked[message_id] = queue_id
-        except (OSError, smtplib.SMTPException) as exc:
-            self.refused = isinstance(exc, smtplib.SMTPResponseException)
-            self.error = f"{type(exc).__name__}: {exc}"
+    def content(self, message_id: str) -> bytes:
+        lines = self.lines(message_id)
+        with self.lock:  # known before the 250: a commit killed before
+            self.ledger.lines[message_id] = lines  # it may go out too
+        return message(message_id, lines)
+
+    def acknowledged(self, message_id: str, queue_id: str) -> None:
+        with self.lock:
+            self.ledger.acked[message_id] = queue_id
 
 
 # mix: (share of large mail, rounds in make test and under --torture, report line)
@@ -165,14 +152,12 @@ def test_kill_9_at_random_moments_under_load(
     proc.start()
     for round_no in range(rounds):
         clients = [
-            LoadClient(proc.port, f"r{round_no}c{i}", ledger, lock, large, seed) for i in range(3)
+            LedgerClient(proc.port, f"r{round_no}c{i}", ledger, lock, large, seed) for i in range(3)
         ]
         in_a_draft = bool(large) and round_no % 2 == 1
         before = len(ledger.acked)
         target = before + rng.randint(1, 25)
-        for client in clients:
-            client.start()
-        try:
+        with clients_running(clients, 30):
             wait_until(
                 lambda t=target, cs=clients: (
                     len(ledger.acked) >= t or not all(c.is_alive() for c in cs)
@@ -193,11 +178,6 @@ def test_kill_9_at_random_moments_under_load(
                 proc.kill()
             files = spool_files(spool)
             ledger.in_flight += len(files["active"])
-        finally:
-            for client in clients:
-                client.halt.set()
-            for client in clients:
-                client.join(30)
         assert not [c for c in clients if c.is_alive()], "a client hung after the kill"
         assert not [c.error for c in clients if c.refused], (seed, [c.error for c in clients])
         left = [name for name in files["tmp"] if name.endswith(".draft")]
@@ -270,10 +250,10 @@ def test_kill_9_of_the_delivery_process_alone(tmp_path, sink, faulty, torture_si
     for round_no in range(rounds):
         # Clients for this round only: a backlog that grows round after round would
         # make the new process's first message wait behind it.
-        clients = [LoadClient(proc.port, f"alone.r{round_no}c{i}", ledger, lock) for i in range(3)]
-        for client in clients:
-            client.start()
-        try:
+        clients = [
+            LedgerClient(proc.port, f"alone.r{round_no}c{i}", ledger, lock) for i in range(3)
+        ]
+        with clients_running(clients, 30):
             target = len(ledger.acked) + rng.randint(1, 25)
             wait_until(
                 lambda t=target, cs=clients: (
@@ -312,11 +292,6 @@ def test_kill_9_of_the_delivery_process_alone(tmp_path, sink, faulty, torture_si
             wait_until(
                 lambda n=acked_at_kill: len(ledger.acked) > n, DEADLINE, "a 250 after the kill"
             )
-        finally:
-            for client in clients:
-                client.halt.set()
-            for client in clients:
-                client.join(30)
         assert not [c for c in clients if c.is_alive()], "a client hung"
         assert not [c.error for c in clients if c.error], [c.error for c in clients]
         # What is sent now goes out through the new process.
@@ -399,7 +374,7 @@ def test_a_live_queue_commands_claim_stays_in_active(tmp_path):
         Envelope(queue_id, "a@client.test", [Recipient(RCPT)], time.time()),
         [body("<live-claim@client.test>")],
     )
-    assert spool.claim(queue_id) is not None
+    assert spool.claim_message(queue_id) is not None
     scheduler = Delivery(config, spool).scheduler  # not started: no threads of its own
     with spool.command_claims():
         scheduler._reclaim_stray_active(time.time())

@@ -4,12 +4,12 @@ thrown into a running relay's drop area (garbage is quarantined, a submission th
 refuses is bounced to its submitter, 0 lost); files dropped while the relay starts
 (picked up at once, never left for the 10 s rescan).
 
-tests/test_local.py already covers the fixed drop-area attacks (symlinks, FIFOs,
-oversized, deep JSON...) and a list of injection arguments; this file fuzzes. The
-fuzzed sendmail calls go through `smarthost.sendmail.main` in-process (a subprocess per
-example would blow the time budget); a handful also run as the real command. A running
-in-process relay picks up every accepted submission, and the upstream (the `sink`)
-shows what would have gone out.
+tests/test_pickup.py and tests/test_sendmail.py already cover the fixed drop-area
+attacks (symlinks, FIFOs, oversized, deep JSON...) and a list of injection arguments;
+this file fuzzes. The fuzzed sendmail calls go through `smarthost.sendmail.main`
+in-process (a subprocess per example would blow the time budget); a handful also run as
+the real command. A running in-process relay picks up every accepted submission, and
+the upstream (the `sink`) shows what would have gone out.
 """
 
 from __future__ import annotations
@@ -19,45 +19,35 @@ import email
 import email.policy
 import io
 import json
-import os
 import re
 import secrets
 import subprocess
-import sys
 import threading
 import time
 from datetime import datetime
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, Sink, wait_until, write_config
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from smarthost import drop, headers, sendmail
 from smarthost.config import load_config
 from smarthost.spool import Spool
 
+from support.cli import sendmail_entry
+from support.configs import write_config
+from support.fuzz import fuzz_settings
+from support.local import drop_dir, place_in_drop
+from support.logs import received_locally
+from support.relay import start_amid
+from support.sink import Sink
+from support.waiting import wait_until
+
 DROP_MAGIC = drop.MAGIC
 DEADLINE = 60.0
 EX_USAGE, EX_DATAERR = 64, 65
 DSN_MARK = b"report-type=delivery-status"
-
-
-def fuzz_settings(request: pytest.FixtureRequest, small: int, large: int) -> settings:
-    """`small` derandomized examples in make test, `large` random ones under --torture."""
-    torture = request.config.getoption("--torture")
-    return settings(
-        max_examples=large if torture else small,
-        deadline=None,
-        database=None,
-        derandomize=not torture,
-        suppress_health_check=[
-            HealthCheck.function_scoped_fixture,
-            HealthCheck.too_slow,
-            HealthCheck.data_too_large,
-        ],
-    )
 
 
 def run_sendmail(cfg: Path, argv: list[str], stdin: bytes) -> tuple[int, str]:
@@ -70,15 +60,7 @@ def run_sendmail(cfg: Path, argv: list[str], stdin: bytes) -> tuple[int, str]:
 
 def run_sendmail_process(cfg: Path, argv: list[str], stdin: bytes) -> subprocess.CompletedProcess:
     """The real `smarthost-sendmail` (its console entry point)."""
-    code = "import sys; from smarthost.cli import sendmail_main; sys.exit(sendmail_main())"
-    return subprocess.run(
-        [sys.executable, "-c", code, "-C", str(cfg), *argv],
-        input=stdin,
-        capture_output=True,
-        timeout=60,
-        cwd=ROOT,
-        check=False,
-    )
+    return sendmail_entry(cfg, *argv, stdin=stdin)
 
 
 def squash(text: str) -> str:
@@ -88,17 +70,6 @@ def squash(text: str) -> str:
 
 def with_token(sink: Sink, token: str) -> list:
     return [m for m in list(sink.messages) if token.encode() in m.content]
-
-
-def drop_dir(tmp_path: Path) -> Path:
-    return tmp_path / "spool" / "drop"
-
-
-def place_in_drop(drop: Path, name: str, data: bytes) -> None:
-    """Written as .tmp-..., then renamed: atomic, and a move event wakes the pickup."""
-    tmp = drop / f".tmp-{secrets.token_hex(8)}"
-    tmp.write_bytes(data)
-    os.rename(tmp, drop / name)
 
 
 def bounce_settled(sink: Sink, events, refused_id: str) -> tuple[str, list[str]]:
@@ -123,9 +94,7 @@ def bounce_settled(sink: Sink, events, refused_id: str) -> tuple[str, list[str]]
 
 @pytest.fixture
 def local_relay(tmp_path: Path, sink: Sink, relay_factory):
-    cfg = write_config(tmp_path, sink.port)
-    text = cfg.read_text().replace("[smtp]\n", '[smtp]\nmax_message_size = "64K"\n', 1)
-    cfg.write_text(text)
+    cfg = write_config(tmp_path, sink.port, smtp='max_message_size = "64K"')
     relay = relay_factory(load_config(cfg))
     return cfg, relay
 
@@ -642,27 +611,13 @@ def test_files_dropped_during_start_up_are_picked_up_at_once(
             dropped[f"<{token}@local.test>"] = time.time()
 
     def taken() -> dict[str, float]:
-        found = {}
-        for record in proc.records():
-            if record.get("event") == "received" and record.get("client") == "local":
-                found[record["message_id"]] = datetime.fromisoformat(record["time"]).timestamp()
-        return found
+        return received_locally(proc.records())
 
     rounds = torture_size(2, 8)
     worst = 0.0
     for _ in range(rounds):
         stop.clear()
-        threads = [threading.Thread(target=f) for f in (writer, command, command)]
-        for thread in threads:
-            thread.start()
-        try:
-            offset = proc.spawn()
-            started = proc.wait_started(offset, 20.0)
-            time.sleep(0.3)  # keep submitting for a moment after the start
-        finally:
-            stop.set()
-            for thread in threads:
-                thread.join(60)
+        started = start_amid(proc, [writer, command, command], stop, linger=0.3, join_timeout=60)
         assert not failures, failures
         wait_until(lambda: set(taken()) >= set(dropped), 5.0, "every dropped file taken in")
         start = datetime.fromisoformat(started["time"]).timestamp()

@@ -16,20 +16,25 @@ import json
 import os
 import smtplib
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, RelayProcess, Sink, spool_files, wait_until, write_config
-from test_process import events_named, header_message_id
 
 from smarthost.config import load_config
 from smarthost.spool import Envelope, Recipient, is_queue_id, new_id
 
-SENDER = "client@client.test"
-RCPT = "rcpt@dest.test"
+from support.cli import queue
+from support.configs import write_config
+from support.logs import events_named
+from support.messages import RCPT, SENDER, header_message_id
+from support.relay import RelayProcess
+from support.sink import Sink
+from support.spool import spool_files
+from support.torture import arrival_counts
+from support.waiting import wait_until
+
 DEADLINE = 60.0  # generous: two busy cores, and the 10 s rescan
 INOTIFY_QUEUE = Path("/proc/sys/fs/inotify/max_queued_events")
 
@@ -222,17 +227,14 @@ def test_bad_files_planted_while_stopped_are_quarantined_and_good_mail_flows(
         assert r.get("reason") and r.get("level") == "warning", r
     got = arrived(sink)
     assert len(got) == len(plant.good), got  # nothing bad went out
-    lost = len(set(plant.good) - set(got))
+    counts = arrival_counts(plant.good, got)
     torture_report(
         "spool: bad files at start",
         rounds=1,
-        acknowledged=len(plant.good),
-        delivered=len(set(plant.good) & set(got)),
-        lost=lost,
-        duplicated=sum(n - 1 for n in got.values()),
         note=f"{len(plant.bad)} bad files quarantined, 2 dead tmp/ writes cleared",
+        **counts,
     )
-    assert lost == 0
+    assert counts["lost"] == 0
     assert max(got.values()) == 1
 
 
@@ -322,18 +324,15 @@ def test_bad_files_while_running_and_more_files_than_inotify_holds(
     assert len(got) == len(plant.good), "something bad went out"
     delivered = collections.Counter(r["queue_id"] for r in events_named(records, "delivered"))
     assert set(delivered.values()) == {1}, delivered.most_common(3)
-    lost = len(set(plant.good) - set(got))
+    counts = arrival_counts(plant.good, got)
     torture_report(
         "spool: bad files while running + inotify overflow",
         rounds=1,
-        acknowledged=len(plant.good),
-        delivered=len(set(plant.good) & set(got)),
-        lost=lost,
-        duplicated=sum(n - 1 for n in got.values()),
         note=f"{flood} files in one burst, max_queued_events=64, all out in {took:.1f}s; "
         f"{len(plant.bad)} bad files quarantined",
+        **counts,
     )
-    assert lost == 0
+    assert counts["lost"] == 0
     assert max(got.values()) == 1
 
 
@@ -427,13 +426,9 @@ def test_envelope_naming_another_id_is_quarantined(tmp_path, sink, relay_factory
 
 
 def queue_command(config: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "smarthost", "-c", str(config), "queue", *args],
-        capture_output=True,
-        text=True,
-        timeout=30,  # a FIFO opened by mistake would block: fail, do not hang
-        cwd=ROOT,
-    )
+    return queue(
+        config, *args, timeout=30
+    )  # a FIFO opened by mistake would block: fail, do not hang
 
 
 def plant_garbage(root: Path, states: tuple[str, ...], kinds: tuple[str, ...]) -> dict[str, str]:
@@ -544,17 +539,14 @@ def test_queue_commands_with_garbage_in_every_state_while_mail_flows(
     records = proc.records()
     no_errors(records)
     got = arrived(sink)
-    lost = len(set(acknowledged) - set(got))
+    counts = arrival_counts(acknowledged, got)
     torture_report(
         "spool: queue commands with garbage",
         rounds=runs,
-        acknowledged=len(acknowledged),
-        delivered=len(set(acknowledged) & set(got)),
-        lost=lost,
-        duplicated=sum(got[m] - 1 for m in acknowledged if m in got),
         note=f"{len(garbage)} garbage entries in 3 states; {runs} queue command runs, all exit 0",
+        **counts,
     )
-    assert lost == 0
+    assert counts["lost"] == 0
 
 
 def test_links_and_fifos_in_queue_and_active_are_quarantined_while_running(

@@ -28,14 +28,21 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import RelayProcess, Sink, spool_files, wait_until, write_config
-from test_process import edit_config, events_named, header_message_id, spool_drained
 
 from smarthost.config import load_config
 
-SENDER = "client@client.test"
+from support.configs import edit_config, write_config
+from support.logs import events_named
+from support.messages import SENDER, header_message_id
+from support.messages import message as counted_message
+from support.relay import RelayProcess
+from support.sink import Sink
+from support.smtp import free_port, transaction
+from support.spool import spool_drained, spool_files
+from support.torture import arrival_counts
+from support.waiting import wait_until
+
 DEADLINE = 60.0  # generous: two busy cores
-_QUEUED_AS = re.compile(r"queued as (\S+)")
 
 
 # -- the scriptable upstream ----------------------------------------------------------
@@ -223,28 +230,19 @@ def _read_data(reader) -> bytes:
 
 
 def message(message_id: str, rcpt: str, size: int = 0) -> bytes:
-    body = (b"z" * 76 + b"\r\n") * (size // 78)
-    return (
-        f"From: {SENDER}\r\nTo: {rcpt}\r\nSubject: upstream torture\r\n"
-        f"Message-ID: {message_id}\r\nDate: Wed, 25 Nov 2026 10:00:00 +0000\r\n"
-        f"\r\nbody of {message_id}\r\n"
-    ).encode() + body
+    return counted_message(message_id, "upstream torture", rcpt) + (b"z" * 76 + b"\r\n") * (
+        size // 78
+    )
 
 
 def send_batch(port: int, items: list[tuple[str, str, int]]) -> dict[str, str]:
     """Send (message_id, recipient, size) items in one session; Message-ID → queue ID."""
-    acked = {}
     with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
         client.ehlo("client.test")
-        for message_id, rcpt, size in items:
-            assert client.mail(SENDER)[0] == 250
-            assert client.rcpt(rcpt)[0] == 250
-            code, reply = client.data(message(message_id, rcpt, size))
-            assert code == 250, (code, reply)
-            match = _QUEUED_AS.search(reply.decode())
-            assert match, reply
-            acked[message_id] = match.group(1)
-    return acked
+        return {
+            message_id: transaction(client, SENDER, [rcpt], message(message_id, rcpt, size))
+            for message_id, rcpt, size in items
+        }
 
 
 def copies(sinks: list[Sink]) -> collections.Counter[str | None]:
@@ -410,21 +408,17 @@ def test_upstream_faults_time_out_defer_and_deliver_once_good(
     assert set(delivered) == set(acked.values())
     files = spool_files(tmp_path / "spool")
     assert files["corrupt"] == files["failed"] == [], files
-    lost = len(set(acked) - set(got))
-    duplicated = sum(n - 1 for m, n in got.items() if m in acked)
+    counts = arrival_counts(acked, got)
     in_flight = sum(swallowed.values())
     torture_report(
         "upstream: refuse/hang/drop/garbage",
         rounds=rounds,
-        acknowledged=len(acked),
-        delivered=len(set(acked) & set(got)),
-        lost=lost,
-        duplicated=duplicated,
         in_flight=in_flight,
         note=f"{len(FAULTS)} faults in parallel; in_flight = attempts taken without a reply",
+        **counts,
     )
-    assert lost == 0
-    assert duplicated <= in_flight
+    assert counts["lost"] == 0
+    assert counts["duplicated"] <= in_flight
 
 
 # -- 2. wrong codes: a reply that is no SMTP reply, or the wrong one -------------------
@@ -514,12 +508,6 @@ class Sender(threading.Thread):
             self.halt.wait(0.02)  # pace: a steady stream, not a flood
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # aiosmtpd's Controller.stop drops live sessions and leaves their transports to the
 # garbage collector: that is the outage we want, and its ResourceWarning is expected.
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
@@ -575,18 +563,14 @@ def test_flapping_upstream_loses_nothing(tmp_path, relay_process, torture_size, 
         for error in r.get("backend_errors") or []
         if "refused" not in error
     )
-    lost = len(set(acked) - set(got))
-    duplicated = sum(n - 1 for m, n in got.items() if m in acked)
+    counts = arrival_counts(acked, got)
     torture_report(
         "upstream: flapping",
         rounds=flaps,
-        acknowledged=len(acked),
-        delivered=len(set(acked) & set(got)),
-        lost=lost,
-        duplicated=duplicated,
         in_flight=in_flight,
         note=f"up {up_for}s / down {down_for}s; in_flight = attempts cut mid-session",
+        **counts,
     )
     assert len(acked) >= 10 * flaps, len(acked)
-    assert lost == 0
-    assert duplicated <= in_flight
+    assert counts["lost"] == 0
+    assert counts["duplicated"] <= in_flight

@@ -23,12 +23,16 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
-from conftest import Sink, SinkHandler, wait_until
 
 from smarthost.config import BackendConfig, load_config
 from smarthost.scheduler import DEFAULT_INTERVALS
 from smarthost.spool import QUEUE, Spool
 from smarthost.upstream import Backend, RateWindow, Upstreams, _smooth_weighted_pick
+
+from support.configs import relay_settings
+from support.sink import Sink, SinkHandler
+from support.smtp import free_port
+from support.waiting import wait_until
 
 BODY = b"From: a@client.test\r\nTo: b@dest.test\r\nSubject: upstreams\r\n\r\nhello\r\n"
 
@@ -60,21 +64,7 @@ def make_config(
     retry_max: str = "2s",
 ) -> Path:
     """A relay config with several backends and routes (listen on a free port)."""
-    lines = [
-        'hostname = "relay.test"',
-        "[smtp]",
-        'listen = ["127.0.0.1:0"]',
-        "[spool]",
-        f'dir = "{tmp_path / "spool"}"',
-        "[delivery]",
-        f"workers = {workers}",
-        f'retry_min = "{retry_min}"',
-        f'retry_max = "{retry_max}"',
-        'connect_timeout = "3s"',
-        'timeout = "5s"',
-        "[log]",
-        'level = "debug"',
-    ]
+    lines = [relay_settings(tmp_path, workers=workers, retry_min=retry_min, retry_max=retry_max)]
     for b in backends:
         lines += [
             "[[backend]]",
@@ -114,14 +104,6 @@ def sinks() -> Iterator[Callable[..., Sink]]:
     yield start
     for s in started:
         s.stop()
-
-
-def free_port() -> int:
-    """A loopback port nobody listens on (connection refused), reusable for a sink."""
-    s = Sink().start()
-    port = s.port
-    s.stop()
-    return port
 
 
 def send_batch(port: int, rcpts: list[str], sender: str = "a@client.test") -> None:

@@ -5,15 +5,18 @@ from __future__ import annotations
 import gc
 import ssl
 import subprocess
-import sys
 
 import pytest
 import trustme
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult
-from conftest import SinkHandler, wait_until, write_config
 
 from smarthost.config import load_config
+
+from support.cli import run_cli
+from support.configs import write_config
+from support.sink import SinkHandler
+from support.waiting import wait_until
 
 # aiosmtpd, as the test upstream here, leaks sockets of TLS sessions that end early
 # (a failed STARTTLS handshake, its own implicit-TLS start-up probe). Not ours to fix.
@@ -121,14 +124,21 @@ def test_starttls_with_a_verified_certificate_and_auth(tmp_path, ca, relay_facto
         upstream.stop()
 
 
+def starttls_refused(tmp_path, upstream: TLSSink, relay_factory, events) -> str:
+    """Send one message through a relay that requires STARTTLS of `upstream`, which must
+    get nothing; the error of the deferred attempt."""
+    relay = relay_factory(relay_config(tmp_path, upstream.port, 'tls = "starttls"'))
+    queue_id = relay.send("a@client.test", ["b@dest.test"], BODY)
+    deferred = wait_until(lambda: events.events("deferred", queue_id=queue_id), what="defer")
+    assert upstream.handler.messages == []
+    return deferred[0]["backend_errors"][0]
+
+
 def test_unverifiable_certificate_is_a_backend_failure(tmp_path, ca, relay_factory, events):
     upstream = TLSSink(ca)
     try:
-        relay = relay_factory(relay_config(tmp_path, upstream.port, 'tls = "starttls"'))
-        queue_id = relay.send("a@client.test", ["b@dest.test"], BODY)
-        deferred = wait_until(lambda: events.events("deferred", queue_id=queue_id), what="defer")
-        assert "CERTIFICATE_VERIFY_FAILED" in deferred[0]["backend_errors"][0]
-        assert upstream.handler.messages == []
+        error = starttls_refused(tmp_path, upstream, relay_factory, events)
+        assert "CERTIFICATE_VERIFY_FAILED" in error
     finally:
         upstream.stop()
 
@@ -138,11 +148,8 @@ def test_starttls_required_but_not_offered_sends_nothing_in_clear(
 ):
     upstream = TLSSink(ca, starttls=False)
     try:
-        relay = relay_factory(relay_config(tmp_path, upstream.port, 'tls = "starttls"'))
-        queue_id = relay.send("a@client.test", ["b@dest.test"], BODY)
-        deferred = wait_until(lambda: events.events("deferred", queue_id=queue_id), what="defer")
-        assert "does not offer STARTTLS" in deferred[0]["backend_errors"][0]
-        assert upstream.handler.messages == []
+        error = starttls_refused(tmp_path, upstream, relay_factory, events)
+        assert "does not offer STARTTLS" in error
     finally:
         upstream.stop()
 
@@ -183,12 +190,7 @@ def test_implicit_tls_with_each_auth_mechanism(tmp_path, ca, relay_factory, auth
 
 
 def run_check_connect(config_path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "smarthost", "-c", str(config_path), "check", "--connect"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    return run_cli("-c", str(config_path), "check", "--connect")
 
 
 def test_check_connect_reports_tls_ehlo_and_auth(tmp_path, ca):

@@ -25,19 +25,22 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ROOT, RelayProcess, Sink, SinkHandler, spool_files, wait_until
 
 from smarthost.spool import ENVELOPE_STATES, Envelope
 
+from support import ROOT
+from support.messages import RCPT, SENDER, header, header_message_id
+from support.relay import RelayProcess
+from support.sink import Sink, SinkHandler
+from support.smtp import QUEUED
+from support.spool import spool_files
+from support.waiting import wait_until
+
 TESTS = Path(__file__).resolve().parent.parent
 SITE = Path(__file__).resolve().parent / "site"  # its sitecustomize installs the hook
-SENDER = "client@client.test"
-RCPT = "rcpt@dest.test"
 DEADLINE = 45.0  # generous: two busy cores, retry_max 2 s
 
 _PR_SET_CHILD_SUBREAPER = 36
-_MESSAGE_ID = re.compile(rb"^Message-ID:[ \t]*(\S+)", re.MULTILINE | re.IGNORECASE)
-_QUEUED_AS = re.compile(r"queued as (\S+)")
 
 
 # -- the relay with the fault hook ------------------------------------------------------
@@ -372,16 +375,7 @@ def lines_for_size(message_id: str, size: int) -> int:
 
 
 def message(message_id: str, lines: int = 20) -> bytes:
-    return (
-        f"From: {SENDER}\r\nTo: {RCPT}\r\nSubject: torture\r\n"
-        f"Message-ID: {message_id}\r\nDate: Wed, 25 Nov 2026 10:00:00 +0000\r\n\r\n"
-    ).encode() + body(message_id, lines)
-
-
-def header_message_id(content: bytes) -> str | None:
-    end = content.find(b"\r\n\r\n")  # the header only: no copy of a large body
-    match = _MESSAGE_ID.search(content if end < 0 else content[:end])
-    return match.group(1).decode() if match else None
+    return header(message_id, "torture") + body(message_id, lines)
 
 
 @dataclass
@@ -409,7 +403,7 @@ def try_send(
     except (OSError, smtplib.SMTPException) as exc:
         return Reply(None, f"{type(exc).__name__}: {exc}")
     reply = text.decode(errors="replace")
-    match = _QUEUED_AS.search(reply)
+    match = QUEUED.match(reply)
     return Reply(code, reply, match.group(1) if match and code == 250 else None)
 
 
@@ -510,11 +504,6 @@ class Ledger:
 # -- the spool at rest -------------------------------------------------------------------
 
 
-def spool_drained(spool: Path) -> bool:
-    files = spool_files(spool)
-    return not (files["msg"] or files["queue"] or files["active"] or files["tmp"])
-
-
 def assert_spool_sane(spool: Path, leftover_content: Iterable[str] | None = ()) -> None:
     """At rest after a restart: no dead write in tmp/, every envelope readable and with
     its content, no content without an envelope, and in corrupt/ only the content of
@@ -537,10 +526,6 @@ def assert_spool_sane(spool: Path, leftover_content: Iterable[str] | None = ()) 
         allowed = {f"{qid}.message" for qid in leftover_content}
         unexpected = [name for name in files["corrupt"] if name not in allowed]
     assert not unexpected, f"corrupt/ holds {unexpected}; spool: {files}"
-
-
-def events_named(records: list[dict], name: str) -> list[dict]:
-    return [r for r in records if r.get("event") == name]
 
 
 def problems(records: list[dict]) -> list[dict]:

@@ -18,7 +18,8 @@ from typing import Any
 
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult
-from conftest import SinkHandler
+
+from support.sink import SinkHandler
 
 CLIENT_ID = "relay-app"
 CLIENT_SECRET = "s3cret-client-value"

@@ -1,48 +1,50 @@
-"""`smarthost queue` as an administrator meets it (issue #14): garbage in the spool,
-a closed pipe, a quiet stderr, `-c` after the command, and a flush while the
-upstream is still marked down. Real commands, the relay as a real process, a real
-aiosmtpd upstream; nothing mocked."""
+"""The queue commands (`smarthost queue`, smarthost/queuectl.py): list, show, hold,
+release, flush, delete and bounce on a live relay, and the commands as an administrator
+meets them (issue #14): garbage in the spool, a closed pipe, a quiet stderr, `-c` after
+the command, and a flush while the upstream is still marked down. Real commands, the
+relay in-process or as a real process, a real aiosmtpd upstream; nothing mocked."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
-import smtplib
-import socket
 import subprocess
 import sys
+import threading
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ROOT, Sink, wait_until, write_config
 
+from smarthost.config import load_config
+from smarthost.scheduler import DEFAULT_INTERVALS, Intervals
 from smarthost.spool import Envelope, Recipient, Spool, new_id
+
+from support import ROOT
+from support.cli import ok, queue, run_cli
+from support.configs import write_config
+from support.local import (
+    PROMPT,
+    absent_for,
+    config_with,
+    message,
+    spool_names,
+    subject_is,
+    token,
+    wait_message,
+)
+from support.relay import RunningRelay
+from support.sink import Sink
+from support.smtp import free_port, send_one
+from support.waiting import wait_until
 
 SENDER = "alice@client.test"
 MESSAGE = b"Subject: queue\r\n\r\nbody\r\n"
 LATER = "451 4.2.0 later"
-
-
-def smarthost(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "smarthost", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=ROOT,
-    )
-
-
-def queue(cfg: Path, *args: str, timeout: float = 30) -> subprocess.CompletedProcess:
-    return smarthost("-c", str(cfg), "queue", *args, timeout=timeout)
-
-
-def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert result.returncode == 0, (result.returncode, result.stdout, result.stderr)
-    return result
 
 
 def good_message(root: Path, state: str = "queue", recipients: int = 1) -> str:
@@ -62,13 +64,7 @@ def good_message(root: Path, state: str = "queue", recipients: int = 1) -> str:
 
 
 def send(port: int, rcpt: str) -> str:
-    with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
-        client.ehlo("client.test")
-        client.mail(SENDER)
-        client.rcpt(rcpt)
-        code, msg = client.data(MESSAGE)
-    assert code == 250, msg
-    return msg.decode().rsplit(" ", 1)[-1]
+    return send_one(port, SENDER, [rcpt], MESSAGE)
 
 
 # -- 1. garbage under queue-ID names ------------------------------------------------------
@@ -230,25 +226,19 @@ def test_config_option_after_the_command(tmp_path: Path, sink: Sink, monkeypatch
     cfg = write_config(tmp_path, sink.port)
     Spool(str(tmp_path / "spool")).create()
     monkeypatch.setenv("SMARTHOST_CONFIG", str(tmp_path / "no-such.toml"))
-    done = smarthost(*(a.replace("{cfg}", str(cfg)) for a in args))
+    done = run_cli(*(a.replace("{cfg}", str(cfg)) for a in args))
     assert done.returncode == 0, (done.returncode, done.stdout, done.stderr)
 
 
 def test_config_option_after_the_command_wins_over_the_one_before(tmp_path: Path, sink: Sink):
     cfg = write_config(tmp_path, sink.port)
-    done = smarthost("-c", str(tmp_path / "no-such.toml"), "check", "-c", str(cfg))
+    done = run_cli("-c", str(tmp_path / "no-such.toml"), "check", "-c", str(cfg))
     assert done.returncode == 0, done
-    missing = smarthost("-c", str(cfg), "check", "-c", str(tmp_path / "no-such.toml"))
+    missing = run_cli("-c", str(cfg), "check", "-c", str(tmp_path / "no-such.toml"))
     assert missing.returncode == 1 and "no-such.toml" in missing.stderr
 
 
 # -- 4. flush while the group's backends are marked down ----------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def refused_and_marked_down(tmp_path: Path, relay_process) -> tuple[int, Path, Any, str]:
@@ -369,3 +359,209 @@ def test_queue_list_shows_mail_waiting_in_drop_as_dropped(
     assert got.rcpt_tos == ["x@dest.test"]
     wait_until(lambda: ok(queue(cfg, "list", "--json")).stdout == "", 10.0, "an empty queue")
     assert proc.stop() == 0
+
+
+# -- 8. queue commands on a live relay -------------------------------------------------------
+
+
+NO_RESCANS = Intervals(rescan=3600.0)  # hints and the start-up scan only
+
+
+def deferring_config(tmp_path: Path, sink: Sink) -> Path:
+    """retry_min 10 m: only a queue command can explain a prompt second attempt. The
+    queue commands log to a file (the in-process relay logs to the `events` fixture)."""
+    return config_with(
+        tmp_path,
+        sink,
+        retry=('retry_min = "1s"\nretry_max = "2s"', 'retry_min = "10m"\nretry_max = "1h"'),
+        log=('level = "debug"', f'level = "debug"\nfile = "{tmp_path / "queue.log"}"'),
+    )
+
+
+def deferring_relay(
+    tmp_path: Path, sink: Sink, relay_factory, intervals: Intervals = DEFAULT_INTERVALS
+) -> tuple[Path, RunningRelay]:
+    """A relay on deferring_config; its upstream defers later@dest.test. With
+    NO_RESCANS, only the watcher can explain a prompt delivery."""
+    cfg = deferring_config(tmp_path, sink)
+    relay = relay_factory(load_config(cfg), intervals)
+    sink.handler.rcpt_replies["later@dest.test"] = LATER
+    return cfg, relay
+
+
+def queue_log(tmp_path: Path) -> list[dict]:
+    path = tmp_path / "queue.log"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def deferred(events, relay, rcpt: str, subject: str, sender: str = SENDER) -> str:
+    """Send a message the sink defers; its queue ID once the deferral is on disk."""
+    queue_id = relay.send(sender, [rcpt], message(subject, f"From: {sender}", f"To: {rcpt}"))
+    wait_until(lambda: events.events("deferred", queue_id=queue_id), 10.0, "the deferral")
+    return queue_id
+
+
+def listing(cfg: Path) -> dict[str, dict]:
+    result = ok(queue(cfg, "list", "--json"))
+    entries = [json.loads(line) for line in result.stdout.splitlines()]
+    return {e["id"]: e for e in entries}
+
+
+def test_queue_list_and_show(tmp_path: Path, sink: Sink, relay_factory, events) -> None:
+    cfg, relay = deferring_relay(tmp_path, sink, relay_factory)
+    subject = token()
+    queue_id = deferred(events, relay, "later@dest.test", subject)
+
+    entry = listing(cfg)[queue_id]
+    assert entry["state"] == "deferred"
+    assert entry["sender"] == SENDER
+    assert entry["recipients"] == [
+        {"address": "later@dest.test", "state": "deferred", "reply": LATER}
+    ]
+    assert entry["attempts"] == 1
+    assert entry["last_error"] == LATER
+    assert entry["size"] > len(message(subject))
+    arrived = datetime.fromisoformat(entry["arrival"]).timestamp()
+    assert abs(arrived - time.time()) < 60
+    next_attempt = datetime.fromisoformat(entry["next_attempt"]).timestamp()
+    assert next_attempt - time.time() > 5 * 60  # retry_min 10 m, with jitter
+    # `queue` alone and `queue --json` are the same listing.
+    assert json.loads(ok(queue(cfg, "--json")).stdout.splitlines()[0])["id"] == queue_id
+
+    for args in ((), ("list",)):  # `queue` alone is `queue list`
+        human = ok(queue(cfg, *args)).stdout
+        assert queue_id in human and "later@dest.test" in human and "deferred" in human
+        assert LATER in human and "-- 1 message in the queue" in human
+
+    shown = ok(queue(cfg, "show", queue_id)).stdout
+    assert f"Subject: {subject}" in shown
+    assert f"From: {SENDER}" in shown
+    assert "Received: from" in shown
+    history = shown.split("history:", 1)[1].split("headers:", 1)[0]
+    steps = [json.loads(line) for line in history.splitlines() if line.strip()]
+    assert len(steps) == 1 and steps[0]["deferred"] == ["later@dest.test"]
+    assert steps[0]["reply"] == LATER
+
+
+def test_queue_hold_survives_flush_release_delivers(
+    tmp_path: Path, sink: Sink, relay_factory, events, monkeypatch
+) -> None:
+    cfg, relay = deferring_relay(tmp_path, sink, relay_factory, NO_RESCANS)
+    held_subject, control_subject = token(), token()
+    held = deferred(events, relay, "later@dest.test", held_subject)
+    control = deferred(events, relay, "later@dest.test", control_subject)
+
+    assert ok(queue(cfg, "hold", held)).stdout.strip() == f"{held}: held"
+    states = {queue_id: entry["state"] for queue_id, entry in listing(cfg).items()}
+    assert states == {held: "held", control: "deferred"}
+    assert (tmp_path / "spool" / "hold" / held).exists()
+    refused = queue(cfg, "flush", held)
+    assert refused.returncode == 1 and "release" in refused.stdout
+
+    del sink.handler.rcpt_replies["later@dest.test"]
+    ok(queue(cfg, "flush"))
+    # The control message, deferred for 10 min, comes at once: the flush works ...
+    wait_message(sink, subject_is(control_subject), PROMPT, "the flushed control message")
+    # ... and passed the held one by. A bounded absence check: 3 s is far beyond the
+    # milliseconds the control needed, and far below the 10 min retry_min.
+    assert absent_for(sink, subject_is(held_subject), 3.0), "a held message was sent"
+    assert listing(cfg)[held]["state"] == "held"
+
+    released_at = time.monotonic()
+    assert ok(queue(cfg, "release", held)).stdout.strip() == f"{held}: released"
+    got = wait_message(sink, subject_is(held_subject), PROMPT, "the released message")
+    assert got.at - released_at < PROMPT
+    wait_until(lambda: held not in listing(cfg), 5.0, "the released message to be done")
+
+
+def test_queue_delete_without_dsn_and_bounce_with_dsn(
+    tmp_path: Path, sink: Sink, relay_factory, events, monkeypatch
+) -> None:
+    cfg, relay = deferring_relay(tmp_path, sink, relay_factory, NO_RESCANS)
+    deleted_subject, bounced_subject = token(), token()
+    deleted = deferred(events, relay, "later@dest.test", deleted_subject)
+    bounced = deferred(events, relay, "later@dest.test", bounced_subject, "bob@client.test")
+
+    assert ok(queue(cfg, "delete", deleted)).stdout.strip() == f"{deleted}: deleted"
+    assert not [n for n in spool_names(tmp_path) if deleted in n], spool_names(tmp_path)
+    assert deleted not in listing(cfg)
+
+    result = ok(queue(cfg, "bounce", bounced))
+    assert result.stdout.startswith(f"{bounced}: bounced (DSN ")
+    dsn = wait_message(sink, lambda m: m.mail_from == "", PROMPT, "the DSN")
+    assert dsn.rcpt_tos == ["bob@client.test"]
+    text = dsn.content.decode("utf-8", "replace")
+    assert "Action: failed" in text
+    assert "Status: 5.0.0" in text
+    assert "Final-Recipient: rfc822; later@dest.test" in text
+    assert bounced_subject in text
+    assert not [n for n in spool_names(tmp_path) if bounced in n]
+    wait_until(lambda: not listing(cfg), 5.0, "an empty queue")
+
+    # The deleted message left no DSN: the bounce's DSN, queued after the delete, is the
+    # only null-sender message, and no log (the relay's or the commands') tells of one.
+    assert [m for m in sink.messages if m.mail_from == ""] == [dsn]
+    assert deleted_subject not in text
+    assert not events.events("dsn_queued", queue_id=deleted)
+    commands = queue_log(tmp_path)
+    assert [r["event"] for r in commands if r.get("queue_id") == deleted] == ["deleted"]
+    assert [r for r in commands if r["event"] == "dsn_queued" and r["queue_id"] == bounced]
+    assert not [m for m in sink.messages if deleted_subject.encode() in m.content]
+
+
+@pytest.mark.parametrize("action", ["hold", "release", "delete", "bounce", "flush"])
+def test_queue_unknown_id_exits_1(tmp_path: Path, sink: Sink, action: str) -> None:
+    cfg = write_config(tmp_path, sink.port)
+    Spool(str(tmp_path / "spool")).create()
+    result = queue(cfg, action, "0000000000NOSUCH")
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    assert "0000000000NOSUCH: " in result.stdout + result.stderr
+    assert "not" in result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_queue_show_unknown_id_exits_1_with_a_message(tmp_path: Path, sink: Sink) -> None:
+    cfg = write_config(tmp_path, sink.port)
+    Spool(str(tmp_path / "spool")).create()
+    result = queue(cfg, "show", "0000000000NOSUCH")
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr
+    assert "not in the queue" in result.stdout + result.stderr
+
+
+def test_queue_hold_waits_for_an_attempt_in_flight(
+    tmp_path: Path, sink: Sink, relay_factory, events
+) -> None:
+    cfg = deferring_config(tmp_path, sink)
+    gate = threading.Event()
+
+    async def slow_data(server, session, envelope):
+        while not gate.is_set():
+            await asyncio.sleep(0.01)
+        return "451 4.3.0 not now"
+
+    sink.handler.handle_DATA = slow_data  # read by each new upstream session
+    relay = relay_factory(load_config(cfg))
+    try:
+        queue_id = relay.send(SENDER, ["x@dest.test"], message(token()))
+        active = tmp_path / "spool" / "active" / queue_id
+        wait_until(active.exists, 5.0, "the attempt to start")
+        hold = subprocess.Popen(
+            [sys.executable, "-m", "smarthost", "-c", str(cfg), "queue", "hold", queue_id],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+        )
+        # Bounded absence check: while the upstream sits on DATA, hold must not act.
+        with pytest.raises(subprocess.TimeoutExpired):
+            hold.wait(1.5)
+        assert active.exists()
+    finally:
+        gate.set()
+    out, err = hold.communicate(timeout=30)
+    assert hold.returncode == 0, (out, err)
+    assert out.strip() == f"{queue_id}: held"
+    assert events.events("deferred", queue_id=queue_id)  # the attempt ended first
+    assert (tmp_path / "spool" / "hold" / queue_id).exists()
+    assert listing(cfg)[queue_id]["state"] == "held"
