@@ -15,7 +15,7 @@ from smarthost.config import load_config
 
 from support.cli import run_cli
 from support.configs import write_config
-from support.sink import SinkHandler
+from support.sink import SinkHandler, start_controller
 from support.waiting import wait_until
 
 # aiosmtpd, as the test upstream here, leaks sockets of TLS sessions that end early
@@ -73,15 +73,7 @@ class TLSSink:
             authenticator=authenticator,
             auth_require_tls=not implicit,
         )
-        original = self.controller._trigger_server
-
-        def trigger() -> None:
-            self.controller.port = self.controller.server.sockets[0].getsockname()[1]
-            original()
-
-        self.controller._trigger_server = trigger
-        self.controller.start()
-        self.port = self.controller.port
+        self.port = start_controller(self.controller)
 
     def stop(self) -> None:
         self.controller.stop()

@@ -19,7 +19,7 @@ from typing import Any
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult
 
-from support.sink import SinkHandler
+from support.sink import SinkHandler, start_controller
 
 CLIENT_ID = "relay-app"
 CLIENT_SECRET = "s3cret-client-value"
@@ -216,15 +216,7 @@ class BearerSink:
         self.controller = Controller(
             self.handler, hostname="127.0.0.1", port=0, auth_require_tls=False
         )
-        original = self.controller._trigger_server
-
-        def trigger() -> None:
-            self.controller.port = self.controller.server.sockets[0].getsockname()[1]
-            original()
-
-        self.controller._trigger_server = trigger
-        self.controller.start()
-        self.port = self.controller.port
+        self.port = start_controller(self.controller)
 
     @property
     def messages(self):

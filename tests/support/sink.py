@@ -73,6 +73,23 @@ class SinkHandler:
         return "250 2.0.0 OK: stored"
 
 
+def start_controller(controller: Controller) -> int:
+    """Start an aiosmtpd Controller made with port 0 (or a port); the port it got.
+
+    aiosmtpd connects to its own port once started, so it must learn a free port's
+    number before that."""
+    if controller.port == 0:
+        original = controller._trigger_server
+
+        def trigger() -> None:
+            controller.port = controller.server.sockets[0].getsockname()[1]
+            original()
+
+        controller._trigger_server = trigger  # type: ignore[method-assign]
+    controller.start()
+    return controller.port
+
+
 class Sink:
     """A real aiosmtpd server on loopback standing in for the smarthost upstream."""
 
@@ -83,17 +100,7 @@ class Sink:
 
     def start(self) -> Sink:
         controller = Controller(self.handler, hostname="127.0.0.1", port=self.port)
-        if self.port == 0:
-            # aiosmtpd connects to its own port once started; learn it first.
-            original = controller._trigger_server
-
-            def trigger() -> None:
-                controller.port = controller.server.sockets[0].getsockname()[1]
-                original()
-
-            controller._trigger_server = trigger  # type: ignore[method-assign]
-        controller.start()
-        self.port = controller.port
+        self.port = start_controller(controller)
         self.controller = controller
         return self
 
