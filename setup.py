@@ -37,7 +37,11 @@ setup(
             "trustme",
             "flufl.bounce",
             "hypothesis",
+            "prometheus_client>=0.17,<1",
         ],
+        # Multiprocess mode (PROMETHEUS_MULTIPROC_DIR) and choose_encoder: documented
+        # since 0.17; the files' layout changes between versions, so an upper bound.
+        "metrics": ["prometheus_client>=0.17,<1"],
     },
     entry_points={
         "console_scripts": [
