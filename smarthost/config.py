@@ -163,6 +163,13 @@ class LogConfig:
     format: str = "json"
 
 
+@dataclass(frozen=True)
+class MetricsConfig:
+    """`[metrics]`: the HTTP endpoint's (host, port); None: no endpoint at all."""
+
+    listen: tuple[str, int] | None = None
+
+
 def _default_hostname() -> str:
     # Looked up at call time (not bound at import) so it is only paid when needed.
     return socket.getfqdn()
@@ -182,6 +189,7 @@ class Config:
     backends: tuple[BackendConfig, ...] = ()
     routes: tuple[RouteConfig, ...] = ()
     log: LogConfig = field(default_factory=LogConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     path: str = "<config>"
 
     def __post_init__(self) -> None:
@@ -463,6 +471,12 @@ def _listen_address(value: Any, key: str) -> tuple[str, int]:
     return parse_hostport(value, 25, key)
 
 
+def _metrics_listen(value: Any, key: str) -> tuple[str, int] | None:
+    if isinstance(value, str) and not value.strip():
+        return None  # the default: no endpoint
+    return parse_hostport(value, None, key)
+
+
 def _network(value: Any, key: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
     text = _string(value, key)
     try:
@@ -544,6 +558,7 @@ _LOG: Schema = {
     "file": _optional_string,
     "format": _choice(*LOG_FORMATS),
 }
+_METRICS: Schema = {"listen": _metrics_listen}
 _BACKEND: Schema = {
     "name": _string,
     "host": _string,
@@ -577,6 +592,7 @@ _TABLES: dict[str, tuple[Schema, Callable[..., Any]]] = {
     "dsn": (_DSN, DsnConfig),
     "rewrite": (_REWRITE, RewriteConfig),
     "log": (_LOG, LogConfig),
+    "metrics": (_METRICS, MetricsConfig),
 }
 _ARRAYS = ("backend", "route")
 _TOP_KEYS = (*_TOP, *_TABLES, *_ARRAYS)
@@ -841,6 +857,12 @@ def _describe_route(index: int, route: RouteConfig) -> str:
     return f"  route[{index}]: {' or '.join(match)} -> group {route.group}"
 
 
+def _describe_metrics(metrics: MetricsConfig) -> str:
+    if metrics.listen is None:
+        return "off"
+    return f"http://{format_hostport(*metrics.listen)}/metrics, /healthz, /readyz"
+
+
 def summary(cfg: Config) -> str:
     """A human summary for `smarthost check`. Never includes a password."""
     smtp, delivery, dsn, rewrite = cfg.smtp, cfg.delivery, cfg.dsn, cfg.rewrite
@@ -863,6 +885,7 @@ def summary(cfg: Config) -> str:
         f"rewrite:   {len(rewrite.aliases)} aliases, masquerade {rewrite.masquerade or 'off'},"
         f" force_from {rewrite.force_from or 'off'}",
         f"log:       {cfg.log.level} {cfg.log.format} to {cfg.log.file or 'stderr'}",
+        "metrics:   " + _describe_metrics(cfg.metrics),
         f"backends:  {len(cfg.backends)}",
         *(_describe_backend(backend) for backend in cfg.backends),
         f"routes:    {len(cfg.routes)} (unmatched mail: group {DEFAULT_GROUP})",

@@ -31,11 +31,12 @@ from typing import TYPE_CHECKING
 from . import __version__, log, privileges, process, systemd
 from .config import Config, ConfigError, load_config
 from .receiver import Receiver, auth_users, start_listeners
-from .smtp_server import Listeners
-from .spool import ACTIVE, DROP, QUEUE, Envelope, Spool
+from .smtp_server import ClientSlots, Listeners
+from .spool import ACTIVE, DROP, QUEUE, TMP, Envelope, Spool
 
 if TYPE_CHECKING:
     from .delivery import Delivery
+    from .metrics import MetricsServer
     from .scheduler import Scheduler
 
 STOP_GRACE = 5.0
@@ -122,6 +123,9 @@ class DeliveryProcess:
             with contextlib.suppress(OSError):
                 _write_all(self._pipe, frame)
 
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
     def healthy(self) -> bool:
         """False once the child has died; a new one is started after RESTART_DELAY."""
         if self.proc is None or self.proc.poll() is None:
@@ -187,7 +191,10 @@ class Relay:
 
             self.delivery = Delivery(config, self.spool)
         self.receiver = Receiver(config, self.spool, self.delivery.submit)
+        self.slots = ClientSlots(config.smtp.max_clients)
         self.listeners: Listeners | None = None
+        self.metrics: MetricsServer | None = None
+        self.started = self.draining = self.stopping = False
 
     @property
     def scheduler(self) -> Scheduler:
@@ -204,8 +211,12 @@ class Relay:
         # Ports first (port 25 needs root), then no more root; delivery picks up what
         # the listeners commit in between. A delivery process is started before the
         # drop, so that it can still reach the interpreter, and drops its rights itself.
-        self.listeners = start_listeners(self.config, self.receiver)
         in_child = isinstance(self.delivery, DeliveryProcess)
+        if in_child and self.config.metrics.listen is not None:
+            from .metrics import start_server
+
+            self.metrics = start_server(self.config, self, account)
+        self.listeners = start_listeners(self.config, self.receiver, self.slots)
         if in_child:
             self.delivery.start()
         if account is not None:
@@ -225,8 +236,32 @@ class Relay:
             backends=[b.name for b in self.config.backends],
             recovered=recovered,
             user=account.pw_name if account else None,
+            metrics=self.metrics.address if self.metrics else None,
         )
+        self.started = True
         systemd.notify("READY=1")
+
+    # -- what the metrics endpoint asks (metrics.RelayState) ---------------------
+
+    def sessions(self) -> int:
+        return self.slots.count
+
+    def not_alive(self) -> str | None:
+        if isinstance(self.delivery, DeliveryProcess) and not self.delivery.alive():
+            return "the delivery process is not running"
+        return None
+
+    def not_ready(self) -> str | None:
+        if not self.started or self.stopping or self.draining:
+            return "starting" if not self.started else "stopping" if self.stopping else "draining"
+        if self.listeners is None or not self.listeners.running:
+            return "not listening"
+        if not os.access(self.spool.dir(TMP), os.W_OK):
+            return f"the spool {self.spool.root} is not writable"
+        st = os.statvfs(self.spool.root)
+        if st.f_bavail == 0:
+            return f"the spool's file system ({self.spool.root}) is full"
+        return self.not_alive()
 
     def reload(self, config: Config) -> list[str]:
         """Take a new config for upstreams, routes, rewriting, limits, users and logging,
@@ -249,6 +284,7 @@ class Relay:
                 ),
                 ("smtp.error_limit", self.config.smtp.error_limit, config.smtp.error_limit),
                 ("hostname", self.config.hostname, config.hostname),
+                ("metrics.listen", self.config.metrics.listen, config.metrics.listen),
                 (
                     "smtp.max_message_size",
                     self.config.smtp.max_message_size,
@@ -270,6 +306,7 @@ class Relay:
         return needs_restart
 
     def stop(self, reason: str | None = None) -> None:
+        self.stopping = True
         log.event("stopping", pid=os.getpid(), reason=reason)
         systemd.notify("STOPPING=1")
         # Stop accepting, let messages being committed get their 250, then close.
@@ -281,6 +318,8 @@ class Relay:
         self.receiver.committer.stop()
         clean = self.delivery.stop(STOP_GRACE)
         self.spool.unlock()
+        if self.metrics is not None:
+            self.metrics.stop()
         log.event("stopped", pid=os.getpid(), clean=clean)
 
     def abort_start(self) -> None:
@@ -290,12 +329,19 @@ class Relay:
         self.delivery.stop(0.0)
         self.receiver.committer.stop(0.0)
         self.spool.unlock()
+        if self.metrics is not None:
+            self.metrics.stop()
 
 
 def serve(config: Config) -> int:
     """Run until SIGTERM or SIGINT; SIGHUP reloads the config and reopens the log file;
     SIGUSR1 drains: no new sessions, delivery goes on, stop once nothing is due."""
     process.limit_malloc_arenas()
+    if config.metrics.listen is not None:
+        from .metrics import requirement_errors
+
+        if requirement_errors(config):
+            raise ConfigError(requirement_errors(config))
     relay = Relay(config, delivery_process=True)
     stop, hup, drain = threading.Event(), threading.Event(), threading.Event()
     wake = threading.Event()
@@ -348,6 +394,7 @@ def start_drain(relay: Relay, first: bool) -> float:
         os.unlink(path)
         if fresh:
             timeout = max(0.0, float(text.strip()))
+    relay.draining = True
     log.event("draining", pid=os.getpid(), timeout=timeout)
     if first and relay.listeners is not None:
         relay.listeners.stop_accepting()

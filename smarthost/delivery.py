@@ -14,6 +14,7 @@ import signal
 import struct
 import sys
 import threading
+from typing import TYPE_CHECKING
 
 from . import log, privileges, process
 from .config import Config
@@ -23,6 +24,9 @@ from .sender import Sender
 from .spool import Envelope, Spool
 from .upstream import Upstreams
 from .watcher import Watcher
+
+if TYPE_CHECKING:
+    from .metrics import DeliveryMetrics
 
 STOP_GRACE = 5.0
 
@@ -38,6 +42,7 @@ class Delivery:
         self.scheduler = Scheduler(config, spool, self.sender)
         self.watcher: Watcher | None = None
         self.pickup: Pickup | None = None
+        self.metrics: DeliveryMetrics | None = None  # set by `main` when metrics are on
 
     def submit(self, env: Envelope) -> None:
         self.scheduler.submit(env)
@@ -59,6 +64,8 @@ class Delivery:
         self.scheduler.use(config, upstreams)
         if self.pickup is not None:
             self.pickup.config = config
+        if self.metrics is not None:
+            self.metrics.use(config)
         self.config = config
         old_upstreams.retire()
 
@@ -112,6 +119,11 @@ def main() -> None:
     spool = Spool(config.spool.dir)
     spool.adopt_lock(lock_fd)
     delivery = Delivery(config, spool)
+    if config.metrics.listen is not None:
+        from .metrics import DeliveryMetrics  # after the relay set its directory
+
+        delivery.metrics = DeliveryMetrics(config, spool)
+        delivery.metrics.start()
     stop = threading.Event()
 
     def on_signal(signum: int, frame: object) -> None:
@@ -140,7 +152,9 @@ def _follow_relay(pipe_fd: int, delivery: Delivery, stop: threading.Event) -> No
             return
         kind, payload = frame
         if kind == b"Q":
-            delivery.scheduler.notify(payload.decode(), 0.0)
+            queue_id = payload.decode()
+            delivery.spool.committed_elsewhere(queue_id)
+            delivery.scheduler.notify(queue_id, 0.0)
         elif kind == b"C":
             config = pickle.loads(payload)
             log.setup(config.log.level, config.log.file, config.log.format)
