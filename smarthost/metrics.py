@@ -304,7 +304,10 @@ class Families:
 
     def _count(self, fields: dict[str, Any], result: str) -> None:
         recipients = len(fields.get("recipients") or ()) or 1
-        self._of(self.deliveries, fields.get("backend") or "", result).inc(recipients)
+        # A deferral by backends that failed without a transaction names them in
+        # `tried`; none at all (every backend marked down): the empty label.
+        backend = fields.get("backend") or (fields.get("tried") or [""])[-1]
+        self._of(self.deliveries, backend, result).inc(recipients)
 
     def _delivered(self, fields: dict[str, Any]) -> None:
         self._count(fields, "delivered")

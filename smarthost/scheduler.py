@@ -412,6 +412,7 @@ class Scheduler:
                 next_attempt=log.rfc3339(due),
                 backend=attempt.backend,
                 backend_errors=[f"{b}: {r}" for b, r in attempt.backend_errors] or None,
+                tried=[b for b, _ in attempt.backend_errors] or None,  # names, for metrics
             )
         self.notify(env.id, due)
 
