@@ -426,6 +426,13 @@ class _ReadAtScrape:
         st = os.statvfs(self.relay.spool.root)
         free.add_metric(values, st.f_bavail * st.f_frsize)
         yield free
+        ready = GaugeMetricFamily(
+            PREFIX + "ready",
+            "1 when the relay accepts mail (as /readyz says 200), else 0.",
+            labels=labels,
+        )
+        ready.add_metric(values, 0 if self.relay.not_ready() else 1)
+        yield ready
 
 
 class MetricsServer:

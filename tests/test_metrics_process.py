@@ -45,6 +45,7 @@ FAMILIES = {
     "smarthost_commit_seconds": ("histogram", set()),
     "smarthost_smtp_sessions": ("gauge", set()),
     "smarthost_spool_free_bytes": ("gauge", set()),
+    "smarthost_ready": ("gauge", set()),  # beyond SPEC §10: /readyz for alert rules
 }
 STATES = {"queued", "deferred", "active", "held", "failed"}
 
@@ -155,6 +156,7 @@ def test_every_family_after_real_traffic_with_its_type_and_labels(tmp_path, sink
         "the double bounce kept in failed/ to show in the gauges",
     )
     assert value(families, "smarthost_spool_free_bytes") > 0
+    assert value(families, "smarthost_ready") == 1
     with smtplib.SMTP("127.0.0.1", proc.port, timeout=10):
         wait_until(
             lambda: sample_value(base, "smarthost_smtp_sessions") == 1.0,
@@ -319,6 +321,7 @@ def test_readyz_is_503_while_draining_then_the_relay_exits_0(tmp_path, sink, rel
         "/readyz to say 503 while draining",
     )
     assert status[2] == "draining\n"
+    assert sample_value(base, "smarthost_ready") == 0
     assert get(base + "/healthz")[0] == 200  # alive all the same
     out, err = drain.communicate(timeout=60)
     assert drain.returncode == 0, err
