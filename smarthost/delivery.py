@@ -111,6 +111,10 @@ def main() -> None:
         os._exit(1)  # the relay died before it could say anything
     config: Config = pickle.loads(first[1])
     account = privileges.service_account(config.user)
+    if config.metrics.listen is not None:
+        from . import metrics  # before the drop, like what it imports
+
+        metrics.load_library()
     if account is not None and os.geteuid() == 0:
         "localhost".encode("idna")  # loaded on first use: maybe unreachable once dropped
         privileges.drop_to(account)
@@ -120,7 +124,7 @@ def main() -> None:
     spool.adopt_lock(lock_fd)
     delivery = Delivery(config, spool)
     if config.metrics.listen is not None:
-        from .metrics import DeliveryMetrics  # after the relay set its directory
+        from .metrics import DeliveryMetrics  # its files: the service user's
 
         delivery.metrics = DeliveryMetrics(config, spool)
         delivery.metrics.start()

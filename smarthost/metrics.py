@@ -69,6 +69,15 @@ def requirement_errors(config: Config) -> list[str]:
     ]
 
 
+def load_library() -> None:
+    """Import what the metrics use of prometheus_client now, before a process drops
+    root: the service user may not reach the interpreter's files (a venv under /root).
+    The values' directory must be in the environment already."""
+    import prometheus_client.core
+    import prometheus_client.exposition
+    import prometheus_client.multiprocess
+
+
 def prepare_directory(spool_root: str, account: pwd.struct_passwd | None) -> str:
     """Create (or empty) the spool's metrics directory for the service user and name
     it in the environment, which the delivery process inherits. Before any import of
@@ -520,7 +529,13 @@ def start_server(
 ) -> MetricsServer:
     """Prepare the values' directory (before the delivery process starts: it inherits
     it), bind the endpoint (before the relay drops root) and serve it."""
-    prepare_directory(relay.spool.root, account)
+    directory = prepare_directory(relay.spool.root, account)
     server = MetricsServer(config, relay, node)
+    if account is not None and os.geteuid() == 0:
+        # The files this process just wrote its first values into, as root: readable
+        # by it once it runs as the service user, whatever the umask.
+        for name in os.listdir(directory):
+            path = os.path.join(directory, name)
+            os.chown(path, account.pw_uid, account.pw_gid, follow_symlinks=False)
     server.start()
     return server

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import shutil
 import signal
 import smtplib
 import subprocess
 import sys
+import tempfile
 import textwrap
 import urllib.error
 import urllib.request
@@ -328,6 +330,41 @@ def test_readyz_is_503_while_draining_then_the_relay_exits_0(tmp_path, sink, rel
     assert "drained" in out
     assert proc.proc is not None and proc.proc.wait(10) == 0
     assert len(sink.messages) == 2
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a root start needs root")
+def test_a_root_start_serves_metrics_as_the_service_user(sink, relay_process):
+    """Root binds the endpoint, then both processes run as `nobody` (with a umask that
+    keeps every file private): each writes and the relay reads every value file."""
+    account = pwd.getpwnam("nobody")
+    base = Path(tempfile.mkdtemp(prefix="smarthost-root-", dir="/var/tmp"))
+    try:
+        base.chmod(0o755)
+        config = write_config(base, sink.port, METRICS)
+        config.write_text(f'user = "{account.pw_name}"\n' + config.read_text())
+        old_umask = os.umask(0o077)
+        try:
+            proc, base_url = start_with_metrics(relay_process, config)
+        finally:
+            os.umask(old_umask)
+        send(proc.port, "<root@client.test>")
+        wait_until(
+            lambda: (
+                sample_value(
+                    base_url, "smarthost_deliveries_total", backend="sink", result="delivered"
+                )
+                == 1.0
+            ),
+            DEADLINE,
+            "the delivery to be counted",
+        )
+        assert sample_value(base_url, "smarthost_messages_received_total", source="smtp") == 1
+        directory = base / "spool" / ".metrics"
+        assert os.stat(directory).st_uid == account.pw_uid
+        assert {os.stat(p).st_uid for p in directory.iterdir()} == {account.pw_uid}
+        assert proc.stop() == 0
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
 
 
 # -- metrics off, and without prometheus_client ------------------------------------------
