@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import heapq
 import http.server
+import importlib
 import importlib.util
 import logging
 import os
@@ -73,9 +74,8 @@ def load_library() -> None:
     """Import what the metrics use of prometheus_client now, before a process drops
     root: the service user may not reach the interpreter's files (a venv under /root).
     The values' directory must be in the environment already."""
-    import prometheus_client.core
-    import prometheus_client.exposition
-    import prometheus_client.multiprocess
+    for name in ("core", "exposition", "multiprocess"):
+        importlib.import_module(f"prometheus_client.{name}")
 
 
 def prepare_directory(spool_root: str, account: pwd.struct_passwd | None) -> str:
