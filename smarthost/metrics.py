@@ -103,16 +103,19 @@ class QueueShape:
 
     Every change bumps a version; a rescan applies what it found only to messages no
     change touched since it began, so a listing that raced a move never undoes it.
+    Small per message (about 100 bytes: 100,000 messages are a few MiB): one int holds
+    a message's state and version, and the oldest of a state is its smallest queue ID
+    (IDs sort by arrival), kept in a heap of the ID strings themselves.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._version = 0
-        self._where: dict[str, tuple[str, int]] = {}  # queue ID -> (state, version)
-        self._counts = dict.fromkeys(STATES, 0)
-        # Per state: (arrival, queue ID), oldest first; entries of messages that left
-        # the state are dropped when they come to the top (or at the next rescan).
-        self._oldest: dict[str, list[tuple[float, str]]] = {s: [] for s in STATES}
+        self._where: dict[str, int] = {}  # queue ID -> version * _SLOTS + state index
+        self._counts = [0] * len(STATES)
+        # Per state: its queue IDs, oldest first; IDs of messages that left the state
+        # are dropped when they come to the top (or at the next rescan).
+        self._oldest: list[list[str]] = [[] for _ in STATES]
 
     # -- Spool observer ---------------------------------------------------------
 
@@ -124,16 +127,16 @@ class QueueShape:
             self._version += 1
             self._put(queue_id, _state_of(src, dst), self._version)
 
-    def _put(self, queue_id: str, state: str | None, version: int) -> None:
+    def _put(self, queue_id: str, state: int | None, version: int) -> None:
         old = self._where.pop(queue_id, None)
         if old is not None:
-            self._counts[old[0]] -= 1
+            self._counts[old % _SLOTS] -= 1
         if state is None:
             return
-        self._where[queue_id] = (state, version)
+        self._where[queue_id] = version * _SLOTS + state
         self._counts[state] += 1
-        if old is None or old[0] != state:
-            heapq.heappush(self._oldest[state], (id_time(queue_id), queue_id))
+        if old is None or old % _SLOTS != state:
+            heapq.heappush(self._oldest[state], queue_id)
 
     # -- corrections ------------------------------------------------------------
 
@@ -142,37 +145,36 @@ class QueueShape:
         queued mail seen for the first time: due later means deferred)."""
         with self._lock:
             began = self._version
-        found: dict[str, str] = {}
-        for directory, state in ((ACTIVE, "active"), (HOLD, "held"), (FAILED, "failed")):
-            found.update(dict.fromkeys(spool.each_name(directory), state))
-        with self._lock:
-            known = {q for q, (s, _) in self._where.items() if s in ("queued", "deferred")}
+        found: dict[str, int] = {}
+        for directory in (ACTIVE, HOLD, FAILED):
+            found.update(dict.fromkeys(spool.each_name(directory), _STATE_OF_DIRECTORY[directory]))
         now = time.time() if now is None else now
         for queue_id in spool.each_name(QUEUE):
-            if queue_id in known:
-                found[queue_id] = self._where.get(queue_id, ("queued", 0))[0]
+            known = self._where.get(queue_id)
+            if known is not None and known % _SLOTS in (_QUEUED, _DEFERRED):
+                found[queue_id] = known % _SLOTS
                 continue
             try:
                 due = os.stat(spool.path(QUEUE, queue_id), follow_symlinks=False).st_mtime
             except FileNotFoundError:
                 continue  # moved while we looked
-            found[queue_id] = "deferred" if due > now else "queued"
+            found[queue_id] = _DEFERRED if due > now else _QUEUED
         with self._lock:
             self._apply(found, began)
 
-    def _apply(self, found: dict[str, str], began: int) -> None:
-        for queue_id, (_, version) in list(self._where.items()):
-            if version <= began and queue_id not in found:
-                self._put(queue_id, None, version)
+    def _apply(self, found: dict[str, int], began: int) -> None:
+        for queue_id, packed in list(self._where.items()):
+            if packed // _SLOTS <= began and queue_id not in found:
+                self._put(queue_id, None, 0)
         for queue_id, state in found.items():
             old = self._where.get(queue_id)
-            if old is None or (old[1] <= began and old[0] != state):
-                self._put(queue_id, state, old[1] if old else began)
+            if old is None or (old // _SLOTS <= began and old % _SLOTS != state):
+                self._put(queue_id, state, began if old is None else old // _SLOTS)
         # Rebuilt from what is there: no stale entries pile up.
-        rebuilt: dict[str, list[tuple[float, str]]] = {s: [] for s in STATES}
-        for queue_id, (state, _) in self._where.items():
-            rebuilt[state].append((id_time(queue_id), queue_id))
-        for entries in rebuilt.values():
+        rebuilt: list[list[str]] = [[] for _ in STATES]
+        for queue_id, packed in self._where.items():
+            rebuilt[packed % _SLOTS].append(queue_id)
+        for entries in rebuilt:
             heapq.heapify(entries)
         self._oldest = rebuilt
 
@@ -180,25 +182,34 @@ class QueueShape:
 
     def counts(self) -> dict[str, int]:
         with self._lock:
-            return dict(self._counts)
+            return dict(zip(STATES, self._counts))
 
     def oldest_ages(self, now: float | None = None) -> dict[str, float]:
         """Per state, the age of its oldest message (0 when it holds none)."""
         now = time.time() if now is None else now
         ages = {}
         with self._lock:
-            for state, heap in self._oldest.items():
-                while heap and self._where.get(heap[0][1], ("", 0))[0] != state:
+            for state, heap in enumerate(self._oldest):
+                while heap and self._where.get(heap[0], -1) % _SLOTS != state:
                     heapq.heappop(heap)
-                ages[state] = max(0.0, now - heap[0][0]) if heap else 0.0
+                ages[STATES[state]] = max(0.0, now - id_time(heap[0])) if heap else 0.0
         return ages
 
 
-def _state_of(src: str | None, dst: str | None) -> str | None:
-    """The queue state of an envelope moved from directory `src` to `dst`."""
+_SLOTS = 8  # more than len(STATES): a state index fits below it
+_QUEUED, _DEFERRED = STATES.index("queued"), STATES.index("deferred")
+_STATE_OF_DIRECTORY = {
+    ACTIVE: STATES.index("active"),
+    HOLD: STATES.index("held"),
+    FAILED: STATES.index("failed"),
+}
+
+
+def _state_of(src: str | None, dst: str | None) -> int | None:
+    """The queue state (index) of an envelope moved from directory `src` to `dst`."""
     if dst == QUEUE:
-        return "queued" if src is None else "deferred"  # back from an attempt
-    return {ACTIVE: "active", HOLD: "held", FAILED: "failed"}.get(dst or "")
+        return _QUEUED if src is None else _DEFERRED  # back from an attempt
+    return _STATE_OF_DIRECTORY.get(dst or "")
 
 
 # -- the families -----------------------------------------------------------------------
