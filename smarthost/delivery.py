@@ -77,6 +77,8 @@ class Delivery:
             self.pickup.stop()
         clean = self.scheduler.stop(grace)
         self.upstreams.close_all()
+        if self.metrics is not None:
+            self.metrics.stop()
         return clean
 
     def healthy(self) -> bool:
