@@ -38,9 +38,13 @@ setup(
             "flufl.bounce",
             "hypothesis",
             "redis>=5.0,<8",
+            "prometheus_client>=0.17,<1",
         ],
         # Relays sharing provider limits through Redis or Valkey (SPEC §12).
         "fleet": ["redis>=5.0,<8"],
+        # Multiprocess mode (PROMETHEUS_MULTIPROC_DIR) and choose_encoder: documented
+        # since 0.17; the files' layout changes between versions, so an upper bound.
+        "metrics": ["prometheus_client>=0.17,<1"],
     },
     entry_points={
         "console_scripts": [

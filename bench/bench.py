@@ -44,6 +44,11 @@ Scenarios:
               (backlog and new) arrived, or nothing arrived for --wait s; when the first,
               10 %, 50 %, 90 % arrived; the peak RSS of the drain (VmHWM reset just
               before, through /proc/PID/clear_refs); the relay's CPU during the drain
+            scrape: both relays of this scenario serve `[metrics]`; /metrics is fetched
+              every 0.5 s from a thread of the load generator once the backlog is
+              loaded (ten scrapes while idle), while new mail comes and during the
+              drain: its latency (p50/p99/max; issue 16's target: 50 ms with 100,000
+              queued) and how many messages the queue gauges said were waiting
   large     issue 13's large-message scenarios, each on a fresh relay:
             flat out  --large-n messages (600) of --large-size bytes (100 KiB), as the
               flat out scenario (same figures)
@@ -136,6 +141,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -454,8 +460,10 @@ def write_config(
     listen_port: int = 0,
     fail_timeout: str | None = None,
     max_message_size: str | None = None,
+    metrics: bool = False,
 ) -> str:
-    """A config for one relay: its own spool, log level info, the sink as the backend."""
+    """A config for one relay: its own spool, log level info, the sink as the backend;
+    with `metrics`, the metrics endpoint on a free port."""
     path = os.path.join(directory, f"smarthost-{label}.toml")
     spool = json.dumps(spool_dir(directory, label))  # a TOML basic string
     with open(path, "w", encoding="utf-8") as f:
@@ -467,7 +475,8 @@ def write_config(
             f"[spool]\ndir = {spool}\n\n"
             f"[delivery]\nworkers = {workers}\n\n"
             f'[log]\nlevel = "info"\n\n'
-            f'[[backend]]\nname = "sink"\nhost = "{HOST}"\nport = {sink_port}\ntls = "none"\n'
+            + (f'[metrics]\nlisten = "{HOST}:0"\n\n' if metrics else "")
+            + f'[[backend]]\nname = "sink"\nhost = "{HOST}"\nport = {sink_port}\ntls = "none"\n'
             + (f'fail_timeout = "{fail_timeout}"\n' if fail_timeout else "")
         )
     return path
@@ -504,6 +513,7 @@ class Relay(RelayProcess):
         Popen until a client connecting there was greeted."""
         super().__init__(Path(config), Path(directory) / f"relay-{label}.log")
         self.delivery_pid = 0
+        self.metrics = ""  # host:port of its metrics endpoint, when it serves one
         self.started_at = 0.0  # time.time() of its `started` event
         self.accept_seconds = math.nan
         self.popen_time = time.time()
@@ -516,6 +526,7 @@ class Relay(RelayProcess):
             self.kill()
             raise RuntimeError(f"the relay did not start: {exc}") from None
         self.delivery_pid = int(started.get("delivery_pid") or 0)
+        self.metrics = str(started.get("metrics") or "")
         with contextlib.suppress(KeyError, TypeError, ValueError):
             self.started_at = datetime.fromisoformat(started["time"]).timestamp()
 
@@ -1023,12 +1034,20 @@ def send_new_mail(
 
 
 def backlog_relay(
-    args: argparse.Namespace, directory: str, label: str, sink: Sink, timeout: float = START_TIMEOUT
+    args: argparse.Namespace,
+    directory: str,
+    label: str,
+    sink: Sink,
+    timeout: float = START_TIMEOUT,
+    metrics: bool = False,
 ) -> Relay:
     """A relay on the spool `label`, listening on a port chosen beforehand (so that the
-    time to its first 220 is measured), its backend `fail_timeout` short."""
+    time to its first 220 is measured), its backend `fail_timeout` short; with
+    `metrics`, serving them."""
     port = free_port()
-    config = write_config(directory, label, sink.port, args.workers, port, BACKLOG_FAIL_TIMEOUT)
+    config = write_config(
+        directory, label, sink.port, args.workers, port, BACKLOG_FAIL_TIMEOUT, metrics=metrics
+    )
     return Relay(config, directory, label, port, timeout)
 
 
@@ -1036,6 +1055,61 @@ def ratio(value: float, reference: float | None) -> str:
     if reference is None or not reference > 0 or math.isnan(value):
         return "-"
     return f"{value / reference:.2f}"
+
+
+SCRAPE_INTERVAL = 0.5  # seconds between two GETs of /metrics in the backlog scenario
+SCRAPE_TARGET_MS = 50.0  # issue 16: a scrape with 100,000 messages queued
+_WAITING = re.compile(
+    r'^smarthost_queue_messages\{state="(?:queued|deferred|active)"\} (\S+)$', re.M
+)
+
+
+class Scraper:
+    """GETs the relay's /metrics every SCRAPE_INTERVAL, as Prometheus would, from a
+    thread of its own; each scrape's latency is kept by phase, with how many messages
+    the queue gauges said were waiting (queued, deferred or active) at that moment."""
+
+    def __init__(self, address: str) -> None:
+        self.url = f"http://{address}/metrics"
+        self.phase = "loaded"
+        self.scrapes: dict[str, list[tuple[float, int]]] = {}
+        self.errors: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="scraper", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(SCRAPE_INTERVAL):
+            phase = self.phase
+            started = time.perf_counter()
+            try:
+                with urllib.request.urlopen(self.url, timeout=10) as response:
+                    text = response.read().decode()
+            except OSError as exc:
+                self.errors.append(f"scrape: {exc}")
+                continue
+            took = time.perf_counter() - started
+            waiting = sum(float(v) for v in _WAITING.findall(text))
+            self.scrapes.setdefault(phase, []).append((took, int(waiting)))
+
+    def line(self, phase: str, what: str) -> str:
+        scrapes = self.scrapes.get(phase, [])
+        if not scrapes:
+            return f"scrape      {what}: no scrape"
+        waiting = [w for _, w in scrapes]
+        worst = max(t for t, _ in scrapes) * 1000
+        return (
+            f"scrape      {what}: {spread_ms([t for t, _ in scrapes])} ({len(scrapes)} scrapes;"
+            f" gauges said {max(waiting)}..{min(waiting)} waiting)"
+            + ("" if worst <= SCRAPE_TARGET_MS else f"   OVER {SCRAPE_TARGET_MS:.0f} ms")
+        )
 
 
 def run_backlog(
@@ -1068,7 +1142,7 @@ def run_backlog(
         )
 
         # The same relay and load on an empty queue, for reference.
-        relay = backlog_relay(args, directory, "backlog-empty", sink)
+        relay = backlog_relay(args, directory, "backlog-empty", sink, metrics=True)
         try:
             empty_loads = send_new_mail(args, messages, "backlog-empty", relay.port)
         finally:
@@ -1088,7 +1162,8 @@ def run_backlog(
         )
 
         # (a) start, (b) memory with the backlog loaded.
-        relay = backlog_relay(args, directory, "backlog", sink, BACKLOG_START_TIMEOUT)
+        relay = backlog_relay(args, directory, "backlog", sink, BACKLOG_START_TIMEOUT, metrics=True)
+        scraper = Scraper(relay.metrics)
         try:
             settled = wait_until_settled(relay, BACKLOG_START_TIMEOUT)
             line(
@@ -1100,8 +1175,11 @@ def run_backlog(
                 f"loaded      RSS {mib(relay.memory_kib('VmRSS'))}, "
                 f"peak so far {mib(relay.memory_kib('VmHWM'))}"
             )
+            scraper.start()
+            time.sleep(SCRAPE_INTERVAL * 11)  # ten scrapes of the loaded, idle relay
 
             # (c) new mail while the backlog waits.
+            scraper.phase = "new mail"
             loads = send_new_mail(args, messages, "backlog-new", relay.port)
             load = loads[-1]
             accept = accepted_rate(load)
@@ -1120,11 +1198,13 @@ def run_backlog(
             start_peak = relay.memory_kib("VmHWM")
             peak_reset = relay.reset_peak_rss()
             before = Cpu.now(relay, sink)
+            scraper.phase = "drain"
             back = sink.listen()
             sink.wait_for(expected, DRAIN_LIMIT, idle=args.wait)
             cpu = Cpu.now(relay, sink) - before
             drain_peak = relay.memory_kib("VmHWM")
         finally:
+            scraper.stop()
             end = relay.finish(EXPECTED_WHILE_DOWN)
         # The whole run's peak, each process's: its VmHWM was reset for the drain.
         end.peak_rss_kib = [max(a, b) for a, b in zip(start_peak, end.peak_rss_kib)]
@@ -1163,6 +1243,10 @@ def run_backlog(
             + (f" ({detail})" if detail else "")
         )
         line(cpu_line(cpu, len(firsts), " during the drain"))
+        line(scraper.line("loaded", f"/metrics, {n} queued, idle"))
+        line(scraper.line("new mail", "while new mail comes"))
+        line(scraper.line("drain", "during the drain"))
+        problems += scraper.errors
         for text in end_lines(end):
             line(text)
         problems += [p for ld in loads for p in ld.session_errors] + end.problems

@@ -109,6 +109,7 @@ class Bouncer:
             dsn_queue_id=dsn_id,
             action=action,
             recipients=[r.address for r in recipients],
+            status=recipients[-1].status if recipients else None,
             sender=to,
         )
         self.submit(notice)

@@ -380,6 +380,10 @@ def check(path: str, connect: bool) -> int:
     from .receiver import check_listener_files
 
     file_errors = check_listener_files(config) + check_files(config)
+    if config.metrics.listen is not None:
+        from .metrics import requirement_errors
+
+        file_errors += requirement_errors(config)
     for error in file_errors:
         print(error, file=sys.stderr)
     if file_errors:

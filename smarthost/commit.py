@@ -15,6 +15,7 @@ import contextlib
 import errno
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -26,11 +27,14 @@ class GroupCommitter:
     """The one thread that makes received mail durable (see the module docstring)."""
 
     def __init__(
-        self, spool: Spool, committed: Callable[[Envelope, SpoolError | None], None]
+        self,
+        spool: Spool,
+        committed: Callable[[Envelope, SpoolError | None, float], None],
     ) -> None:
         self.spool = spool
         self.committed = committed
-        self._waiting: list[tuple[Envelope, Content, asyncio.AbstractEventLoop, Any]] = []
+        # (envelope, content, loop, future, time.monotonic() at submission)
+        self._waiting: list[tuple[Envelope, Content, asyncio.AbstractEventLoop, Any, float]] = []
         self._wake = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="commit", daemon=True)
@@ -43,9 +47,10 @@ class GroupCommitter:
         loop: asyncio.AbstractEventLoop,
         done: asyncio.Future,
     ) -> None:
-        """Commit `env`; `done` (a future of `loop`) then gets None or the SpoolError."""
+        """Commit `env`; `done` (a future of `loop`) then gets None or the SpoolError.
+        `committed` is told how long the commit took, from here (the end of DATA)."""
         with self._wake:
-            self._waiting.append((env, content, loop, done))
+            self._waiting.append((env, content, loop, done, time.monotonic()))
             self._wake.notify()
 
     def stop(self, timeout: float | None = None) -> None:
@@ -66,14 +71,15 @@ class GroupCommitter:
 
     def _commit(self, batch: list) -> None:
         try:
-            errors = self.spool.commit_many([(env, content) for env, content, _, _ in batch])
+            errors = self.spool.commit_many([(env, content) for env, content, *_ in batch])
         except Exception as exc:  # a bug: the sessions must still get their 4xx
             log.event("internal_error", level=logging.ERROR, error=repr(exc))
             errors = [SpoolError(errno.EIO, f"commit failed: {exc!r}")] * len(batch)
+        durable = time.monotonic()
         by_loop: dict[asyncio.AbstractEventLoop, list] = {}
-        for (env, _, loop, done), error in zip(batch, errors):
+        for (env, _, loop, done, submitted), error in zip(batch, errors):
             try:
-                self.committed(env, error)
+                self.committed(env, error, durable - submitted)
             except Exception as exc:  # spooled all the same: the scheduler's rescan finds it
                 log.event("internal_error", level=logging.ERROR, error=repr(exc))
             by_loop.setdefault(loop, []).append((done, error))

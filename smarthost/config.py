@@ -218,6 +218,13 @@ class LogConfig:
     format: str = "json"
 
 
+@dataclass(frozen=True)
+class MetricsConfig:
+    """`[metrics]`: the HTTP endpoint's (host, port); None: no endpoint at all."""
+
+    listen: tuple[str, int] | None = None
+
+
 def _default_hostname() -> str:
     # Looked up at call time (not bound at import) so it is only paid when needed.
     return socket.getfqdn()
@@ -252,6 +259,7 @@ class Config:
     routes: tuple[RouteConfig, ...] = ()
     log: LogConfig = field(default_factory=LogConfig)
     fleet: FleetConfig = field(default_factory=FleetConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     path: str = "<config>"
 
     def __post_init__(self) -> None:
@@ -278,6 +286,7 @@ RESTART_ONLY = (
     "spool.dir",
     "delivery.workers",
     "fleet",  # Redis, and the node that every line names
+    "metrics.listen",
 )
 
 
@@ -581,6 +590,12 @@ def _listen_address(value: Any, key: str) -> tuple[str, int]:
     return parse_hostport(value, 25, key)
 
 
+def _metrics_listen(value: Any, key: str) -> tuple[str, int] | None:
+    if isinstance(value, str) and not value.strip():
+        return None  # the default: no endpoint
+    return parse_hostport(value, None, key)
+
+
 def _network(value: Any, key: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
     text = _string(value, key)
     try:
@@ -685,6 +700,7 @@ _FLEET: Schema = {
     "redis_password_file": _optional_string,
     "node": _string,
 }
+_METRICS: Schema = {"listen": _metrics_listen}
 _BACKEND: Schema = {
     "name": _string,
     "host": _string,
@@ -732,6 +748,7 @@ _TABLES: dict[str, tuple[Schema, Callable[..., Any]]] = {
     "rewrite": (_REWRITE, RewriteConfig),
     "log": (_LOG, LogConfig),
     "fleet": (_FLEET, FleetConfig),
+    "metrics": (_METRICS, MetricsConfig),
 }
 _ARRAYS = ("backend", "route")
 _TOP_KEYS = (*_TOP, *_TABLES, *_ARRAYS)
@@ -1138,6 +1155,12 @@ def _describe_route(index: int, route: RouteConfig) -> str:
     return f"  route[{index}]: {' or '.join(match)} -> group {route.group}"
 
 
+def _describe_metrics(metrics: MetricsConfig) -> str:
+    if metrics.listen is None:
+        return "off"
+    return f"http://{format_hostport(*metrics.listen)}/metrics, /healthz, /readyz"
+
+
 def summary(cfg: Config) -> str:
     """A human summary for `smarthost check`. Never includes a password."""
     smtp, delivery, dsn, rewrite = cfg.smtp, cfg.delivery, cfg.dsn, cfg.rewrite
@@ -1172,6 +1195,7 @@ def summary(cfg: Config) -> str:
             if cfg.fleet.redis
             else "off"
         ),
+        "metrics:   " + _describe_metrics(cfg.metrics),
         f"backends:  {len(cfg.backends)}",
         *(_describe_backend(backend) for backend in cfg.backends),
         f"routes:    {len(cfg.routes)} (unmatched mail: group {DEFAULT_GROUP})",

@@ -8,7 +8,7 @@ no asyncio): the delivery process stays small.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from . import fleet
 from .config import Config
@@ -20,13 +20,17 @@ from .spool import Envelope, Spool
 from .upstream import Upstreams
 from .watcher import Watcher
 
+if TYPE_CHECKING:
+    from .metrics import DeliveryMetrics
+
 
 class DeliveryHalf(Protocol):
     """What the relay asks of its delivery half, wherever it runs."""
 
-    # True: `start` runs before the relay gives up root (a process of its own must
-    # still reach the interpreter, and drops its rights itself); False: after.
-    starts_privileged: bool
+    # True: it runs in a process of its own. Then `start` runs before the relay gives
+    # up root (the process must still reach the interpreter, and drops its rights
+    # itself), and only then are there metrics (the delivery process keeps the queue's).
+    own_process: bool
 
     @property
     def pid(self) -> int | None:
@@ -39,6 +43,9 @@ class DeliveryHalf(Protocol):
 
     def reload(self, config: Config) -> None: ...
 
+    def alive(self) -> bool:
+        """It runs now (a process that died is not replaced by this call)."""
+
     def healthy(self) -> bool:
         """False while it is down (a process that died is replaced)."""
 
@@ -49,7 +56,7 @@ class DeliveryHalf(Protocol):
 class Delivery:
     """The delivery half in this process: scheduler and sender pool, pickup, watcher."""
 
-    starts_privileged = False
+    own_process = False
     pid = None
 
     def __init__(self, config: Config, spool: Spool, intervals: Intervals = DEFAULT_INTERVALS):
@@ -64,6 +71,7 @@ class Delivery:
         self.watcher: Watcher | None = None
         self.pickup: Pickup | None = None
         self.token_keeper = RefreshTokenKeeper(config)
+        self.metrics: DeliveryMetrics | None = None  # set in its process when metrics are on
 
     def submit(self, env: Envelope) -> None:
         self.scheduler.submit(env)
@@ -89,6 +97,8 @@ class Delivery:
         self.scheduler.reload(config, upstreams)
         if self.pickup is not None:
             self.pickup.config = config
+        if self.metrics is not None:
+            self.metrics.use(config)
         self.config = config
         old_upstreams.retire()
         self.token_keeper.use(config)
@@ -103,7 +113,12 @@ class Delivery:
         self.upstreams.close_all()
         if self.fleet is not None:
             self.fleet.stop()
+        if self.metrics is not None:
+            self.metrics.stop()
         return clean
+
+    def alive(self) -> bool:
+        return True
 
     def healthy(self) -> bool:
         return True

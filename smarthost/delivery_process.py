@@ -84,7 +84,7 @@ def _write_all(fd: int, data: bytes) -> None:
 class DeliveryProcess:
     """The delivery half in a child process, fed through a pipe (a `DeliveryHalf`)."""
 
-    starts_privileged = True
+    own_process = True
 
     def __init__(self, config: Config, spool: Spool) -> None:
         self.config = config
@@ -153,6 +153,9 @@ class DeliveryProcess:
             with contextlib.suppress(OSError):
                 _write_all(self._pipe, frame(kind, payload))
 
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
     def healthy(self) -> bool:
         """False once the child has died; a new one is started after RESTART_DELAY."""
         if self.proc is None or self.proc.poll() is None:
@@ -208,6 +211,10 @@ def main() -> None:
         os._exit(1)  # the relay died before it could say anything
     config: Config = pickle.loads(first[1])
     account = privileges.service_account(config.user)
+    if config.metrics.listen is not None:
+        from . import metrics  # before the drop, like what it imports
+
+        metrics.load_library()
     if account is not None and os.geteuid() == 0:
         "localhost".encode("idna")  # loaded on first use: maybe unreachable once dropped
         privileges.drop_to(account)
@@ -216,6 +223,11 @@ def main() -> None:
     spool = Spool(config.spool.dir)
     spool.adopt_lock(lock_fd)
     delivery = Delivery(config, spool)
+    if config.metrics.listen is not None:
+        from .metrics import DeliveryMetrics  # its files: the service user's
+
+        delivery.metrics = DeliveryMetrics(config, spool)
+        delivery.metrics.start()
     stop = threading.Event()
 
     def on_signal(signum: int, frame: object) -> None:
@@ -244,7 +256,9 @@ def _follow_relay(pipe_fd: int, delivery: Delivery, stop: threading.Event) -> No
             return
         kind, payload = received
         if kind == QUEUED:
-            delivery.scheduler.committed(payload.decode())
+            queue_id = payload.decode()
+            delivery.spool.committed_elsewhere(queue_id)
+            delivery.scheduler.committed(queue_id)
         elif kind == CONFIG:
             config = pickle.loads(payload)
             log.setup_for(config)

@@ -69,6 +69,16 @@ _FORBIDDEN_KEYS = frozenset({"password", "secret", "auth_data", "login_data", "t
 
 logger = logging.getLogger(LOGGER_NAME)
 
+# Called with every event, whatever the log level (metrics count events that an
+# operator may not want logged); None unless metrics are on (see metrics.py).
+_observer: Callable[[str, dict[str, Any]], None] | None = None
+
+
+def observe(observer: Callable[[str, dict[str, Any]], None] | None) -> None:
+    """Have `observer(name, fields)` see every event from now on (None: no one)."""
+    global _observer
+    _observer = observer
+
 
 def rfc3339(timestamp: float) -> str:
     """A time in the same form as each log line's `time`."""
@@ -79,6 +89,8 @@ def event(name: str, level: int = logging.INFO, **fields: Any) -> None:
     """Log the event `name` with `fields` as JSON keys (None values are dropped)."""
     if name not in EVENTS:
         raise ValueError(f"unknown log event {name!r}")
+    if _observer is not None:
+        _observer(name, fields)
     if not logger.isEnabledFor(level):
         return
     extra = {k: v for k, v in fields.items() if v is not None and k not in _FORBIDDEN_KEYS}

@@ -142,6 +142,7 @@ class Outcome:
                 next_attempt=log.rfc3339(due),
                 backend=attempt.backend,
                 backend_errors=[f"{b}: {r}" for b, r in attempt.backend_errors] or None,
+                tried=[b for b, _ in attempt.backend_errors] or None,  # names, for metrics
             )
         # Asked after the requeue: a probe may have succeeded while this was settled.
         return Requeued(due, frozenset(attempt.waiting_groups), self.group_came_back(attempt))

@@ -128,6 +128,7 @@ class Pickup:
         log.event(
             "received",
             queue_id=env.id,
+            source="sendmail",
             client="local",
             user=owner,
             sender=env.sender,
@@ -157,6 +158,7 @@ class Pickup:
             "rejected",
             level=logging.WARNING,
             queue_id=refused.id,
+            source="sendmail",
             client="local",
             user=owner,
             file=f"drop/{name[:64]}",

@@ -274,14 +274,16 @@ class Receiver:
                 self._committing.notify_all()
         return f"250 2.0.0 Ok: queued as {env.id}"
 
-    def committed(self, env: Envelope, error: SpoolError | None) -> None:
-        """After each commit, in the committer's thread: log it and hand it over."""
+    def committed(self, env: Envelope, error: SpoolError | None, seconds: float) -> None:
+        """After each commit, in the committer's thread: log it (with the `seconds`
+        from the end of DATA to the durable commit) and hand it over."""
         if error is not None:
             log.event("spool_error", level=logging.ERROR, queue_id=env.id, error=str(error))
             return
         log.event(
             "received",
             queue_id=env.id,
+            source="smtp",
             client=env.client,
             helo=env.helo,
             auth_user=env.auth_user,
@@ -289,6 +291,7 @@ class Receiver:
             recipients=[r.address for r in env.recipients],
             size=env.size,
             message_id=env.message_id,
+            commit_seconds=round(seconds, 6),
         )
         self.on_commit(env)
 

@@ -27,11 +27,12 @@ from . import __version__, libc, log, privileges, systemd
 from .config import Config, ConfigError, for_reload, load_config
 from .delivery_process import STOP_GRACE, DeliveryProcess
 from .receiver import Receiver, auth_users, start_listeners
-from .smtp_server import Listeners
-from .spool import Spool
+from .smtp_server import ClientSlots, Listeners
+from .spool import TMP, Spool
 
 if TYPE_CHECKING:
     from .delivery import DeliveryHalf
+    from .metrics import MetricsServer
 
 # `smarthost drain` writes its timeout (seconds, one line) into this file in the spool
 # root before it sends SIGUSR1; a SIGUSR1 without one (or with one older than
@@ -54,7 +55,10 @@ class Relay:
         self.spool = Spool(config.spool.dir)
         self.delivery = delivery(config, self.spool)
         self.receiver = Receiver(config, self.spool, self.delivery.submit)
+        self.slots = ClientSlots(config.smtp.max_clients)
         self.listeners: Listeners | None = None
+        self.metrics: MetricsServer | None = None
+        self.started = self.draining = self.stopping = False
 
     def start(self) -> None:
         self.spool.create()
@@ -66,12 +70,17 @@ class Relay:
         # Ports first (port 25 needs root), then no more root; delivery picks up what
         # the listeners commit in between. A delivery process is started before the
         # drop, so that it can still reach the interpreter, and drops its rights itself.
-        self.listeners = start_listeners(self.config, self.receiver)
-        if self.delivery.starts_privileged:
+        if self.delivery.own_process and self.config.metrics.listen is not None:
+            from .metrics import start_server
+
+            node = self.config.fleet.node if self.config.fleet.enabled else None
+            self.metrics = start_server(self.config, self, account, node)
+        self.listeners = start_listeners(self.config, self.receiver, self.slots)
+        if self.delivery.own_process:
             self.delivery.start()
         if account is not None:
             privileges.drop_to(account)
-        if not self.delivery.starts_privileged:
+        if not self.delivery.own_process:
             self.delivery.start()
         log.event(
             "started",
@@ -84,8 +93,32 @@ class Relay:
             backends=[b.name for b in self.config.backends],
             recovered=recovered,
             user=account.pw_name if account else None,
+            metrics=self.metrics.address if self.metrics else None,
         )
+        self.started = True
         systemd.notify("READY=1")
+
+    # -- what the metrics endpoint asks (metrics.RelayState) ---------------------
+
+    def sessions(self) -> int:
+        return self.slots.count
+
+    def not_alive(self) -> str | None:
+        if not self.delivery.alive():
+            return "the delivery process is not running"
+        return None
+
+    def not_ready(self) -> str | None:
+        if not self.started or self.stopping or self.draining:
+            return "starting" if not self.started else "stopping" if self.stopping else "draining"
+        if self.listeners is None or not self.listeners.running:
+            return "not listening"
+        if not os.access(self.spool.dir(TMP), os.W_OK):
+            return f"the spool {self.spool.root} is not writable"
+        st = os.statvfs(self.spool.root)
+        if st.f_bavail == 0:
+            return f"the spool's file system ({self.spool.root}) is full"
+        return self.not_alive()
 
     def reload(self, config: Config) -> list[str]:
         """Take a new config for upstreams, routes, rewriting, users and logging,
@@ -105,6 +138,7 @@ class Relay:
         return needs_restart
 
     def stop(self, reason: str | None = None) -> None:
+        self.stopping = True
         log.event("stopping", pid=os.getpid(), reason=reason)
         systemd.notify("STOPPING=1")
         # Stop accepting, let messages being committed get their 250, then close.
@@ -116,6 +150,8 @@ class Relay:
         self.receiver.committer.stop()
         clean = self.delivery.stop(STOP_GRACE)
         self.spool.unlock()
+        if self.metrics is not None:
+            self.metrics.stop()
         log.event("stopped", pid=os.getpid(), clean=clean)
 
     def abort_start(self) -> None:
@@ -125,12 +161,19 @@ class Relay:
         self.delivery.stop(0.0)
         self.receiver.committer.stop(0.0)
         self.spool.unlock()
+        if self.metrics is not None:
+            self.metrics.stop()
 
 
 def serve(config: Config) -> int:
     """Run until SIGTERM or SIGINT; SIGHUP reloads the config and reopens the log file;
     SIGUSR1 drains: no new sessions, delivery goes on, stop once nothing is due."""
     libc.limit_malloc_arenas()
+    if config.metrics.listen is not None:
+        from .metrics import requirement_errors
+
+        if requirement_errors(config):
+            raise ConfigError(requirement_errors(config))
     relay = Relay(config)
     stop, hup, drain = threading.Event(), threading.Event(), threading.Event()
     wake = threading.Event()
@@ -190,6 +233,7 @@ def start_drain(relay: Relay, first: bool) -> float:
         os.unlink(path)
         if fresh:
             timeout = max(0.0, float(text.strip()))
+    relay.draining = True
     log.event("draining", pid=os.getpid(), timeout=timeout)
     if first and relay.listeners is not None:
         relay.listeners.stop_accepting()

@@ -37,7 +37,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, BinaryIO, Union
+from typing import Any, BinaryIO, Protocol, Union
 
 from . import headers, libc, log
 
@@ -197,6 +197,14 @@ def new_id() -> str:
     return _base32(time.time_ns() // 1000, 11) + _base32(secrets.randbits(25), 5)
 
 
+def id_time(queue_id: str) -> float:
+    """The time (epoch seconds) at which `new_id` made `queue_id`: its arrival."""
+    micros = 0
+    for char in queue_id[:11]:
+        micros = micros * 32 + _ALPHABET.index(char)
+    return micros / 1e6
+
+
 _QUEUE_ID = re.compile(f"[{_ALPHABET}]{{16}}\\Z")
 
 
@@ -213,6 +221,12 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+class SpoolObserver(Protocol):
+    """What wants to know where each envelope goes (see `Spool.observer`)."""
+
+    def moved(self, queue_id: str, src: str | None, dst: str | None) -> None: ...
+
+
 class Spool:
     """State directories under one root, and the only code that writes them."""
 
@@ -221,6 +235,9 @@ class Spool:
         self._lock_fd: int | None = None
         self._syncfs = libc.syncfs_call()
         self._syncfs_rest_until = 0.0
+        # Told of every change of an envelope's state made through this Spool:
+        # moved(queue_id, from, to), None for "new" and "gone" (metrics.QueueShape).
+        self.observer: SpoolObserver | None = None
 
     # -- paths -------------------------------------------------------------
 
@@ -378,6 +395,13 @@ class Spool:
         error = self.commit_many([(env, content)])[0]
         if error is not None:
             raise error
+        if self.observer is not None:
+            self.observer.moved(env.id, None, QUEUE)
+
+    def committed_elsewhere(self, queue_id: str) -> None:
+        """Another process (the receiving half) committed `queue_id` to queue/."""
+        if self.observer is not None:
+            self.observer.moved(queue_id, None, QUEUE)
 
     def draft(self, queue_id: str) -> Draft:
         """A new message's content, to be written as it arrives and then committed."""
@@ -569,6 +593,8 @@ class Spool:
             os.rename(self.path(src, queue_id), self.path(dst, queue_id))
         except FileNotFoundError:
             return False
+        if self.observer is not None:
+            self.observer.moved(queue_id, src, dst)
         if durable:
             fsync_dir(self.dir(dst))
             fsync_dir(self.dir(src))
@@ -778,6 +804,8 @@ class Spool:
         """Remove a message whose envelope this process holds (envelope first: the
         commit point; a crash in between leaves content that recovery sets aside)."""
         os.unlink(self.path(state, queue_id))
+        if self.observer is not None:
+            self.observer.moved(queue_id, state, None)
         _unlink_quietly(self.message_path(queue_id))
 
     def park_failed(self, env: Envelope) -> None:
@@ -797,6 +825,8 @@ class Spool:
             if os.path.lexists(self.path(source_state, queue_id)):
                 dst = self.set_aside(source_state, queue_id, f"{queue_id}.{suffix}")
                 moved.append(os.path.basename(dst))
+        if self.observer is not None:
+            self.observer.moved(queue_id, state, None)
         log.event(
             "quarantined",
             level=logging.WARNING,

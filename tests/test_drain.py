@@ -4,47 +4,22 @@ in the spool."""
 
 from __future__ import annotations
 
-import asyncio
 import smtplib
 import socket
 import subprocess
-import sys
 import time
-from pathlib import Path
 
-from support import ROOT
-from support.cli import run_cli
+from support.cli import run_cli, start_drain
 from support.configs import edit_config, write_config
 from support.logs import events_named
 from support.messages import RCPT, SENDER, message
 from support.relay import stuck_on
-from support.sink import SilentServer, Sink
+from support.sink import SilentServer, slow_data
 from support.smtp import send_message
 from support.spool import spool_files
 from support.waiting import wait_until
 
 STOP_BOUND = 15.0  # the relay's orderly stop, as in test_process
-
-
-def start_drain(config: Path, *args: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "smarthost", "drain", "-c", str(config), *args],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
-def slow_data(sink: Sink, seconds: float) -> None:
-    """The upstream takes `seconds` to answer each DATA: attempts stay in flight."""
-    original = sink.handler.handle_DATA
-
-    async def handle_DATA(server, session, envelope):
-        await asyncio.sleep(seconds)
-        return await original(server, session, envelope)
-
-    sink.handler.handle_DATA = handle_DATA  # type: ignore[method-assign]
 
 
 def refused(port: int) -> bool:

@@ -29,7 +29,7 @@ from support.configs import edit_config, write_config
 from support.load import LoadClient, clients_running
 from support.logs import events_named
 from support.messages import RCPT, SENDER, arrived, header_message_id, message
-from support.relay import RelayProcess, stuck_on
+from support.relay import RelayProcess, delivery_pid, stuck_on
 from support.sink import SilentServer, Sink
 from support.smtp import port_is_closed, send_message
 from support.spool import spool_drained, spool_files
@@ -244,11 +244,6 @@ def test_kill_9_with_the_upstream_down_delivers_after_restart(tmp_path, sink, re
 
 
 # -- 2b. the delivery process ------------------------------------------------------------
-
-
-def delivery_pid(proc: RelayProcess, offset: int = 0) -> int:
-    started = wait_until(lambda: events_named(proc.records(offset), "started"), what="started")
-    return started[-1]["delivery_pid"]
 
 
 def process_gone(pid: int) -> bool:

@@ -531,7 +531,7 @@ def test_messages_that_end_while_a_batch_commits_share_the_next_one(tmp_path):
     spool = GatedSpool(str(tmp_path / "spool"))
     spool.create()
     logged = []
-    committer = GroupCommitter(spool, lambda env, error: logged.append((env.id, error)))
+    committer = GroupCommitter(spool, lambda env, error, seconds: logged.append((env.id, error)))
     envs = [make_env() for _ in range(6)]
     outcome: list = []
     first = threading.Thread(target=lambda: outcome.extend(commit_through(committer, envs[:1])))
@@ -564,7 +564,7 @@ def test_a_bug_in_a_commit_gives_4xx_and_the_thread_goes_on(tmp_path, events):
 
     spool = BrokenOnce(str(tmp_path / "spool"))
     spool.create()
-    committer = GroupCommitter(spool, lambda env, error: None)
+    committer = GroupCommitter(spool, lambda env, error, seconds: None)
     (failed,) = commit_through(committer, [make_env()])
     assert isinstance(failed, smarthost.spool.SpoolError)
     assert events.events("internal_error")

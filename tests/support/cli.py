@@ -60,3 +60,13 @@ def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     """`result`, once it is known to have exited 0."""
     assert result.returncode == 0, (result.returncode, result.stdout, result.stderr)
     return result
+
+
+def start_drain(config: Path, *args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "smarthost", "drain", "-c", str(config), *args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )

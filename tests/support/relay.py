@@ -25,6 +25,7 @@ from smarthost.scheduler import DEFAULT_INTERVALS, Intervals
 
 from support import ROOT
 from support.configs import edit_config, write_config
+from support.logs import events_named
 from support.sink import SilentServer
 from support.smtp import send_message, transaction
 from support.waiting import wait_until
@@ -162,3 +163,8 @@ def start_amid(
         for thread in threads:
             thread.join(join_timeout)
     return started
+
+
+def delivery_pid(proc: RelayProcess, offset: int = 0) -> int:
+    started = wait_until(lambda: events_named(proc.records(offset), "started"), what="started")
+    return started[-1]["delivery_pid"]

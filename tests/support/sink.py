@@ -4,6 +4,7 @@ carried them), `SilentServer` (accepts and never says a word)."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import threading
 import time
@@ -267,3 +268,14 @@ class SilentServer:
                 continue
             self._conns.append(conn)
             self.accepted.set()
+
+
+def slow_data(sink: Sink, seconds: float) -> None:
+    """The upstream takes `seconds` to answer each DATA: attempts stay in flight."""
+    original = sink.handler.handle_DATA
+
+    async def handle_DATA(server, session, envelope):
+        await asyncio.sleep(seconds)
+        return await original(server, session, envelope)
+
+    sink.handler.handle_DATA = handle_DATA  # type: ignore[method-assign]
