@@ -8,7 +8,6 @@ aiosmtpd sink, whose arrival times are what is measured.
 
 from __future__ import annotations
 
-import shutil
 import smtplib
 import socket
 import subprocess
@@ -25,71 +24,15 @@ from smarthost.upstream import SharedRate
 
 from support import ROOT
 from support.configs import write_config
+from support.redis_server import REDIS_SERVER, RedisServer
 from support.relay import RelayProcess
 from support.sink import Sink
+from support.smtp import free_port
 from support.waiting import wait_until
-
-REDIS_SERVER = shutil.which("redis-server")
 
 pytestmark = pytest.mark.skipif(
     REDIS_SERVER is None, reason="redis-server is not installed (Debian package redis-server)"
 )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class RedisServer:
-    """redis-server in the foreground on a free port; no persistence (a fleet needs none)."""
-
-    def __init__(self, tmp_path: Path, *options: str) -> None:
-        self.options = options
-        self.port = free_port()
-        self.dir = tmp_path
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> RedisServer:
-        assert REDIS_SERVER is not None
-        no_persistence = ["--save", "", "--appendonly", "no", "--dir", str(self.dir)]
-        self.proc = subprocess.Popen(
-            [
-                REDIS_SERVER,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                *no_persistence,
-                *self.options,
-            ],
-            stdout=subprocess.DEVNULL,
-        )
-        wait_until(self.answers, 10, "redis-server to answer")
-        return self
-
-    def client(self):
-        import redis
-
-        password = self.options[-1] if "--requirepass" in self.options else None
-        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=1, password=password)
-
-    def answers(self) -> bool:
-        try:
-            socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-            with self.client() as client:
-                return bool(client.ping())
-        except OSError:
-            return False
-        except Exception as exc:  # redis.ConnectionError is not an OSError
-            return type(exc).__name__ == "BusyLoadingError"
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(10)
 
 
 @pytest.fixture

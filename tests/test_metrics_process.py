@@ -27,6 +27,7 @@ from support.cli import start_drain
 from support.configs import write_config
 from support.logs import events_named
 from support.messages import RCPT, SENDER
+from support.redis_server import REDIS_SERVER, RedisServer
 from support.relay import RelayProcess, delivery_pid
 from support.sink import Sink, slow_data
 from support.smtp import send_message
@@ -463,3 +464,36 @@ def test_metrics_without_prometheus_client_is_an_error_naming_the_extra(tmp_path
         )
         assert result.returncode == code, (command, result.stderr)
         assert "metrics.listen" in result.stderr and "smarthost[metrics]" in result.stderr
+
+
+@pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not installed")
+def test_in_a_fleet_every_family_carries_the_node(tmp_path, sink, relay_process):
+    """SPEC §10: in a fleet, every family (the delivery process's too) has `node`."""
+    redis = RedisServer(tmp_path).start()
+    try:
+        fleet = f'[fleet]\nredis = "{redis.url}"\nnode = "relay-7"\n'
+        config = write_config(tmp_path, sink.port, METRICS + fleet)
+        proc, base = start_with_metrics(relay_process, config)
+        send_message(proc.port, "<fleet@client.test>")
+        families = wait_until(
+            lambda: (
+                (f := scrape(base))
+                and value(f, "smarthost_deliveries_total", backend="sink", result="delivered",
+                          node="relay-7") == 1.0
+                and f
+            ),
+            DEADLINE,
+            "the delivery to be counted under the node",
+        )  # fmt: skip
+        # Both processes' families, and those read at scrape time, are there ...
+        for name in ("smarthost_queue_messages", "smarthost_backend_up", "smarthost_ready"):
+            assert name in families, name
+        for name in ("smarthost_smtp_sessions", "smarthost_spool_free_bytes"):
+            assert name in families, name
+        # ... and every sample of every family names the node.
+        for name, family in families.items():
+            for sample_name, sample_labels in family["samples"]:
+                assert ("node", "relay-7") in sample_labels, (name, sample_name, sample_labels)
+        assert proc.stop() == 0
+    finally:
+        redis.stop()
