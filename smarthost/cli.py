@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import errno
 import logging
 import os
@@ -243,39 +242,35 @@ def drain(path: str, timeout: float) -> int:
     import signal
     import time
 
-    from .relay import DRAIN_FILE
-    from .spool import LOCK_NAME
+    from .spool import Spool
 
     config = _load_or_report(path)
     if config is None:
         return os.EX_CONFIG
-    root = os.path.abspath(config.spool.dir)
-    lock_path = os.path.join(root, LOCK_NAME)
+    spool = Spool(config.spool.dir)
     try:
-        lock_fd = os.open(lock_path, os.O_RDONLY | os.O_NOFOLLOW)
+        lock_fd = spool.watch_lock()
     except FileNotFoundError:
-        print(f"smarthost drain: no relay runs on spool {root}", file=sys.stderr)
+        print(f"smarthost drain: no relay runs on spool {spool.root}", file=sys.stderr)
         return 1
     except OSError as exc:
-        print(f"smarthost drain: {lock_path}: {exc.strerror or exc}", file=sys.stderr)
+        print(f"smarthost drain: {exc.filename}: {exc.strerror or exc}", file=sys.stderr)
         return 1
     try:
-        pid = _lock_holder(lock_fd)
+        pid = spool.lock_holder(lock_fd)
         if pid is None:
-            print(f"smarthost drain: no relay runs on spool {root}", file=sys.stderr)
+            print(f"smarthost drain: no relay runs on spool {spool.root}", file=sys.stderr)
             return 1
-        drain_path = os.path.join(root, DRAIN_FILE)
         try:
-            _write_drain_file(drain_path, timeout, os.fstat(lock_fd))
+            spool.request_drain(timeout, os.fstat(lock_fd))
             os.kill(pid, signal.SIGUSR1)
         except OSError as exc:
-            with contextlib.suppress(OSError):
-                os.unlink(drain_path)
+            spool.take_drain_request()
             what = exc.filename or f"pid {pid}"
             print(f"smarthost drain: {what}: {exc.strerror or exc}", file=sys.stderr)
             return 1
         deadline = time.monotonic() + timeout + DRAIN_STOP_MARGIN
-        while _lock_holder(lock_fd) is not None:
+        while spool.lock_holder(lock_fd) is not None:
             if time.monotonic() > deadline:
                 print(f"smarthost drain: the relay (pid {pid}) has not exited", file=sys.stderr)
                 return 1
@@ -284,41 +279,6 @@ def drain(path: str, timeout: float) -> int:
         os.close(lock_fd)
     print(f"smarthost drain: the relay (pid {pid}) has drained and exited")
     return os.EX_OK
-
-
-def _lock_holder(lock_fd: int) -> int | None:
-    """The pid in the spool's lock file while a relay holds the lock; None when nobody
-    does (a pid left in the file by a relay that is gone is not signalled)."""
-    import fcntl
-    import time
-
-    try:
-        fcntl.flock(lock_fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        pass
-    else:
-        fcntl.flock(lock_fd, fcntl.LOCK_UN)
-        return None
-    # A relay writes its pid just after taking the lock: give it a moment.
-    for _ in range(50):
-        text = os.pread(lock_fd, 32, 0).decode("ascii", "replace").strip()
-        if text.isdigit() and int(text) > 1:
-            return int(text)
-        time.sleep(0.02)
-    return None
-
-
-def _write_drain_file(path: str, timeout: float, owner: os.stat_result) -> None:
-    """The timeout for the relay, mode 0600, owned as the lock (the relay's user)."""
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    try:
-        if os.geteuid() == 0:
-            os.fchown(fd, owner.st_uid, owner.st_gid)
-        os.write(fd, f"{timeout:g}\n".encode())
-    finally:
-        os.close(fd)
 
 
 def _queue_logging(config: Config) -> None:

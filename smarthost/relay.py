@@ -14,7 +14,6 @@ simply stays spooled and is retried at the next start).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import signal
@@ -34,11 +33,8 @@ if TYPE_CHECKING:
     from .delivery import DeliveryHalf
     from .metrics import MetricsServer
 
-# `smarthost drain` writes its timeout (seconds, one line) into this file in the spool
-# root before it sends SIGUSR1; a SIGUSR1 without one (or with one older than
-# DRAIN_FILE_MAX_AGE, left by a command that died) drains for DRAIN_TIMEOUT.
-DRAIN_FILE = ".drain"
-DRAIN_FILE_MAX_AGE = 60.0
+# A SIGUSR1 without a fresh timeout from `smarthost drain` (Spool.request_drain)
+# drains for this long.
 DRAIN_TIMEOUT = 300.0
 
 
@@ -222,16 +218,9 @@ def serve(config: Config) -> int:
 
 def start_drain(relay: Relay, first: bool) -> float:
     """SIGUSR1: stop accepting sessions (the first time); the deadline, from the
-    timeout `smarthost drain` left in DRAIN_FILE (a later drain sets a new one)."""
-    timeout = DRAIN_TIMEOUT
-    path = os.path.join(relay.spool.root, DRAIN_FILE)
-    with contextlib.suppress(OSError, ValueError):
-        fresh = time.time() - os.stat(path).st_mtime < DRAIN_FILE_MAX_AGE
-        with open(path, encoding="ascii") as f:
-            text = f.read(64)
-        os.unlink(path)
-        if fresh:
-            timeout = max(0.0, float(text.strip()))
+    timeout `smarthost drain` left in the spool (a later drain sets a new one)."""
+    requested = relay.spool.take_drain_request()
+    timeout = DRAIN_TIMEOUT if requested is None else requested
     relay.draining = True
     log.event("draining", pid=os.getpid(), timeout=timeout)
     if first and relay.listeners is not None:

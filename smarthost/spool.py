@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import json
 import logging
 import os
@@ -93,6 +94,10 @@ SYNCFS_REST = 60.0  # seconds of per-file fsyncs after a slow syncfs
 IN_MEMORY = 256 * 1024  # bytes of a new message held in memory before going to tmp/
 _ENVELOPE_READ = 65536  # an envelope is read in blocks this big (most mail is one)
 LOCK_NAME = ".lock"  # in the root: held by the running relay, holds its pid
+# In the root: the timeout `smarthost drain` leaves for the relay it signals; one older
+# than DRAIN_REQUEST_MAX_AGE was left by a command that died, and is not taken.
+DRAIN_NAME = ".drain"
+DRAIN_REQUEST_MAX_AGE = 60.0
 # Held shared by each queue command that claims mail; see Spool.command_claims().
 _COMMANDS_LOCK_NAME = ".commands"
 
@@ -273,7 +278,6 @@ class Spool:
         A relay that was just killed may leave its delivery process a moment to notice
         and exit (it shares the lock): `wait` seconds are given for that.
         """
-        import fcntl
 
         fd = os.open(os.path.join(self.root, LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o600)
         deadline = time.monotonic() + (LOCK_WAIT if wait is None else wait)
@@ -308,6 +312,61 @@ class Spool:
             os.close(self._lock_fd)
             self._lock_fd = None
 
+    def watch_lock(self) -> int:
+        """The lock file opened to look at (`lock_holder`), never to take."""
+        path = os.path.join(self.root, LOCK_NAME)
+        return os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+
+    @staticmethod
+    def lock_holder(lock_fd: int) -> int | None:
+        """The pid in the lock file while a relay holds the lock; None when nobody does
+        (a pid left in the file by a relay that is gone is never signalled)."""
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pass
+        else:
+            fcntl.flock(lock_fd, fcntl.LOCK_UN)
+            return None
+        # A relay writes its pid just after taking the lock: give it a moment.
+        for _ in range(50):
+            text = os.pread(lock_fd, 32, 0).decode("ascii", "replace").strip()
+            if text.isdigit() and int(text) > 1:
+                return int(text)
+            time.sleep(0.02)
+        return None
+
+    def request_drain(self, timeout: float, owner: os.stat_result) -> None:
+        """Leave `timeout` (seconds) for the running relay: mode 0600, owned as `owner`
+        (the lock file: the relay's user)."""
+        path = os.path.join(self.root, DRAIN_NAME)
+        _unlink_quietly(path)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        try:
+            if os.geteuid() == 0:
+                os.fchown(fd, owner.st_uid, owner.st_gid)
+            os.write(fd, f"{timeout:g}\n".encode())
+        finally:
+            os.close(fd)
+
+    def take_drain_request(self) -> float | None:
+        """The timeout `request_drain` left, if it is fresh; the request is removed."""
+        path = os.path.join(self.root, DRAIN_NAME)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError:
+            return None
+        try:
+            fresh = time.time() - os.fstat(fd).st_mtime < DRAIN_REQUEST_MAX_AGE
+            text = os.read(fd, 64).decode("ascii", "replace").strip()
+        finally:
+            os.close(fd)
+            _unlink_quietly(path)
+        try:
+            return max(0.0, float(text)) if fresh else None
+        except ValueError:
+            return None
+
     @contextlib.contextmanager
     def command_claims(self) -> Iterator[None]:
         """Held (shared) by a queue command while it may claim mail into active/.
@@ -316,7 +375,6 @@ class Spool:
         nobody holds it, every envelope in active/ that the delivery process does not
         hold is a dead process's claim (see `no_command_claims`).
         """
-        import fcntl
 
         try:
             fd = self._open_commands_lock()
@@ -334,7 +392,6 @@ class Spool:
     def no_command_claims(self) -> Iterator[bool]:
         """True (and no queue command may claim meanwhile) when no command holds
         `command_claims`; False when one does or the lock cannot be had."""
-        import fcntl
 
         try:
             fd = self._open_commands_lock()
