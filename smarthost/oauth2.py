@@ -21,8 +21,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
-import http.client
-import http.server
 import json
 import logging
 import os
@@ -35,13 +33,15 @@ import threading
 import time
 import urllib.error
 import urllib.parse
-import urllib.request
 from collections.abc import Callable
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from . import log
 from .config import BackendConfig, Config, OAuth2Config, is_loopback
 from .spool import fsync_dir
+
+if TYPE_CHECKING:
+    import urllib.request
 
 REQUEST_TIMEOUT = 30.0
 MAX_RESPONSE = 1 << 20  # a token response is a few KiB; more is not a token endpoint
@@ -81,6 +81,10 @@ class TokenError(Exception):
 def post_form(url: str, fields: dict[str, str], timeout: float = REQUEST_TIMEOUT) -> dict:
     """POST `fields` form-encoded to `url`; the JSON object answered, or TokenError
     with the provider's error code. Secrets in `fields` never reach the error."""
+    # Imported here: only a relay with a [backend.oauth2] pays for the HTTP client.
+    import http.client
+    import urllib.request
+
     data = urllib.parse.urlencode(fields).encode("ascii")
     request = urllib.request.Request(
         url,
@@ -113,6 +117,8 @@ def post_form(url: str, fields: dict[str, str], timeout: float = REQUEST_TIMEOUT
 
 def _opener(url: str) -> urllib.request.OpenerDirector:
     """Verified TLS; the environment's proxy, except for a loopback endpoint."""
+    import urllib.request
+
     https = urllib.request.HTTPSHandler(context=ssl.create_default_context())
     host = urllib.parse.urlsplit(url).hostname or ""
     if is_loopback(host):
@@ -624,6 +630,8 @@ class _RedirectCatcher:
     terminal for a pasted address: whichever brings the answer first."""
 
     def __init__(self) -> None:
+        import http.server  # `oauth2 authorize` only
+
         answers: list[dict[str, str]] = []
 
         class Handler(http.server.BaseHTTPRequestHandler):
