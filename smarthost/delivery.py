@@ -91,7 +91,7 @@ class Delivery:
 
     def reload(self, config: Config) -> None:
         # `[fleet]` is read at start only: Redis and the node name stay as they were.
-        upstreams = Upstreams(config, fleet=self.fleet)
+        upstreams = Upstreams(config, on_group_up=self.scheduler.group_up, fleet=self.fleet)
         old_upstreams, self.upstreams = self.upstreams, upstreams
         self.sender.reload(config, upstreams)
         self.scheduler.reload(config, upstreams)
@@ -108,8 +108,8 @@ class Delivery:
             self.watcher.stop()
         if self.pickup is not None:
             self.pickup.stop()
-        self.token_keeper.stop()
         clean = self.scheduler.stop(grace)
+        self.token_keeper.stop(grace)  # after the attempts: they may need its tokens
         self.upstreams.close_all()
         if self.fleet is not None:
             self.fleet.stop()

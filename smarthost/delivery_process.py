@@ -33,6 +33,7 @@ from .spool import Envelope, Spool
 STOP_GRACE = 5.0
 RESTART_DELAY = 1.0  # before a delivery process that died is started again
 START_TIMEOUT = 60.0  # for a delivery process to say it runs
+SEND_TIMEOUT = 5.0  # for room in the pipe: the child reads it at once when it is well
 
 QUEUED = b"Q"  # + a committed queue ID
 CONFIG = b"C"  # + a pickled Config
@@ -70,12 +71,6 @@ def _read_exactly(fd: int, size: int) -> bytes | None:
         chunks.append(chunk)
         left -= len(chunk)
     return b"".join(chunks)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
 
 
 # -- the relay's end ---------------------------------------------------------------
@@ -118,9 +113,11 @@ class DeliveryProcess:
             os.close(read_end)
             os.close(ready_write)
         self._started_at = time.monotonic()
+        os.set_blocking(write_end, False)  # a child that stops reading must not stop commits
         with self._pipe_lock:
+            # The config first: a queue ID the committer sends meanwhile comes after it.
             self._pipe = write_end
-        self._send(CONFIG, pickle.dumps(self.config))
+            self._write(CONFIG, pickle.dumps(self.config))
         self._wait_until_ready(ready_read)
 
     def _wait_until_ready(self, ready_read: int) -> None:
@@ -147,11 +144,46 @@ class DeliveryProcess:
 
     def _send(self, kind: bytes, payload: bytes) -> None:
         with self._pipe_lock:
-            if self._pipe is None:
-                return
-            # If it died, the next one starts with a scan of the queue.
-            with contextlib.suppress(OSError):
-                _write_all(self._pipe, frame(kind, payload))
+            if self._pipe is not None:
+                self._write(kind, payload)
+
+    def _write(self, kind: bytes, payload: bytes) -> None:
+        """One frame into the pipe (`_pipe_lock` held). A queue ID that finds the pipe
+        full is dropped: the message is in queue/, and the rescan finds it. A frame
+        that cannot be finished within SEND_TIMEOUT means the child no longer reads:
+        it is killed, and the new one starts with a scan of the queue. A child that
+        died (EPIPE) is replaced the same way."""
+        assert self._pipe is not None
+        whole = frame(kind, payload)
+        data = memoryview(whole)
+        deadline = time.monotonic() + SEND_TIMEOUT
+        try:
+            while data:
+                try:
+                    data = data[os.write(self._pipe, data) :]
+                except BlockingIOError:
+                    if kind == QUEUED and len(data) == len(whole):
+                        return  # nothing written (a short frame is all or nothing)
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0 or not select.select([], [self._pipe], [], remaining)[1]:
+                        self._give_up_on_child()
+                        return
+        except OSError:
+            pass
+
+    def _give_up_on_child(self) -> None:
+        """The child stopped reading its pipe (`_pipe_lock` held): kill it, so that the
+        relay starts a new one."""
+        log.event(
+            "internal_error",
+            level=logging.ERROR,
+            error="the delivery process stopped reading its pipe; starting a new one",
+        )
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+        if self._pipe is not None:
+            os.close(self._pipe)
+            self._pipe = None
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -215,6 +247,10 @@ def main() -> None:
         from . import metrics  # before the drop, like what it imports
 
         metrics.load_library()
+    if config.fleet.enabled:
+        from . import fleet  # before the drop, like what it imports
+
+        fleet.load_library()
     if account is not None and os.geteuid() == 0:
         "localhost".encode("idna")  # loaded on first use: maybe unreachable once dropped
         privileges.drop_to(account)
@@ -236,6 +272,7 @@ def main() -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, on_signal)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the relay forwards reloads as frames
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # the relay's drain, not ours
     delivery.start()
     os.write(ready_fd, b"1")
     os.close(ready_fd)
@@ -255,11 +292,21 @@ def _follow_relay(pipe_fd: int, delivery: Delivery, stop: threading.Event) -> No
                 os._exit(1)  # the relay is gone: so are we, at once
             return
         kind, payload = received
-        if kind == QUEUED:
-            queue_id = payload.decode()
-            delivery.spool.committed_elsewhere(queue_id)
-            delivery.scheduler.committed(queue_id)
-        elif kind == CONFIG:
-            config = pickle.loads(payload)
-            log.setup_for(config)
-            delivery.reload(config)
+        try:
+            _follow_frame(delivery, kind, payload)
+        except Exception as exc:  # this thread must not die: the relay would block on us
+            with contextlib.suppress(Exception):
+                log.event("internal_error", level=logging.ERROR, error=f"relay pipe: {exc!r}")
+            if kind == CONFIG:
+                os._exit(1)  # the relay starts a new delivery process, with this config
+
+
+def _follow_frame(delivery: Delivery, kind: bytes, payload: bytes) -> None:
+    if kind == QUEUED:
+        queue_id = payload.decode()
+        delivery.spool.committed_elsewhere(queue_id)
+        delivery.scheduler.committed(queue_id)
+    elif kind == CONFIG:
+        config = pickle.loads(payload)
+        log.setup_for(config)
+        delivery.reload(config)

@@ -20,6 +20,7 @@ timeout, and never stops because of it. Nothing durable lives in Redis: an empty
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import math
 import threading
@@ -79,6 +80,13 @@ redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[2]))
 redis.call('EXPIRE', KEYS[1], math.ceil(tonumber(ARGV[2]) * 2))
 return redis.call('ZCARD', KEYS[1])
 """
+
+
+def load_library() -> None:
+    """Import what the fleet uses of redis now, before the delivery process drops root:
+    the service user may not reach the interpreter's files (a venv under /root)."""
+    for name in ("redis", "redis.backoff", "redis.retry", "redis.exceptions"):
+        importlib.import_module(name)
 
 
 def _client(config: FleetConfig) -> Any:

@@ -14,7 +14,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
@@ -160,7 +160,8 @@ class TextFormatter(logging.Formatter):
 
 # A LogRecord's own attributes come first in its __dict__, the event's fields after
 # (then what formatting adds: the message, which is the event's name).
-_RECORD_ATTRIBUTES = len(vars(logging.makeLogRecord({})))
+_STANDARD_ATTRIBUTES = frozenset(vars(logging.makeLogRecord({})))
+_RECORD_ATTRIBUTES = len(_STANDARD_ATTRIBUTES)
 _FORMATTED = frozenset({"message", "asctime"})
 
 
@@ -178,7 +179,12 @@ class EventFormatter(JsonFormatter):
         log_data["event"] = record.message
         log_data["level"] = record.levelname.lower()
         log_data.update(message_dict)  # exc_info, stack_info
-        for key, value in itertools.islice(record.__dict__.items(), _RECORD_ATTRIBUTES, None):
+        fields: Iterable[tuple[str, Any]] = record.__dict__.items()
+        if type(record) is logging.LogRecord:  # its own attributes first: skip them
+            fields = itertools.islice(fields, _RECORD_ATTRIBUTES, None)
+        else:  # a factory's subclass may add or order attributes otherwise
+            fields = ((k, v) for k, v in fields if k not in _STANDARD_ATTRIBUTES)
+        for key, value in fields:
             if key not in _FORMATTED and not key.startswith("_"):
                 log_data[key] = value
         log_data["time"] = rfc3339(record.created)

@@ -329,10 +329,12 @@ class RefreshTokenKeeper:
             self._thread = threading.Thread(target=self._run, name="oauth2-keeper", daemon=True)
             self._thread.start()
 
-    def stop(self) -> None:
+    def stop(self, grace: float | None = None) -> None:
+        """Stop; wait up to `grace` seconds (None: as long as it takes) for a renewal
+        in flight, which saves a rotated refresh token before it ends."""
         self._stopping.set()
         if self._thread is not None:
-            self._thread.join()
+            self._thread.join(grace)
 
     def _run(self) -> None:
         while True:

@@ -190,8 +190,24 @@ def serve(config: Config) -> int:
     except BaseException:
         relay.abort_start()
         raise
-    drain_until: float | None = None
     reason: str | None = None
+    try:
+        reason = _run_until_stopped(relay, stop, hup, drain, wake)
+    finally:
+        relay.stop(reason)  # whatever broke the loop: an orderly stop, nothing lost
+    return 0
+
+
+def _run_until_stopped(
+    relay: Relay,
+    stop: threading.Event,
+    hup: threading.Event,
+    drain: threading.Event,
+    wake: threading.Event,
+) -> str | None:
+    """The main loop: replace a dead delivery process, reload, drain; the reason it
+    ended for `stopping` (None: a signal)."""
+    drain_until: float | None = None
     healthy = True
     while not stop.is_set():
         # Idle, the relay sleeps until a signal; it looks every second only while it
@@ -203,17 +219,23 @@ def serve(config: Config) -> int:
             drain.clear()
             drain_until = start_drain(relay, drain_until is None)
         if drain_until is not None:
-            if relay.spool.nothing_due():
-                reason = "drained"
-                break
+            if _nothing_due(relay.spool):
+                return "drained"
             if time.monotonic() >= drain_until:
-                reason = "drain_timeout"
-                break
+                return "drain_timeout"
         if hup.is_set() and not stop.is_set():
             hup.clear()
             reload(relay)
-    relay.stop(reason)
-    return 0
+    return None
+
+
+def _nothing_due(spool: Spool) -> bool:
+    """Spool.nothing_due, with a spool that cannot be read now (EMFILE, EIO) as busy."""
+    try:
+        return spool.nothing_due()
+    except OSError as exc:
+        log.event("spool_error", level=logging.ERROR, error=f"drain check: {exc!r}")
+        return False
 
 
 def start_drain(relay: Relay, first: bool) -> float:

@@ -10,6 +10,7 @@ attempt is outcome.py's; probing a down backend is upstream.py's `Prober`.
 
 from __future__ import annotations
 
+import collections
 import heapq
 import logging
 import queue
@@ -60,7 +61,9 @@ class Scheduler:
         self.prober = Prober(sender.probe, self._probe_done)
         self._waiting: dict[str, set[str]] = {}  # group -> queue IDs waiting for it
         self._flushed: dict[str, set[str]] = {}  # group -> flushed IDs waiting for its probe
-        self._claimed: set[str] = set()  # in active/ because a worker of ours took it
+        # In active/ because a worker of ours took it; counted, as two workers may be
+        # handed one ID (a second hint before the claim) and only one claim succeeds.
+        self._claimed: collections.Counter[str] = collections.Counter()
         self._rescued: dict[str, tuple[Envelope, int]] = {}  # see _rescue
         self._sent_now: set[str] = set()  # due now, whatever their files' mtime says
         self._rebuilder: threading.Thread | None = None
@@ -240,14 +243,18 @@ class Scheduler:
             remembered = set(self._rescued) | self._sent_now
             for ids in (*self._waiting.values(), *self._flushed.values()):
                 remembered |= ids
-            candidates = remembered - queued - self._claimed
-        gone = {q for q in candidates if self.spool.locate(q) not in (QUEUE, ACTIVE, HOLD)}
-        if not gone:
+            candidates = remembered - queued - set(self._claimed)
+        where = {queue_id: self.spool.locate(queue_id) for queue_id in candidates}
+        gone = {q for q, state in where.items() if state not in (QUEUE, ACTIVE, HOLD)}
+        # A held message is kept for its release, but not as due now: that was for an
+        # attempt it no longer waits for.
+        not_queued = {q for q, state in where.items() if state not in (QUEUE, ACTIVE)}
+        if not not_queued:
             return
         with self._cond:
             for queue_id in gone:
                 self._rescued.pop(queue_id, None)
-            self._sent_now -= gone
+            self._sent_now -= not_queued
             for ids in (*self._waiting.values(), *self._flushed.values()):
                 ids -= gone
 
@@ -318,7 +325,7 @@ class Scheduler:
         if not sent_now and self._probe_first(queue_id, due):
             return  # sent when the probe is done
         with self._cond:
-            self._claimed.add(queue_id)
+            self._claimed[queue_id] += 1
         env = None
         try:
             claimed = self.spool.claim_message(queue_id)
@@ -341,7 +348,9 @@ class Scheduler:
             self._rescue(queue_id, env, exc)
         finally:
             with self._cond:
-                self._claimed.discard(queue_id)
+                self._claimed[queue_id] -= 1
+                if not self._claimed[queue_id]:
+                    del self._claimed[queue_id]
 
     def _after(self, requeued: Requeued | None, queue_id: str) -> None:
         """A settled attempt: index a requeued message again, and note what it waits for."""

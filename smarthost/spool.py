@@ -359,9 +359,12 @@ class Spool:
         try:
             fresh = time.time() - os.fstat(fd).st_mtime < DRAIN_REQUEST_MAX_AGE
             text = os.read(fd, 64).decode("ascii", "replace").strip()
+        except OSError:  # not a file (a directory planted there): no timeout in it
+            return None
         finally:
             os.close(fd)
-            _unlink_quietly(path)
+            with contextlib.suppress(OSError):
+                os.unlink(path)
         try:
             return max(0.0, float(text)) if fresh else None
         except ValueError:

@@ -1,0 +1,117 @@
+"""delivery_process.py: the relay's end of the pipe to the delivery process, with a
+real child process and real pipes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from smarthost.config import load_config
+from smarthost.delivery_process import CONFIG, DeliveryProcess, read_frame
+from smarthost.spool import Envelope, Recipient, Spool, new_id
+
+from support.configs import write_config
+
+
+def relay_end(tmp_path: Path) -> DeliveryProcess:
+    config = load_config(write_config(tmp_path, 9))
+    spool = Spool(config.spool.dir)
+    spool.create()
+    spool.lock()
+    return DeliveryProcess(config, spool)
+
+
+def envelope() -> Envelope:
+    return Envelope(new_id(), "a@client.test", [Recipient("b@dest.test")], time.time())
+
+
+def test_the_config_goes_first_whatever_is_committed_meanwhile(tmp_path, monkeypatch):
+    """A commit while the delivery process starts must not put a queue ID before the
+    config in the pipe: the child would exit and the relay's start fail."""
+    monkeypatch.setattr(sys, "getswitchinterval", sys.getswitchinterval)
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # thread switches as often as possible
+    proc = relay_end(tmp_path)
+    stop = threading.Event()
+
+    def commits() -> None:
+        while not stop.is_set():
+            proc.submit(envelope())
+
+    committer = threading.Thread(target=commits)
+    committer.start()
+    try:
+        proc.start()  # raises if the child saw a queue ID first
+        assert proc.alive()
+    finally:
+        stop.set()
+        committer.join(10)
+        sys.setswitchinterval(old)
+        assert proc.stop(5.0)
+
+
+def full_pipe() -> tuple[int, int]:
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
+    while True:
+        try:
+            os.write(write_end, b"x" * 65536)
+        except BlockingIOError:
+            break
+    return read_end, write_end
+
+
+def test_a_child_that_stops_reading_never_blocks_the_relay(tmp_path):
+    """Queue IDs that find the pipe full are dropped at once (the messages are in
+    queue/: the rescan finds them); a config that cannot get through within the
+    timeout gets the child killed, so that the relay starts a new one."""
+    proc = relay_end(tmp_path)
+    read_end, write_end = full_pipe()
+    proc.proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    proc._pipe = write_end
+    try:
+        started = time.monotonic()
+        for _ in range(100):
+            proc.submit(envelope())
+        assert time.monotonic() - started < 1.0, "a full pipe held up the commits"
+        assert proc.alive()
+        proc.reload(proc.config)  # cannot get through
+        assert time.monotonic() - started < 10.0
+        assert proc.proc.wait(5) != 0 and not proc.alive()
+        assert proc._pipe is None
+    finally:
+        os.close(read_end)
+        if proc.proc.poll() is None:
+            proc.proc.kill()
+            proc.proc.wait()
+
+
+def test_frames_arrive_whole_and_in_order(tmp_path):
+    proc = relay_end(tmp_path)
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
+    proc._pipe = write_end
+    ids = [envelope() for _ in range(3)]
+    proc.reload(proc.config)
+    for env in ids:
+        proc.submit(env)
+    os.close(write_end)
+    frames = []
+    while (received := read_frame(read_end)) is not None:
+        frames.append(received)
+    os.close(read_end)
+    assert frames[0][0] == CONFIG
+    assert [payload.decode() for _, payload in frames[1:]] == [env.id for env in ids]
+
+
+@pytest.mark.parametrize("garbage", ["directory"])
+def test_a_drain_request_that_is_no_file_is_no_timeout(tmp_path, garbage):
+    proc = relay_end(tmp_path)
+    (Path(proc.spool.root) / ".drain").mkdir()
+    assert proc.spool.take_drain_request() is None
