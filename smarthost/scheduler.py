@@ -316,14 +316,8 @@ class Scheduler:
         with self._cond:
             sent_now = queue_id in self._sent_now
             self._sent_now.discard(queue_id)
-        due = self.spool.due(QUEUE, queue_id)
-        if due is None:
-            return  # taken by someone else (queue command) or already done
-        if due > time.time() + _CLOCK_SLACK and not sent_now:
-            self.hint(queue_id, due)  # a stale hint: not due yet
+        if not sent_now and not self._due_by_its_file(queue_id):
             return
-        if not sent_now and self._probe_first(queue_id, due):
-            return  # sent when the probe is done
         with self._cond:
             self._claimed[queue_id] += 1
         env = None
@@ -351,6 +345,18 @@ class Scheduler:
                 self._claimed[queue_id] -= 1
                 if not self._claimed[queue_id]:
                     del self._claimed[queue_id]
+
+    def _due_by_its_file(self, queue_id: str) -> bool:
+        """Whether a hinted message is to be sent now, by its file's due time (a mail
+        made due in memory, `send_now`, skips this look): not if it is gone, not yet
+        due (a stale hint), or waits for a probe first."""
+        due = self.spool.due(QUEUE, queue_id)
+        if due is None:
+            return False  # taken by someone else (queue command) or already done
+        if due > time.time() + _CLOCK_SLACK:
+            self.hint(queue_id, due)  # a stale hint: not due yet
+            return False
+        return not self._probe_first(queue_id, due)  # else sent when the probe is done
 
     def _after(self, requeued: Requeued | None, queue_id: str) -> None:
         """A settled attempt: index a requeued message again, and note what it waits for."""

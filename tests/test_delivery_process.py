@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from smarthost import delivery_process
 from smarthost.config import load_config
 from smarthost.delivery_process import CONFIG, DeliveryProcess, read_frame
 from smarthost.spool import Envelope, Recipient, Spool, new_id
@@ -33,26 +34,26 @@ def envelope() -> Envelope:
 
 def test_the_config_goes_first_whatever_is_committed_meanwhile(tmp_path, monkeypatch):
     """A commit while the delivery process starts must not put a queue ID before the
-    config in the pipe: the child would exit and the relay's start fail."""
-    monkeypatch.setattr(sys, "getswitchinterval", sys.getswitchinterval)
-    old = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)  # thread switches as often as possible
+    config in the pipe: the child would exit and the relay's start fail. The commit is
+    made at the worst moment: while the config is being pickled for the pipe."""
     proc = relay_end(tmp_path)
-    stop = threading.Event()
+    dumps = delivery_process.pickle.dumps
+    commits: list[threading.Thread] = []
 
-    def commits() -> None:
-        while not stop.is_set():
-            proc.submit(envelope())
+    def dumps_amid_a_commit(obj: object) -> bytes:
+        commit = threading.Thread(target=proc.submit, args=(envelope(),))
+        commit.start()
+        commit.join(0.5)  # done at once unless the pipe is held for the config
+        commits.append(commit)
+        return dumps(obj)
 
-    committer = threading.Thread(target=commits)
-    committer.start()
+    monkeypatch.setattr(delivery_process.pickle, "dumps", dumps_amid_a_commit)
     try:
         proc.start()  # raises if the child saw a queue ID first
-        assert proc.alive()
+        assert proc.alive() and commits
     finally:
-        stop.set()
-        committer.join(10)
-        sys.setswitchinterval(old)
+        for commit in commits:
+            commit.join(5)
         assert proc.stop(5.0)
 
 

@@ -135,3 +135,34 @@ def test_what_it_remembers_of_a_deleted_message_goes_at_the_rescan(dispatch, sin
         3.0,
         "the deleted message forgotten, the held one kept",
     )
+
+
+def test_a_failed_second_claim_leaves_the_first_claim_alone(dispatch, sink, monkeypatch):
+    """Two workers may be handed one ID (a second hint before the first claim); the
+    one whose claim fails must not clear the claim of the one that is sending, or the
+    stray-claim check moves a message in flight back to queue/."""
+    d = dispatch(Intervals(rescan=3600.0, stray_active=0.0))  # any stray claim is stale
+    queue_id = d.commit()
+    in_attempt, release = threading.Event(), threading.Event()
+    attempt = d.scheduler.sender.attempt
+
+    def slow_attempt(env, content=None):
+        in_attempt.set()
+        release.wait(10)
+        return attempt(env, content)
+
+    monkeypatch.setattr(d.scheduler.sender, "attempt", slow_attempt)
+    first = threading.Thread(target=d.scheduler._process, args=(queue_id,))
+    first.start()
+    try:
+        assert in_attempt.wait(5)
+        assert d.spool.locate(queue_id) == ACTIVE
+        d.scheduler.committed(queue_id)  # a second worker, told it is due now ...
+        d.scheduler._process(queue_id)  # ... whose claim fails: the first one has it
+        d.scheduler._reclaim_stray_active(time.time())
+        assert d.spool.locate(queue_id) == ACTIVE, "a message in flight went back"
+    finally:
+        release.set()
+        first.join(10)
+    assert sink.wait_for(1, 5.0)
+    wait_until(lambda: d.spool.locate(queue_id) is None, 5.0, "the message to be done")
