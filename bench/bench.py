@@ -84,6 +84,9 @@ Figures (times are time.time() of this machine, which the processes share):
                only when it is reaped, at the very end), the load generator (this
                process) and the sink, from the start of the load until the last
                arrival; ms/msg is the relay's per accepted message
+  PSS          flat out and paced: the proportional set size of both processes (shared
+               pages counted once) at rest, 1 s after the start, and after the load;
+               at rest, both processes' context switches a second over 5 s
   peak RSS     the sum of the two processes' VmHWM, read just before SIGTERM (warm-up
                included; two peaks that may not coincide, so at most their sum)
   reply        large, but flat out: the replies to the text by code, one of them in
@@ -160,8 +163,10 @@ from smarthost.spool import DEFERRED, QUEUE, Content, Envelope, Recipient, Spool
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from support.procs import (
     RssSampler,
+    context_switches,
     cpu_seconds,
     proc_status_kib,
+    pss_kib,
     reset_peak_rss,
 )
 from support.relay import RelayProcess
@@ -482,6 +487,18 @@ def write_config(
     return path
 
 
+REST_SETTLE = 1.0  # seconds after the start before the relay counts as at rest
+REST_WINDOW = 5.0  # seconds over which its wake-ups at rest are counted
+
+
+@dataclass
+class Rest:
+    """The relay at rest: PSS of each process, wake-ups a second of both together."""
+
+    pss_kib: list[int]
+    wakeups: float
+
+
 @dataclass
 class RelayEnd:
     """What the relay looked like at the end of a scenario."""
@@ -551,6 +568,18 @@ class Relay(RelayProcess):
 
     def reset_peak_rss(self) -> bool:
         return all(reset_peak_rss(pid) for pid in self.pids() if pid)
+
+    def pss_kib(self) -> list[int]:
+        """The proportional set size of each process: shared pages counted once."""
+        return [pss_kib(pid) if pid else 0 for pid in self.pids()]
+
+    def at_rest(self) -> Rest:
+        """Its memory and wake-ups once started and idle, over REST_WINDOW."""
+        time.sleep(REST_SETTLE)
+        before = sum(context_switches(pid) for pid in self.pids() if pid)
+        time.sleep(REST_WINDOW)
+        after = sum(context_switches(pid) for pid in self.pids() if pid)
+        return Rest(self.pss_kib(), (after - before) / REST_WINDOW)
 
     def cpu_seconds(self) -> list[float]:
         """User + system CPU time of each process so far. The delivery process is read
@@ -781,6 +810,8 @@ class Result:
     arrivals: dict[str, list[float]]
     cpu: Cpu
     relay: RelayEnd
+    rest: Rest | None = None  # before the warm-up
+    loaded_pss_kib: list[int] | None = None  # right after the load, before the stop
 
 
 def run_scenario(
@@ -790,6 +821,7 @@ def run_scenario(
     config = write_config(directory, load.scenario, sink.port, args.workers)
     relay = Relay(config, directory, load.scenario)
     try:
+        rest = relay.at_rest()
         warmup = None
         if args.warmup > 0:
             warmup = Load(load.messages, f"{load.scenario}-warmup", args.warmup, load.clients)
@@ -797,10 +829,11 @@ def run_scenario(
         before = Cpu.now(relay, sink)
         send_and_wait(load, relay.port, sink, args.wait)
         cpu = Cpu.now(relay, sink) - before
+        loaded = relay.pss_kib()
     finally:
         end = relay.finish()
     sink.poll()
-    return Result(title, load, warmup, sink.arrivals, cpu, end)
+    return Result(title, load, warmup, sink.arrivals, cpu, end, rest, loaded)
 
 
 def send_and_wait(load: Load, port: int, sink: Sink, wait: float) -> None:
@@ -923,7 +956,14 @@ def end_lines(end: RelayEnd) -> list[str]:
 
 
 def relay_lines(result: Result) -> list[str]:
-    return [cpu_line(result.cpu, len(result.load.accepted())), *end_lines(result.relay)]
+    lines = [cpu_line(result.cpu, len(result.load.accepted()))]
+    if result.rest is not None and result.loaded_pss_kib is not None:
+        lines.append(
+            f"PSS         at rest {mib(result.rest.pss_kib)}, after the load "
+            f"{mib(result.loaded_pss_kib)}; at rest {result.rest.wakeups:.1f} wake-ups/s "
+            f"(both processes, over {REST_WINDOW:g} s)"
+        )
+    return [*lines, *end_lines(result.relay)]
 
 
 def report(result: Result) -> bool:

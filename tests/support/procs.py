@@ -66,6 +66,38 @@ def proc_status_kib(pid: int, key: str) -> int:
     return 0
 
 
+def pss_kib(pid: int) -> int:
+    """The proportional set size of one process in KiB (its share of the pages it
+    shares); 0 once it is gone or where smaps_rollup is missing (Linux < 4.14)."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def context_switches(pid: int) -> int:
+    """Every time any thread of `pid` was switched out so far: its wake-ups, near
+    enough (0 once it is gone)."""
+    total = 0
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return 0
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/status", encoding="ascii") as f:
+                for line in f:
+                    if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")):
+                        total += int(line.split()[1])
+        except OSError:
+            continue
+    return total
+
+
 def vm_rss_kib(pid: int) -> int:
     """The resident memory of one process in KiB (0 once it is gone)."""
     return proc_status_kib(pid, "VmRSS")
