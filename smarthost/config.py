@@ -243,6 +243,11 @@ class FleetConfig:
     def enabled(self) -> bool:
         return self.redis is not None
 
+    @property
+    def member(self) -> str | None:
+        """`node` in a fleet (on every log line and metric), else None."""
+        return self.node if self.enabled else None
+
 
 @dataclass(frozen=True)
 class Config:

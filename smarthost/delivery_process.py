@@ -260,9 +260,9 @@ def main() -> None:
     spool.adopt_lock(lock_fd)
     delivery = Delivery(config, spool)
     if config.metrics.listen is not None:
-        from .metrics import DeliveryMetrics, fleet_node  # its files: the service user's
+        from .metrics import DeliveryMetrics  # its files: the service user's
 
-        delivery.metrics = DeliveryMetrics(config, spool, fleet_node(config))
+        delivery.metrics = DeliveryMetrics(config, spool, config.fleet.member)
         delivery.metrics.start()
     stop = threading.Event()
 

@@ -130,6 +130,13 @@ def logfmt_value(value: Any) -> str:
     return '"' + "".join(_escape_char(c) for c in text) + '"'
 
 
+# A LogRecord's own attributes come first in its __dict__, the event's fields after
+# (then what formatting adds: the message, which is the event's name).
+_STANDARD_ATTRIBUTES = frozenset(vars(logging.makeLogRecord({})))
+_RECORD_ATTRIBUTES = len(_STANDARD_ATTRIBUTES)
+_FORMATTED = frozenset({"message", "asctime"})
+
+
 class TextFormatter(logging.Formatter):
     """`time level event key=value ...` (logfmt) for people who read logs without jq.
 
@@ -137,7 +144,6 @@ class TextFormatter(logging.Formatter):
     and a traceback becomes the quoted `exc_info` field, so one record is one line.
     """
 
-    _STANDARD = frozenset(vars(logging.makeLogRecord({})))
     # The line ends in `Z`: the time must be UTC, not the host's local time. Annotated
     # as on logging.Formatter, for mypy: a plain function, not a method (a builtin such
     # as time.gmtime is never bound to `self`).
@@ -149,20 +155,13 @@ class TextFormatter(logging.Formatter):
         parts.extend(
             f"{k}={logfmt_value(v)}"
             for k, v in vars(record).items()
-            if k not in self._STANDARD and k not in ("message", "asctime")
+            if k not in _STANDARD_ATTRIBUTES and k not in _FORMATTED
         )
         if record.exc_info:
             parts.append(f"exc_info={logfmt_value(self.formatException(record.exc_info))}")
         if record.stack_info:
             parts.append(f"stack_info={logfmt_value(self.formatStack(record.stack_info))}")
         return " ".join(parts)
-
-
-# A LogRecord's own attributes come first in its __dict__, the event's fields after
-# (then what formatting adds: the message, which is the event's name).
-_STANDARD_ATTRIBUTES = frozenset(vars(logging.makeLogRecord({})))
-_RECORD_ATTRIBUTES = len(_STANDARD_ATTRIBUTES)
-_FORMATTED = frozenset({"message", "asctime"})
 
 
 class EventFormatter(JsonFormatter):
@@ -256,8 +255,7 @@ _handler: logging.Handler | None = None
 
 def setup_for(config: Config) -> None:
     """setup() as `[log]` says, with `node` on every line when `[fleet]` is on."""
-    node = config.fleet.node if config.fleet.enabled else None
-    setup(config.log.level, config.log.file, config.log.format, node)
+    setup(config.log.level, config.log.file, config.log.format, config.fleet.member)
 
 
 def setup(

@@ -535,11 +535,6 @@ def _handler(server: MetricsServer) -> type[http.server.BaseHTTPRequestHandler]:
     return Handler
 
 
-def fleet_node(config: Config) -> str | None:
-    """The `node` label of every family: this relay's name in a fleet (SPEC §10)."""
-    return config.fleet.node if config.fleet.enabled else None
-
-
 def start_server(
     config: Config, relay: RelayState, account: pwd.struct_passwd | None, node: str | None = None
 ) -> MetricsServer:

@@ -67,9 +67,9 @@ class Relay:
         # the listeners commit in between. A delivery process is started before the
         # drop, so that it can still reach the interpreter, and drops its rights itself.
         if self.delivery.own_process and self.config.metrics.listen is not None:
-            from .metrics import fleet_node, start_server
+            from .metrics import start_server
 
-            self.metrics = start_server(self.config, self, account, fleet_node(self.config))
+            self.metrics = start_server(self.config, self, account, self.config.fleet.member)
         self.listeners = start_listeners(self.config, self.receiver, self.slots)
         if self.delivery.own_process:
             self.delivery.start()

@@ -444,7 +444,7 @@ def test_queue_list_and_show(tmp_path: Path, sink: Sink, relay_factory, events) 
 
 
 def test_queue_hold_survives_flush_release_delivers(
-    tmp_path: Path, sink: Sink, relay_factory, events, monkeypatch
+    tmp_path: Path, sink: Sink, relay_factory, events
 ) -> None:
     cfg, relay = deferring_relay(tmp_path, sink, relay_factory, NO_RESCANS)
     held_subject, control_subject = token(), token()
@@ -475,7 +475,7 @@ def test_queue_hold_survives_flush_release_delivers(
 
 
 def test_queue_delete_without_dsn_and_bounce_with_dsn(
-    tmp_path: Path, sink: Sink, relay_factory, events, monkeypatch
+    tmp_path: Path, sink: Sink, relay_factory, events
 ) -> None:
     cfg, relay = deferring_relay(tmp_path, sink, relay_factory, NO_RESCANS)
     deleted_subject, bounced_subject = token(), token()
