@@ -5,7 +5,9 @@ its content: chunks, or a spool Draft already written as it arrived) and await a
 future; the commit thread writes and syncs a whole batch through `Spool.commit_many`
 and resolves each future on its own loop. Messages whose DATA ends while a batch is
 being written join the next one (group commit, as databases do). One thread, not a
-pool: fewer threads taking turns on the GIL with the event loop.
+pool: fewer threads taking turns on the GIL with the event loop. The thread starts with
+the first message: until then the relay stays single-threaded, so that `serve` can fork
+its delivery process (delivery_process.py).
 """
 
 from __future__ import annotations
@@ -37,8 +39,7 @@ class GroupCommitter:
         self._waiting: list[tuple[Envelope, Content, asyncio.AbstractEventLoop, Any, float]] = []
         self._wake = threading.Condition()
         self._stopping = False
-        self._thread = threading.Thread(target=self._run, name="commit", daemon=True)
-        self._thread.start()
+        self._thread: threading.Thread | None = None
 
     def submit(
         self,
@@ -50,6 +51,9 @@ class GroupCommitter:
         """Commit `env`; `done` (a future of `loop`) then gets None or the SpoolError.
         `committed` is told how long the commit took, from here (the end of DATA)."""
         with self._wake:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="commit", daemon=True)
+                self._thread.start()
             self._waiting.append((env, content, loop, done, time.monotonic()))
             self._wake.notify()
 
@@ -58,7 +62,9 @@ class GroupCommitter:
         with self._wake:
             self._stopping = True
             self._wake.notify()
-        self._thread.join(timeout)
+            thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
 
     def _run(self) -> None:
         while True:

@@ -1,8 +1,15 @@
 """The delivery half in a process of its own, and the pipe between it and the relay.
 
-`serve` runs delivery in a second interpreter, so the two halves don't take turns on
-one GIL. The relay (`DeliveryProcess`, here) starts it and writes frames into a pipe;
-the child (`main`, here too) reads them. A frame is a kind byte and a 4-byte length:
+`serve` runs delivery in a second process, so the two halves don't take turns on one
+GIL. The relay (`DeliveryProcess`, here) starts it and writes frames into a pipe; the
+child (`run_child`, here too) reads them.
+
+The first delivery process is forked from the relay while it is still single-threaded,
+after the delivery modules are imported and with the imported objects frozen out of
+the garbage collector (`gc.freeze`): the two processes then share those pages copy on
+write instead of holding a copy each. A later one (the first died, the relay now runs
+threads) is a fresh interpreter (`python -c "...delivery_main()" FDS`), since forking a
+process that runs threads is not safe. A frame is a kind byte and a 4-byte length:
 `Q` + a committed queue ID, or `C` + the pickled Config (at start and on reload).
 
 The child holds the spool lock with the relay. The pipe's end tells it the relay is
@@ -14,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import gc
 import logging
 import os
 import pickle
@@ -24,7 +32,8 @@ import subprocess
 import sys
 import threading
 import time
-from typing import TYPE_CHECKING
+import traceback
+from typing import TYPE_CHECKING, Protocol
 
 from . import libc, log, privileges
 from .config import Config
@@ -43,6 +52,7 @@ if TYPE_CHECKING:
     from .delivery import Delivery
 
 _CHILD_MAIN = "from smarthost.delivery_process import main as delivery_main; delivery_main()"
+PROCESS_NAME = "smarthost-deliv"  # /proc/PID/comm, as ps and top show it (15 bytes at most)
 
 
 # -- the frames ------------------------------------------------------------------
@@ -84,7 +94,7 @@ class DeliveryProcess:
     def __init__(self, config: Config, spool: Spool) -> None:
         self.config = config
         self.spool = spool
-        self.proc: subprocess.Popen | None = None
+        self.proc: Child | None = None
         self._pipe: int | None = None
         self._pipe_lock = threading.Lock()
         self._started_at = 0.0
@@ -100,11 +110,14 @@ class DeliveryProcess:
         ready_read, ready_write = os.pipe()
         child_fds = (read_end, ready_write, lock_fd)
         try:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-c", _CHILD_MAIN, *map(str, child_fds)],
-                pass_fds=child_fds,
-                stdin=subprocess.DEVNULL,
-            )
+            if threading.active_count() == 1:
+                self.proc = _fork_child(child_fds, parent_ends=(write_end, ready_read))
+            else:
+                self.proc = subprocess.Popen(
+                    [sys.executable, "-c", _CHILD_MAIN, *map(str, child_fds)],
+                    pass_fds=child_fds,
+                    stdin=subprocess.DEVNULL,
+                )
         except BaseException:
             os.close(write_end)
             os.close(ready_read)
@@ -229,15 +242,113 @@ class DeliveryProcess:
                 self._pipe = None
 
 
+# -- the child process ---------------------------------------------------------------
+
+
+class Child(Protocol):
+    """What the relay uses of its delivery process: a subprocess.Popen's interface."""
+
+    pid: int
+    returncode: int | None
+
+    def poll(self) -> int | None: ...
+    def wait(self, timeout: float | None = None) -> int: ...
+    def send_signal(self, sig: int) -> None: ...
+    def kill(self) -> None: ...
+
+
+class ForkedChild:
+    """A child this process forked, with the part of Popen's interface `Child` names
+    (Popen only runs programs). Its pid cannot be reused before it is reaped here."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            self._reap(os.WNOHANG)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        if self.returncode is None:
+            if timeout is not None and not self._exits_within(timeout):
+                raise subprocess.TimeoutExpired(PROCESS_NAME, timeout)
+            self._reap(0)
+        assert self.returncode is not None
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    def _reap(self, options: int) -> None:
+        try:
+            pid, status = os.waitpid(self.pid, options)
+        except ChildProcessError:  # reaped elsewhere: its status is lost
+            self.returncode = -signal.SIGKILL
+            return
+        if pid:
+            self.returncode = os.waitstatus_to_exitcode(status)
+
+    def _exits_within(self, timeout: float) -> bool:
+        with contextlib.suppress(OSError):  # no pidfd (Linux before 5.3): just wait
+            fd = os.pidfd_open(self.pid)
+            try:
+                return bool(select.select([fd], [], [], timeout)[0])
+            finally:
+                os.close(fd)
+        return True
+
+
+def _fork_child(child_fds: tuple[int, int, int], parent_ends: tuple[int, int]) -> ForkedChild:
+    """Fork the delivery process from this single-threaded relay (see the module
+    docstring): what both halves import, and every object made so far, are shared."""
+    from . import delivery  # noqa: F401  # before the fork: its pages are shared
+
+    gc.collect()
+    gc.freeze()  # the collector then never writes to the shared objects' pages
+    pid = os.fork()
+    if pid:
+        return ForkedChild(pid)
+    code = 1
+    try:
+        for fd in parent_ends:
+            os.close(fd)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the relay's handler, not ours
+        run_child(*child_fds)
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        # Never back into the relay's own code: this process ends here.
+        with contextlib.suppress(Exception):
+            logging.shutdown()
+            sys.stderr.flush()
+        os._exit(code)
+
+
 # -- the child's end ---------------------------------------------------------------
 
 
 def main() -> None:
-    """The delivery process: `python -c "...; main()" PIPE_FD READY_FD LOCK_FD`."""
-    from .delivery import Delivery  # the relay's own process never needs it
-
+    """The delivery process as a fresh interpreter:
+    `python -c "...; main()" PIPE_FD READY_FD LOCK_FD`."""
     pipe_fd, ready_fd, lock_fd = (int(arg) for arg in sys.argv[1:4])
     libc.limit_malloc_arenas()
+    run_child(pipe_fd, ready_fd, lock_fd)
+
+
+def run_child(pipe_fd: int, ready_fd: int, lock_fd: int) -> None:
+    """The delivery process: read the config from the pipe, deliver until told to stop
+    (SIGTERM) or the relay is gone (the pipe's end); exits through SystemExit."""
+    from .delivery import Delivery  # the relay imports it only to fork this process
+
+    libc.name_process(PROCESS_NAME)
     first = read_frame(pipe_fd)
     if first is None or first[0] != CONFIG:
         os._exit(1)  # the relay died before it could say anything

@@ -29,6 +29,12 @@ def die_with_parent() -> None:
         _libc().prctl(1, signal.SIGKILL)
 
 
+def name_process(name: str) -> None:
+    """Set the name ps and top show (/proc/PID/comm, PR_SET_NAME; 15 bytes kept)."""
+    with contextlib.suppress(OSError, AttributeError):
+        _libc().prctl(15, name.encode()[:15])
+
+
 def syncfs_call() -> Callable[[int], None] | None:
     """syncfs(2), which makes a whole file system durable at once, where it reports
     write errors (Linux 5.8 and later); None elsewhere. Python has no os.syncfs: one

@@ -536,11 +536,14 @@ def _handler(server: MetricsServer) -> type[http.server.BaseHTTPRequestHandler]:
 
 
 def start_server(
-    config: Config, relay: RelayState, account: pwd.struct_passwd | None, node: str | None = None
+    config: Config,
+    relay: RelayState,
+    account: pwd.struct_passwd | None,
+    directory: str,
+    node: str | None = None,
 ) -> MetricsServer:
-    """Prepare the values' directory (before the delivery process starts: it inherits
-    it), bind the endpoint (before the relay drops root) and serve it."""
-    directory = prepare_directory(relay.spool.root, account)
+    """Bind the endpoint (before the relay drops root) and serve it; `directory` is the
+    values' directory, prepared before the delivery process started (it inherits it)."""
     server = MetricsServer(config, relay, node)
     if account is not None and os.geteuid() == 0:
         # The files this process just wrote its first values into, as root: readable

@@ -6,8 +6,9 @@ its own (delivery_process.py), so the two don't take turns on one GIL: the recei
 hands it each committed queue ID through a pipe. A `Relay` given another delivery half
 (tests give it one in the same process) runs that one.
 
-Start: spool (lock, recovery) → listeners → privileges dropped → delivery; only then is
-the relay announced as started. Stop: listeners first (no new mail), then the commits
+Start: spool (lock, recovery) → a delivery process (forked while the relay is still
+single-threaded) → listeners → privileges dropped (→ an in-process delivery half); only
+then is the relay announced as started. Stop: listeners first (no new mail), then the commits
 in flight, then delivery (attempts in flight get a few seconds; an unfinished message
 simply stays spooled and is retried at the next start).
 """
@@ -63,16 +64,23 @@ class Relay:
         account = privileges.service_account(self.config.user)
         if account is not None:
             privileges.hand_over(account, self.spool.root, self.config.log.file)
-        # Ports first (port 25 needs root), then no more root; delivery picks up what
-        # the listeners commit in between. A delivery process is started before the
-        # drop, so that it can still reach the interpreter, and drops its rights itself.
+        # A delivery process first, while this one runs no thread yet, so that it can
+        # be forked (delivery_process.py); it drops its rights itself. Then ports (port
+        # 25 needs root), then no more root; an in-process delivery half picks up what
+        # the listeners commit in between.
+        metrics_dir = None
         if self.delivery.own_process and self.config.metrics.listen is not None:
-            from .metrics import start_server
+            from .metrics import prepare_directory
 
-            self.metrics = start_server(self.config, self, account, self.config.fleet.member)
-        self.listeners = start_listeners(self.config, self.receiver, self.slots)
+            metrics_dir = prepare_directory(self.spool.root, account)  # the child's too
         if self.delivery.own_process:
             self.delivery.start()
+        if metrics_dir is not None:
+            from .metrics import start_server
+
+            node = self.config.fleet.member
+            self.metrics = start_server(self.config, self, account, metrics_dir, node)
+        self.listeners = start_listeners(self.config, self.receiver, self.slots)
         if account is not None:
             privileges.drop_to(account)
         if not self.delivery.own_process:

@@ -23,7 +23,9 @@ from typing import Any
 import pytest
 
 from smarthost import __version__
+from smarthost.delivery_process import PROCESS_NAME
 
+from faults.harness import delivery_children
 from support.cli import run_cli
 from support.configs import edit_config, write_config
 from support.load import LoadClient, clients_running
@@ -254,7 +256,30 @@ def process_gone(pid: int) -> bool:
     return "\nState:\tZ" in status  # a zombie has exited; its parent reaps it later
 
 
+def smaps_rollup_kib(pid: int, key: str) -> int:
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise AssertionError(f"no {key} in /proc/{pid}/smaps_rollup")
+
+
+def test_the_delivery_process_is_forked_and_shares_the_relays_pages(tmp_path, sink, relay_process):
+    """Forked after the imports, it holds their pages with the relay (copy on write)
+    instead of a copy of its own; ps shows its name."""
+    proc = relay_process(write_config(tmp_path, sink.port)).start()
+    child = delivery_pid(proc)
+    assert Path(f"/proc/{child}/comm").read_text().strip() == PROCESS_NAME
+    assert b"delivery_main" not in Path(f"/proc/{child}/cmdline").read_bytes()
+    # A spawned interpreter shares no anonymous pages with its parent (a few KiB at most).
+    shared = smaps_rollup_kib(child, "Shared_Dirty")
+    assert shared > 4096, f"only {shared} KiB shared with the relay"
+    send_message(proc.port, "<forked@client.test>")
+    sink.wait_for(1)
+    assert proc.stop() == 0
+
+
 def test_a_killed_delivery_process_is_replaced_and_mail_flows(tmp_path, sink, relay_process):
+    """The replacement is spawned, not forked: the relay now runs threads."""
     proc = relay_process(write_config(tmp_path, sink.port)).start()
     first = delivery_pid(proc)
     assert first != proc.proc.pid
@@ -271,6 +296,15 @@ def test_a_killed_delivery_process_is_replaced_and_mail_flows(tmp_path, sink, re
         "the relay to notice its delivery process died",
     )
     assert replaced[0]["level"] == "error"
+    (second,) = wait_until(
+        lambda: delivery_children(proc.proc.pid), DELIVERY_DEADLINE, "a new delivery process"
+    )
+    assert b"delivery_main" in Path(f"/proc/{second}/cmdline").read_bytes()
+    wait_until(
+        lambda: Path(f"/proc/{second}/comm").read_text().strip() == PROCESS_NAME,
+        DELIVERY_DEADLINE,
+        "the new delivery process to take its name",
+    )
     # Mail accepted meanwhile and after is delivered by the new one.
     send_message(proc.port, "<after@client.test>")
     wanted = {"<before@client.test>", "<after@client.test>"}

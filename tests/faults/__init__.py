@@ -1,8 +1,10 @@
 """Fault injection inside a real relay process, without touching smarthost/.
 
 `serve` runs as two processes: the relay (listeners, commits of received mail) and the
-delivery process it spawns (``python -c "...delivery_main()"``: scheduler, claims,
-sending, requeue, DSNs, pickup), which inherits the environment. So the hook is put in
+delivery process it forks (named ``smarthost-deliv`` in /proc/PID/comm; a replacement
+of it is spawned, ``python -c "...delivery_main()"``: scheduler, claims, sending,
+requeue, DSNs, pickup), which inherits the environment and, when forked, this hook: an
+at-fork handler then makes it the delivery role, with counters of its own. So the hook is put in
 by ``site/sitecustomize.py``: with ``tests/faults/site`` and ``tests`` on PYTHONPATH and
 ``$SMARTHOST_FAULTS`` set, every interpreter started with that environment (the relay,
 its delivery process and any replacement of it, a queue command) wraps the ``os``
@@ -90,12 +92,27 @@ def _cmdline(pid: int | str = "self") -> bytes:
         return b""
 
 
+DELIVERY_NAME = b"smarthost-deliv"  # delivery_process.PROCESS_NAME, set once it runs
+
+
 def _role() -> str:
-    """delivery in serve's child (`python -c "...delivery_main()" FDS`), else relay."""
+    """delivery in serve's spawned child (`python -c "...delivery_main()" FDS`), else
+    relay (a forked child becomes delivery through `_forked`)."""
     cmdline = _cmdline()
     if cmdline:
         return "delivery" if b"delivery_main" in cmdline else "relay"
     return "delivery" if sys.argv[:1] == ["-c"] else "relay"
+
+
+def is_delivery_process(pid: int | str) -> bool:
+    """A delivery process of serve, forked (its name) or spawned (its command line)."""
+    try:
+        with open(f"/proc/{pid}/comm", "rb") as f:  # builtin open: not os.open
+            if f.read().strip() == DELIVERY_NAME:
+                return True
+    except OSError:
+        return False
+    return b"delivery_main" in _cmdline(pid)
 
 
 ROLE = _role()
@@ -257,7 +274,7 @@ def _delivery_children(pid: int) -> list[int]:
                 ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
         except (OSError, IndexError, ValueError):
             continue
-        if ppid == pid and b"delivery_main" in _cmdline(entry):
+        if ppid == pid and is_delivery_process(entry):
             found.append(int(entry))
     return found
 
@@ -404,6 +421,24 @@ def install(source: str | None = None, log_path: str | None = None) -> bool:
     os.utime = _utime  # type: ignore[assignment]
     os.chmod = _chmod  # type: ignore[assignment]
     os.mkdir = _mkdir  # type: ignore[assignment]
+    _record_installed()
+    os.register_at_fork(after_in_child=_forked)
+    return True
+
+
+def _record_installed() -> None:
+    assert _faults is not None
     argv = [a.decode(errors="replace") for a in _cmdline().split(b"\0") if a]
     _faults.record(event="installed", argv=argv or sys.argv)
-    return True
+
+
+def _forked() -> None:
+    """In a child os.fork() made: the relay forks only its delivery process, which
+    counts its own calls from zero, as a spawned one would."""
+    global ROLE
+    assert _faults is not None
+    ROLE = "delivery"
+    _faults.lock = threading.Lock()  # a fork copies a lock in whatever state it was
+    for rule in _faults.rules:
+        rule.seen = 0
+    _record_installed()

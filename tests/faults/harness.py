@@ -28,6 +28,7 @@ import pytest
 
 from smarthost.spool import ENVELOPE_STATES, Envelope
 
+from . import is_delivery_process
 from support import ROOT
 from support.messages import RCPT, SENDER, header, header_message_id
 from support.relay import RelayProcess
@@ -131,13 +132,9 @@ def delivery_children(relay_pid: int) -> list[int]:
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             fields = _stat_fields(entry)
-            if fields and fields[0] != "Z" and int(fields[1]) == relay_pid:
-                try:
-                    cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
-                except OSError:
-                    continue
-                if b"delivery_main" in cmdline:
-                    found.append(int(entry))
+            alive = fields and fields[0] != "Z" and int(fields[1]) == relay_pid
+            if alive and is_delivery_process(entry):
+                found.append(int(entry))
     return found
 
 
