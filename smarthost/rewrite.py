@@ -291,11 +291,33 @@ def _edit_addresses(
     return headers.splice(content, edits) if edits else content
 
 
+# A field body that is one mailbox with a domain, `Name <local@domain>` or
+# `local@domain`, and nothing the tokenizer would have to look into (no quotes,
+# comments, groups, lists or literals): nearly every From, To and Cc, and nothing to
+# qualify in it. Tokenizing it costs ~30 µs a message for nothing.
+_PLAIN = rb'[^()<>\[\]:;@\\,"\s]+'
+_ONE_QUALIFIED_MAILBOX = re.compile(
+    rb'[^()<>\[\]:;@\\,"]*<' + _PLAIN + rb"@" + _PLAIN + rb">\s*\Z"
+    rb"|\s*" + _PLAIN + rb"@" + _PLAIN + rb"\s*\Z"
+)
+
+
+def _plainly_qualified(content: bytes, field_: headers.Field) -> bool:
+    body = content.index(b":", field_.start, field_.end) + 1
+    return _ONE_QUALIFIED_MAILBOX.match(content, body, field_.end) is not None
+
+
 def qualify_header_addresses(
     content: bytes, hostname: str, changes: list[str], header: headers.Header | None = None
 ) -> bytes:
     """Addresses without a domain in To, Cc and From get `@hostname`."""
     header = header if header is not None else headers.read(content)
+    if all(
+        _plainly_qualified(content, found)
+        for found in header.fields
+        if found.name in QUALIFIED_FIELDS
+    ):
+        return content
     suffix = b"@" + hostname.encode()
 
     def edit(spec: AddrSpec) -> tuple[int, int, bytes] | None:

@@ -8,6 +8,7 @@ import json
 import logging
 import re
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -169,3 +170,19 @@ def test_event_formatter_writes_what_the_stock_formatter_writes() -> None:
 @pytest.mark.parametrize("name", ["tls_failed", "protocol_error"])
 def test_client_failure_events_exist(name: str) -> None:
     assert name in log.EVENTS
+
+
+def test_a_record_skips_what_no_line_shows(tmp_path: Path) -> None:
+    """Thread, process and caller are never shown: setup() has logging skip them."""
+    log.setup("info", str(tmp_path / "relay.log"))
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    log.logger.addHandler(handler)
+    try:
+        log.event("delivered", queue_id="Q")
+    finally:
+        log.logger.removeHandler(handler)
+    (record,) = records
+    assert (record.thread, record.process, record.lineno) == (None, None, 0)
+    assert json.loads((tmp_path / "relay.log").read_text())["queue_id"] == "Q"

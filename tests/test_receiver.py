@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import gc
 import os
 import re
 import smtplib
@@ -19,6 +20,7 @@ from hypothesis import strategies as st
 
 import smarthost.spool
 from smarthost.config import Config, load_config
+from smarthost.smtp_server import READ_LIMIT, RelaySMTP
 from smarthost.spool import is_queue_id
 
 from support.configs import write_config
@@ -621,3 +623,13 @@ def test_force_from_refuses_a_header_block_cut_at_its_bound(tmp_path, sink, rela
         assert (code, msg[:5]) == (554, b"5.6.0"), msg
         assert client.noop()[0] == 250  # the session goes on
     assert sink.messages == []
+
+
+def test_a_session_reads_its_socket_in_pieces_of_read_limit(relay):
+    """Not asyncio's 256 KiB, which glibc maps and unmaps at every read (smtp_server.py)."""
+    with smtplib.SMTP("127.0.0.1", relay.port, timeout=10) as client:
+        client.ehlo("client.test")
+        me = client.sock.getsockname()
+        sessions = [o for o in gc.get_objects() if isinstance(o, RelaySMTP)]
+        (session,) = [s for s in sessions if s.session and s.session.peer == me]
+        assert session.transport.max_size == READ_LIMIT

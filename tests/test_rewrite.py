@@ -17,10 +17,19 @@ import secrets
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from smarthost import headers
 from smarthost.config import RewriteConfig, load_config
-from smarthost.rewrite import HeaderInDoubt, force_header_from, rewrite
+from smarthost.rewrite import (
+    HeaderInDoubt,
+    _plainly_qualified,
+    addr_specs,
+    force_header_from,
+    qualify_header_addresses,
+    rewrite,
+)
 from smarthost.spool import Envelope, Recipient
 from smarthost.submission import Refused, UnreadableHeader, prepare
 
@@ -219,6 +228,56 @@ def test_unqualified_envelope_addresses_get_the_hostname() -> None:
     assert "sender cron -> cron@relay.test (qualified)" in out.changes
     assert "recipient root -> root@relay.test (qualified)" in out.changes
     assert rewrite(RewriteConfig(), HOST, "", ["a@x.test"], b"").sender == ""  # null sender
+
+
+# Field bodies built from what matters to the address parser: specials, quotes,
+# comments, white space, words with and without "@".
+_FIELD_PIECES = st.sampled_from(
+    [
+        b"a",
+        b"bob",
+        b"x.test",
+        b"@",
+        b"<",
+        b">",
+        b" ",
+        b"\r\n\t",
+        b",",
+        b";",
+        b":",
+        b'"',
+        b"(c)",
+        b"\\",
+        b".",
+        b"[1.2.3.4]",
+        b"\x0b",
+        b"J\xc3\xb6rg",
+        b"=?utf-8?q?a?=",
+    ]
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(_FIELD_PIECES, max_size=12).map(b"".join))
+def test_a_field_taken_as_plainly_qualified_is_one_the_parser_leaves_alone(body: bytes) -> None:
+    """The fast path (one `Name <local@domain>` or `local@domain`) may only skip what
+    the full parse would not have qualified."""
+    content = b"To:" + body + b"\r\n\r\n"
+    (field_,) = headers.read(content).fields
+    if _plainly_qualified(content, field_):
+        changes: list[str] = []
+        edits = [spec for spec in addr_specs(content, field_) if spec.at is None]
+        assert edits == [], (body, edits)
+        assert qualify_header_addresses(content, "relay.test", changes) == content
+
+
+def test_common_fields_take_the_fast_path_and_unqualified_ones_do_not() -> None:
+    for body in (b" Bench Load <load@client.example>", b" load@client.example", b" <a@b>"):
+        content = b"From:" + body + b"\r\n\r\n"
+        assert _plainly_qualified(content, headers.read(content).fields[0]), body
+    for body in (b" Bob <bob>", b" root", b" a@b, c", b' "a@b" <c>', b" a@b (c)"):
+        content = b"From:" + body + b"\r\n\r\n"
+        assert not _plainly_qualified(content, headers.read(content).fields[0]), body
 
 
 def test_unqualified_header_addresses_get_the_hostname_in_place() -> None:

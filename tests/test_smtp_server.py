@@ -9,6 +9,7 @@ end fails loudly when an aiosmtpd release changes an internal smtp_server.py tou
 from __future__ import annotations
 
 import asyncio
+import asyncio.selector_events
 import inspect
 import re
 from pathlib import Path
@@ -19,7 +20,7 @@ from aiosmtpd.smtp import SMTP
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from smarthost.smtp_server import BareNewline, DataDecoder, LineTooLong, read_data
+from smarthost.smtp_server import READ_LIMIT, BareNewline, DataDecoder, LineTooLong, read_data
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -145,6 +146,10 @@ def test_aiosmtpd_internals_are_what_smtp_server_expects():
     )
     assert "await waiter" in inspect.getsource(SMTP.smtp_STARTTLS)
     assert "_reader" in inspect.getsource(SMTP._cb_client_connected)
+    # asyncio's socket transport reads `max_size` bytes at a time (smtp_server.py sets it).
+    transport = asyncio.selector_events._SelectorSocketTransport
+    assert transport.max_size > READ_LIMIT
+    assert "recv(self.max_size)" in inspect.getsource(transport)
     pinned = re.search(r'"aiosmtpd>=([\d.]+),<([\d.]+)"', (ROOT / "setup.py").read_text())
     assert pinned, "setup.py pins aiosmtpd to a range"
     low, high = (tuple(int(p) for p in v.split(".")) for v in pinned.groups())
