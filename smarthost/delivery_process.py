@@ -310,6 +310,7 @@ def _fork_child(child_fds: tuple[int, int, int], parent_ends: tuple[int, int]) -
     from . import delivery  # noqa: F401  # before the fork: its pages are shared
 
     gc.collect()
+    libc.release_free_memory()
     gc.freeze()  # the collector then never writes to the shared objects' pages
     pid = os.fork()
     if pid:

@@ -23,6 +23,14 @@ def limit_malloc_arenas(arenas: int = 2) -> None:
         _libc().mallopt(-8, arenas)  # M_ARENA_MAX
 
 
+def release_free_memory() -> None:
+    """Give the pages malloc holds free back to the kernel (malloc_trim): what the
+    imports and the start-up freed would otherwise stay resident in both processes
+    after the fork (about 1 MB of PSS at rest)."""
+    with contextlib.suppress(OSError, AttributeError):
+        _libc().malloc_trim(0)
+
+
 def die_with_parent() -> None:
     """Be killed by the kernel when the parent process dies (PR_SET_PDEATHSIG)."""
     with contextlib.suppress(OSError, AttributeError):
