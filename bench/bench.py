@@ -14,14 +14,32 @@ block of figures. `serve` is two processes: the relay (listeners, spool commits;
 "receiver" below) and the delivery process it starts (scheduler, senders; `delivery_pid`
 in its `started` event): memory and CPU figures are the sum of both, each shown too.
 
+Postfix beside (--postfix auto, the default, when Postfix is installed and this runs as
+root; `no`: never; `only`: Postfix's runs alone, no relay): flat out, paced and large
+flat out run the same load through a private Postfix instance right after the relay's
+run, with the same sink, message count, size and sessions, and print its block and the
+two side by side (smarthost / Postfix: end-to-end and CPU per message as ratios,
+forward p99 and PSS at rest and at peak beside each other). The instance is the bench's
+own (bench/postfix_peer.py): config, queue and data directories in the temp dir, a free
+loopback port, relayhost the sink, no local delivery, no DNS, no TLS, Postfix's
+defaults for concurrency; started with `postfix -c DIR start` per scenario and stopped
+with `postfix -c DIR stop` (then abort and SIGKILL) whatever happens. A system Postfix is
+not touched. Without Postfix or root, one line says why it was skipped. Its figures are
+those of its whole process tree: the master and its children (smtpd, cleanup, qmgr,
+smtp...), which come and go: CPU counts the ones already reaped too (the master's
+cutime + cstime), PSS the ones alive at each sample. One run each: read the ratios of
+several runs, and the machine's load, before quoting one.
+
 Scenarios:
   flat out  --n messages of --size bytes over --clients sessions, as fast as they go:
             the relay's capacity. A backlog may build, so `forward` includes queueing.
+            Postfix beside.
   paced     --rate msgs/s offered for --duration s over --paced-clients sessions, on a
             fixed timetable (a late message does not delay the next one's slot): the
             relay's forwarding delay at a steady load below its capacity. Several
             sessions, so that one slow commit does not hold up the timetable (one
             lock-step session cannot offer more than 1 / its transaction time).
+            Postfix beside.
   backlog   --backlog messages (100,000) waiting in the spool for an upstream that is
             down. First the fixture: written straight into a spool (msg/ID, then
             queue/ID with the spool's own Envelope: 1 attempt, next attempt an hour
@@ -51,7 +69,7 @@ Scenarios:
               queued) and how many messages the queue gauges said were waiting
   large     issue 13's large-message scenarios, each on a fresh relay:
             flat out  --large-n messages (600) of --large-size bytes (100 KiB), as the
-              flat out scenario (same figures)
+              flat out scenario (same figures; Postfix beside)
             memory    --big-n messages (4) of --big-mib MiB (25) at once over as many
               sessions, received and forwarded (max_message_size: --big-mib + 1 M)
             no stalls --big-n messages of --big-mib MiB one after another on one
@@ -83,12 +101,29 @@ Figures (times are time.time() of this machine, which the processes share):
                /proc/PID/stat: the delivery process's time reaches the relay's cutime
                only when it is reaped, at the very end), the load generator (this
                process) and the sink, from the start of the load until the last
-               arrival; ms/msg is the relay's per accepted message
-  PSS          flat out and paced: the proportional set size of both processes (shared
-               pages counted once) at rest, 1 s after the start, and after the load;
-               at rest, both processes' context switches a second over 5 s
+               arrival; ms/msg is the relay's per accepted message. Postfix: its whole
+               process tree, each process's time with that of the children it reaped.
+               Backlog: for the new mail (empty queue, and beside the backlog: accepted
+               and deferred, not forwarded) and during the drain (per message drained).
+               Large, but flat out: per message sent (the long line: its one DATA)
+  PSS          the proportional set size (/proc/PID/smaps_rollup: pages shared
+               between processes counted once) of both processes, and each one's:
+               flat out, paced, large flat out: at rest (1 s after the start, before
+               the warm-up), peak (the highest total of samples taken every 200 ms
+               from the start of the load until its last arrival, split as it was
+               then) and after the load. Backlog: once loaded (settled), and the peak
+               from the start to the end of the drain (no "at rest": the relay is never
+               empty). Large, but flat out: idle (when the load began, after the
+               warm-up) and peak, beside the finer RSS figures below. Reading
+               smaps_rollup walks the process's page tables under its memory-map lock
+               (~0.3 ms of this process's CPU per read), which can delay the relay's
+               own mmap/munmap by as much: hence 200 ms, not the 20 ms of RSS
+  at rest      flat out, paced, large flat out: the context switches a second of all
+               the relay's processes over 5 s after the PSS at rest (its wake-ups);
+               not measured elsewhere
   peak RSS     the sum of the two processes' VmHWM, read just before SIGTERM (warm-up
-               included; two peaks that may not coincide, so at most their sum)
+               included; two peaks that may not coincide, so at most their sum); not
+               for Postfix, whose workers come and go
   reply        large, but flat out: the replies to the text by code, one of them in
                full, and the code expected (552 for the long line, else 250)
   DATA->reply  the same as DATA->250, whatever the reply
@@ -122,7 +157,9 @@ a figure, not a failure). It exits 1 when something went wrong: the relay did no
 logged a warning or an error (in the backlog scenario but `backend_down`, which it
 causes; in the large ones but `protocol_error` and `rejected`, which a hostile DATA may
 cause), refused or lost a message (large: a reply other than the one expected), or did
-not exit 0 on SIGTERM.
+not exit 0 on SIGTERM; the same of Postfix when it ran beside (its log's warnings, a
+`postfix stop` that failed), or it did not start. With --postfix only and no Postfix
+to run, it prints why and exits 1.
 """
 
 from __future__ import annotations
@@ -161,13 +198,19 @@ from smarthost.spool import DEFERRED, QUEUE, Content, Envelope, Recipient, Spool
 
 # The relay wrapper and the /proc readers are the tests' own (tests/support/).
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+# This script's directory, bench/, is on sys.path too.
+from postfix_peer import PostfixInstance, postfix_version, why_not
+
 from support.procs import (
+    PssSampler,
     RssSampler,
     context_switches,
     cpu_seconds,
     proc_status_kib,
+    process_tree,
     pss_kib,
     reset_peak_rss,
+    tree_cpu_seconds,
 )
 from support.relay import RelayProcess
 from support.smtp import free_port
@@ -489,14 +532,20 @@ def write_config(
 
 REST_SETTLE = 1.0  # seconds after the start before the relay counts as at rest
 REST_WINDOW = 5.0  # seconds over which its wake-ups at rest are counted
+# Seconds between two samples of the PSS during a load. Reading smaps_rollup walks the
+# process's page tables under its memory-map lock (~0.3 ms of this process's CPU per
+# read of a relay process), so it is sampled ten times less often than VmRSS.
+PSS_INTERVAL = 0.2
+RELAY_PARTS = ("receiver", "delivery")  # smarthost's two processes, as figures name them
 
 
 @dataclass
 class Rest:
-    """The relay at rest: PSS of each process, wake-ups a second of both together."""
+    """The relay at rest: PSS of each part, wake-ups a second of all its processes."""
 
     pss_kib: list[int]
     wakeups: float
+    processes: int
 
 
 @dataclass
@@ -508,9 +557,55 @@ class RelayEnd:
     stop_seconds: float
     events: Counter[str]
     problems: list[str]  # log records at warning level or above, non-JSON stderr lines
+    label: str = "relay"  # Postfix: its instance (no peak RSS: its workers come and go)
+    stopped_by: str = "SIGTERM"
 
 
-class Relay(RelayProcess):
+class UnderTest:
+    """What a scenario measures of the relay under test, smarthost or Postfix: the
+    process tree under `root_pid()`, its figures split into `parts`."""
+
+    label = "relay"
+    parts: tuple[str, ...] = RELAY_PARTS
+    port: int | None
+
+    def root_pid(self) -> int:
+        raise NotImplementedError
+
+    def pids(self) -> list[int]:
+        return process_tree(self.root_pid())
+
+    def parts_of(self, split: list[int]) -> list[int]:
+        """[the root process's, its descendants'] as `parts`."""
+        return split
+
+    def cpu_seconds(self) -> list[float]:
+        raise NotImplementedError
+
+    def finish(self, expected: frozenset[str] = frozenset()) -> RelayEnd:
+        raise NotImplementedError
+
+    def pss_kib(self) -> list[int]:
+        """The proportional set size of each part: shared pages counted once."""
+        root = self.root_pid()
+        others = sum(pss_kib(pid) for pid in self.pids() if pid != root)
+        return self.parts_of([pss_kib(root), others])
+
+    def pss_sampler(self) -> PssSampler:
+        """Not started: its `at_peak` is the split of the highest total sampled."""
+        return PssSampler(self.root_pid(), PSS_INTERVAL)
+
+    def at_rest(self) -> Rest:
+        """Its memory and wake-ups once started and idle, over REST_WINDOW."""
+        time.sleep(REST_SETTLE)
+        pids = self.pids()
+        before = sum(context_switches(pid) for pid in pids)
+        time.sleep(REST_WINDOW)
+        after = sum(context_switches(pid) for pid in pids)
+        return Rest(self.pss_kib(), (after - before) / REST_WINDOW, len(pids))
+
+
+class Relay(RelayProcess, UnderTest):
     """`python -m smarthost -c CFG serve` as a subprocess, its log (stderr) in a file.
 
     `serve` runs as two processes: this one (listeners, spool commits) and a delivery
@@ -558,33 +653,28 @@ class Relay(RelayProcess):
             with contextlib.suppress(OSError):
                 os.kill(self.delivery_pid, signal.SIGKILL)
 
+    def root_pid(self) -> int:
+        return self.process.pid
+
     def pids(self) -> list[int]:
-        """The relay process, then its delivery process (0: not known)."""
-        return [self.process.pid, self.delivery_pid]
+        """The relay process, then its delivery process (when known)."""
+        return [pid for pid in (self.process.pid, self.delivery_pid) if pid]
 
     def memory_kib(self, key: str) -> list[int]:
         """`VmRSS` (now) or `VmHWM` (peak) of each process, read from /proc."""
-        return [proc_status_kib(pid, key) if pid else 0 for pid in self.pids()]
+        return [proc_status_kib(pid, key) if pid else 0 for pid in self.both()]
+
+    def both(self) -> list[int]:
+        """The relay process, then its delivery process (0: not known)."""
+        return [self.process.pid, self.delivery_pid]
 
     def reset_peak_rss(self) -> bool:
-        return all(reset_peak_rss(pid) for pid in self.pids() if pid)
-
-    def pss_kib(self) -> list[int]:
-        """The proportional set size of each process: shared pages counted once."""
-        return [pss_kib(pid) if pid else 0 for pid in self.pids()]
-
-    def at_rest(self) -> Rest:
-        """Its memory and wake-ups once started and idle, over REST_WINDOW."""
-        time.sleep(REST_SETTLE)
-        before = sum(context_switches(pid) for pid in self.pids() if pid)
-        time.sleep(REST_WINDOW)
-        after = sum(context_switches(pid) for pid in self.pids() if pid)
-        return Rest(self.pss_kib(), (after - before) / REST_WINDOW)
+        return all(reset_peak_rss(pid) for pid in self.pids())
 
     def cpu_seconds(self) -> list[float]:
         """User + system CPU time of each process so far. The delivery process is read
         live: its time reaches the relay's cutime only once reaped, at the very end."""
-        return [cpu_seconds(pid) if pid else 0.0 for pid in self.pids()]
+        return [cpu_seconds(pid) if pid else 0.0 for pid in self.both()]
 
     def wait_accepting(self, port: int, timeout: float) -> float:
         """Connect to `port` until the relay greets with 220; seconds since its Popen."""
@@ -628,6 +718,37 @@ class Relay(RelayProcess):
                 record.pop("time", None)
                 problems.append(" ".join(f"{k}={v}" if k else str(v) for k, v in record.items()))
         return RelayEnd(rss, code, stop_seconds, events, problems)
+
+
+class PostfixPeer(UnderTest):
+    """A private Postfix instance (postfix_peer.py) in the relay's place, started under
+    `directory`/`name` and relaying to the sink; its figures are those of its whole
+    process tree (the master and its children, with those already reaped)."""
+
+    label = "Postfix"
+    parts = ("its whole process tree",)
+
+    def __init__(self, directory: str, name: str, sink_port: int) -> None:
+        self.instance = PostfixInstance(os.path.join(directory, name), sink_port)
+        self.instance.write_config()
+        self.instance.start()  # RuntimeError with Postfix's words when it fails
+        self.port = self.instance.port
+
+    def root_pid(self) -> int:
+        return self.instance.master
+
+    def parts_of(self, split: list[int]) -> list[int]:
+        return [sum(split)]
+
+    def cpu_seconds(self) -> list[float]:
+        return [tree_cpu_seconds(self.instance.master)]
+
+    def finish(self, expected: frozenset[str] = frozenset()) -> RelayEnd:
+        """`postfix stop` and wait for its processes; its log's statuses and warnings."""
+        code, seconds = self.instance.stop(STOP_TIMEOUT)
+        events = self.instance.statuses()
+        problems = self.instance.problems()
+        return RelayEnd([], code, seconds, events, problems, self.label, "postfix stop")
 
 
 # -- the load generator --------------------------------------------------------------------
@@ -687,6 +808,18 @@ class Load:
 
     def message_id(self, seq: int) -> str:
         return self.messages.message_id(self.scenario, seq)
+
+    def again(self, scenario: str, n: int | None = None, rate: float | None = None) -> Load:
+        """A load not yet sent of the same messages over as many sessions, under another
+        scenario name (so with Message-IDs of its own)."""
+        return Load(
+            self.messages,
+            scenario,
+            self.n if n is None else n,
+            self.clients,
+            self.rate if rate is None else rate,
+            self.timeout,
+        )
 
     def accepted(self) -> list[Sent]:
         return [s for s in self.sent if s.code == 250]
@@ -779,24 +912,30 @@ class Load:
 
 @dataclass
 class Cpu:
-    receiver: float  # the relay process
-    delivery: float  # its delivery process
+    """CPU seconds of the relay under test (each of its parts), of the load generator
+    (this process) and of the sink."""
+
+    label: str  # "relay", "Postfix"
+    names: tuple[str, ...]  # the relay's parts
+    parts: list[float]
     load: float
     sink: float
 
     @classmethod
-    def now(cls, relay: Relay, sink: Sink) -> Cpu:
-        receiver, delivery = relay.cpu_seconds()
-        return cls(receiver, delivery, time.process_time(), sink.cpu_seconds())
+    def now(cls, relay: UnderTest, sink: Sink) -> Cpu:
+        return cls(
+            relay.label, relay.parts, relay.cpu_seconds(), time.process_time(), sink.cpu_seconds()
+        )
 
     @property
     def relay(self) -> float:
-        return self.receiver + self.delivery
+        return sum(self.parts)
 
     def __sub__(self, other: Cpu) -> Cpu:
         return Cpu(
-            self.receiver - other.receiver,
-            self.delivery - other.delivery,
+            self.label,
+            self.names,
+            [a - b for a, b in zip(self.parts, other.parts)],
             self.load - other.load,
             self.sink - other.sink,
         )
@@ -810,30 +949,51 @@ class Result:
     arrivals: dict[str, list[float]]
     cpu: Cpu
     relay: RelayEnd
-    rest: Rest | None = None  # before the warm-up
-    loaded_pss_kib: list[int] | None = None  # right after the load, before the stop
+    rest: Rest  # before the warm-up
+    peak_pss_kib: list[int]  # the highest total sampled during the load, split in parts
+    pss_samples: int
+    loaded_pss_kib: list[int]  # right after the load, before the stop
 
 
 def run_scenario(
     args: argparse.Namespace, directory: str, sink: Sink, load: Load, title: str
 ) -> Result:
-    """Start a relay, warm it up, send the load, wait for the arrivals, stop the relay."""
+    """Start a relay, then measure the load through it."""
     config = write_config(directory, load.scenario, sink.port, args.workers)
-    relay = Relay(config, directory, load.scenario)
+    return measure(args, Relay(config, directory, load.scenario), sink, load, title)
+
+
+def run_postfix(
+    args: argparse.Namespace, directory: str, sink: Sink, load: Load, title: str
+) -> Result:
+    """Start a private Postfix instance, then measure the load through it."""
+    return measure(args, PostfixPeer(directory, load.scenario, sink.port), sink, load, title)
+
+
+def measure(
+    args: argparse.Namespace, relay: UnderTest, sink: Sink, load: Load, title: str
+) -> Result:
+    """The relay at rest, then warm it up, send the load while sampling its PSS, wait for
+    the arrivals, stop the relay."""
     try:
         rest = relay.at_rest()
         warmup = None
         if args.warmup > 0:
-            warmup = Load(load.messages, f"{load.scenario}-warmup", args.warmup, load.clients)
+            warmup = load.again(f"{load.scenario}-warmup", args.warmup, rate=0.0)
             send_and_wait(warmup, relay.port, sink, args.wait)
+        pss = relay.pss_sampler().start()
         before = Cpu.now(relay, sink)
-        send_and_wait(load, relay.port, sink, args.wait)
+        try:
+            send_and_wait(load, relay.port, sink, args.wait)
+        finally:
+            pss.stop()
         cpu = Cpu.now(relay, sink) - before
         loaded = relay.pss_kib()
     finally:
         end = relay.finish()
     sink.poll()
-    return Result(title, load, warmup, sink.arrivals, cpu, end, rest, loaded)
+    peak = relay.parts_of(pss.at_peak)
+    return Result(title, load, warmup, sink.arrivals, cpu, end, rest, peak, pss.samples, loaded)
 
 
 def send_and_wait(load: Load, port: int, sink: Sink, wait: float) -> None:
@@ -899,14 +1059,21 @@ def refused_detail(loads: list[Load]) -> tuple[int, str]:
     return sum(refused.values()), detail
 
 
+def arrived_pairs(load: Load, arrivals: dict[str, list[float]]) -> list[tuple[Sent, list[float]]]:
+    """Each accepted message of `load` that reached the sink, with its arrival times."""
+    ids = [(s, load.message_id(s.seq)) for s in load.accepted()]
+    return [(s, arrivals[i]) for s, i in ids if i in arrivals]
+
+
+def forward_seconds(load: Load, arrivals: dict[str, list[float]]) -> list[float]:
+    """Per message that arrived: the client's 250 -> the sink has it."""
+    return [times[0] - s.t_reply for s, times in arrived_pairs(load, arrivals)]
+
+
 def load_lines(load: Load, arrivals: dict[str, list[float]]) -> tuple[list[str], bool]:
     """The throughput and latency lines of a load; False when a message was lost or refused."""
     accepted = load.accepted()
-    arrived = [
-        (s, arrivals[load.message_id(s.seq)])
-        for s in accepted
-        if load.message_id(s.seq) in arrivals
-    ]
+    arrived = arrived_pairs(load, arrivals)
     duplicates = sum(len(times) - 1 for _, times in arrived)
     lost = len(accepted) - len(arrived)
     refused, detail = refused_detail([load])
@@ -915,8 +1082,7 @@ def load_lines(load: Load, arrivals: dict[str, list[float]]) -> tuple[list[str],
         f"   (start -> last 250; {len(accepted)} of {load.n})",
         f"end-to-end  {end_to_end_rate(load, arrivals):7.1f} msgs/s   (start -> last arrival)",
         f"DATA->250   {spread_ms([s.t_reply - s.t_data for s in accepted])}",
-        f"forward     {spread_ms([times[0] - s.t_reply for s, times in arrived])}"
-        "   (client's 250 -> sink has it)",
+        f"forward     {spread_ms(forward_seconds(load, arrivals))}   (client's 250 -> sink has it)",
         f"lost {lost}   duplicates {duplicates}   refused {refused}"
         + (f" ({detail})" if detail else ""),
     ]
@@ -929,41 +1095,130 @@ def load_lines(load: Load, arrivals: dict[str, list[float]]) -> tuple[list[str],
     return lines, lost == 0 and not detail
 
 
-def mib(kib: list[int]) -> str:
-    """Total and each process's share: "52.1 MiB (receiver 30.2 + delivery 21.9)"."""
-    return (
-        f"{sum(kib) / 1024:.1f} MiB (receiver {kib[0] / 1024:.1f} + delivery {kib[1] / 1024:.1f})"
-    )
+def mib(kib: list[int], names: tuple[str, ...] = RELAY_PARTS) -> str:
+    """The total, and each part's share when there are several:
+    "52.1 MiB (receiver 30.2 + delivery 21.9)"."""
+    total = f"{sum(kib) / 1024:.1f} MiB"
+    if len(kib) < 2:
+        return total
+    return total + " (" + " + ".join(f"{n} {k / 1024:.1f}" for n, k in zip(names, kib)) + ")"
+
+
+def cpu_per_message_ms(cpu: Cpu, messages: int) -> float:
+    return cpu.relay / max(1, messages) * 1000
 
 
 def cpu_line(cpu: Cpu, messages: int, what: str = "") -> str:
-    per_msg = cpu.relay / max(1, messages) * 1000
+    if len(cpu.parts) > 1:
+        parts = " + ".join(f"{n} {s:.2f} s" for n, s in zip(cpu.names, cpu.parts))
+    else:
+        parts = cpu.names[0]
     return (
-        f"CPU         relay {cpu.relay:.2f} s = {per_msg:.2f} ms/msg{what}   "
-        f"(receiver {cpu.receiver:.2f} s + delivery {cpu.delivery:.2f} s; "
-        f"load generator {cpu.load:.2f} s, sink {cpu.sink:.2f} s)"
+        f"CPU         {cpu.label} {cpu.relay:.2f} s = "
+        f"{cpu_per_message_ms(cpu, messages):.2f} ms/msg{what}   "
+        f"({parts}; load generator {cpu.load:.2f} s, sink {cpu.sink:.2f} s)"
     )
 
 
 def end_lines(end: RelayEnd) -> list[str]:
     status = "did not exit, killed" if end.exit_code is None else f"exit {end.exit_code}"
     events = ", ".join(f"{name} {n}" for name, n in sorted(end.events.items()))
+    memory = f"peak RSS {mib(end.peak_rss_kib)}   " if end.peak_rss_kib else ""
     return [
-        f"relay       peak RSS {mib(end.peak_rss_kib)}   "
-        f"SIGTERM -> {status} in {end.stop_seconds:.2f} s",
-        f"relay log   {events}",
+        f"{end.label:<11} {memory}{end.stopped_by} -> {status} in {end.stop_seconds:.2f} s",
+        f"{end.label + ' log':<11} {events}",
     ]
 
 
 def relay_lines(result: Result) -> list[str]:
-    lines = [cpu_line(result.cpu, len(result.load.accepted()))]
-    if result.rest is not None and result.loaded_pss_kib is not None:
-        lines.append(
-            f"PSS         at rest {mib(result.rest.pss_kib)}, after the load "
-            f"{mib(result.loaded_pss_kib)}; at rest {result.rest.wakeups:.1f} wake-ups/s "
-            f"(both processes, over {REST_WINDOW:g} s)"
-        )
-    return [*lines, *end_lines(result.relay)]
+    names = result.cpu.names
+    return [
+        cpu_line(result.cpu, len(result.load.accepted())),
+        f"PSS         at rest {mib(result.rest.pss_kib, names)}, peak "
+        f"{mib(result.peak_pss_kib, names)}, after the load {mib(result.loaded_pss_kib, names)}"
+        f"   (peak of {result.pss_samples} samples, every {PSS_INTERVAL * 1000:g} ms)",
+        f"at rest     {result.rest.wakeups:.1f} wake-ups/s   "
+        f"({result.rest.processes} processes, over {REST_WINDOW:g} s)",
+        *end_lines(result.relay),
+    ]
+
+
+def versus_lines(ours: Result, theirs: Result) -> list[str]:
+    """smarthost's figures beside Postfix's, the same load through each."""
+    both = (ours, theirs)
+    e2e = [end_to_end_rate(r.load, r.arrivals) for r in both]
+    cpu = [cpu_per_message_ms(r.cpu, len(r.load.accepted())) for r in both]
+    p99 = [percentile(sorted(forward_seconds(r.load, r.arrivals)), 99) * 1000 for r in both]
+    rest = [sum(r.rest.pss_kib) / 1024 for r in both]
+    peak = [sum(r.peak_pss_kib) / 1024 for r in both]
+    return [
+        "smarthost / Postfix (the same load, sink and clients, one run each)",
+        f"end-to-end  {ratio(*e2e)} x   ({e2e[0]:.1f} vs {e2e[1]:.1f} msgs/s)",
+        f"CPU         {ratio(*cpu)} x per message   ({cpu[0]:.2f} vs {cpu[1]:.2f} ms)",
+        f"forward     p99 {p99[0]:.1f} vs {p99[1]:.1f} ms",
+        f"PSS         at rest {rest[0]:.1f} vs {rest[1]:.1f} MiB, "
+        f"peak {peak[0]:.1f} vs {peak[1]:.1f} MiB",
+    ]
+
+
+@dataclass
+class Beside:
+    """Postfix beside the relay (--postfix): whether it runs, and whether it runs alone."""
+
+    run: bool
+    only: bool
+    version: str = ""
+
+
+def plan_postfix(args: argparse.Namespace, directory: str) -> Beside:
+    """Whether Postfix runs beside the relay; prints a line saying so, or why not."""
+    if args.postfix == "no":
+        return Beside(False, False)
+    reason = why_not()
+    if reason:
+        print(f"  Postfix skipped: {reason}", flush=True)
+        return Beside(False, args.postfix == "only")
+    # Postfix's daemons, running as its mail_owner, must reach their directories in here.
+    os.chmod(directory, 0o711)
+    version = postfix_version()
+    print(
+        f"  Postfix {version} beside the relay: a private instance per scenario (config, "
+        "queue and port of its own), after the relay's run, with the same sink and load",
+        flush=True,
+    )
+    return Beside(True, args.postfix == "only", version)
+
+
+def run_pair(
+    args: argparse.Namespace,
+    directory: str,
+    sink: Sink,
+    load: Load,
+    title: str,
+    beside: Beside,
+) -> tuple[bool, Result | None]:
+    """The relay's run of `load` (but with --postfix only), then, when Postfix runs
+    beside, its run of the same load and the two side by side. (True when nothing went
+    wrong, the relay's result.)"""
+    ok, ours = True, None
+    if not beside.only:
+        print()
+        ours = run_scenario(args, directory, sink, load, title)
+        ok = report(ours)
+    if not beside.run:
+        return ok, ours
+    print()
+    title = f"{title}: Postfix {beside.version}"
+    try:
+        theirs = run_postfix(args, directory, sink, load.again(f"postfix-{load.scenario}"), title)
+    except RuntimeError as exc:  # it did not start: not tried again
+        print(f"{title}\n  ! {exc}", flush=True)
+        beside.run = False
+        return False, ours
+    ok &= report(theirs)
+    if ours is not None:
+        print("\n" + "\n  ".join(versus_lines(ours, theirs)), flush=True)
+    return ok, ours
 
 
 def report(result: Result) -> bool:
@@ -1060,17 +1315,17 @@ def wait_until_settled(relay: Relay, limit: float) -> float:
 
 
 def send_new_mail(
-    args: argparse.Namespace, messages: Messages, scenario: str, port: int
-) -> list[Load]:
-    """The warm-up (not counted) and the counted load, flat out; the upstream is down,
-    so nothing is waited for."""
-    loads = []
-    if args.warmup > 0:
-        loads.append(Load(messages, f"{scenario}-warmup", args.warmup, args.clients))
-    loads.append(Load(messages, scenario, args.backlog_new, args.clients))
-    for load in loads:
-        load.run(port)
-    return loads
+    args: argparse.Namespace, messages: Messages, scenario: str, relay: Relay, sink: Sink
+) -> tuple[list[Load], Cpu]:
+    """The warm-up (not counted) and the counted load, flat out, and the relay's CPU
+    during the counted one; the upstream is down, so nothing is waited for."""
+    load = Load(messages, scenario, args.backlog_new, args.clients)
+    loads = [load.again(f"{scenario}-warmup", args.warmup)] if args.warmup > 0 else []
+    for warmup in loads:
+        warmup.run(relay.port)
+    before = Cpu.now(relay, sink)
+    load.run(relay.port)
+    return [*loads, load], Cpu.now(relay, sink) - before
 
 
 def backlog_relay(
@@ -1184,7 +1439,7 @@ def run_backlog(
         # The same relay and load on an empty queue, for reference.
         relay = backlog_relay(args, directory, "backlog-empty", sink, metrics=True)
         try:
-            empty_loads = send_new_mail(args, messages, "backlog-empty", relay.port)
+            empty_loads, empty_cpu = send_new_mail(args, messages, "backlog-empty", relay, sink)
         finally:
             empty_end = relay.finish(EXPECTED_WHILE_DOWN)
         empty = empty_loads[-1]
@@ -1200,10 +1455,13 @@ def run_backlog(
             f"            new mail accepted {empty_accept:.1f} msgs/s, "
             f"DATA->250 {spread_ms([s.t_reply - s.t_data for s in empty.accepted()])}"
         )
+        empty_ms = cpu_per_message_ms(empty_cpu, len(empty.accepted()))
+        line(cpu_line(empty_cpu, len(empty.accepted()), " for new mail (accepted, deferred)"))
 
         # (a) start, (b) memory with the backlog loaded.
         relay = backlog_relay(args, directory, "backlog", sink, BACKLOG_START_TIMEOUT, metrics=True)
         scraper = Scraper(relay.metrics)
+        pss = relay.pss_sampler().start()  # from the start to the end of the drain
         try:
             settled = wait_until_settled(relay, BACKLOG_START_TIMEOUT)
             line(
@@ -1211,16 +1469,17 @@ def run_backlog(
                 f"(from Popen); `started` logged after {relay.started_at - relay.popen_time:.2f} s;"
                 f" settled after {settled:.2f} s (CPU < {IDLE_CPU:.0%} of a core)"
             )
+            loaded_pss = relay.pss_kib()
             line(
                 f"loaded      RSS {mib(relay.memory_kib('VmRSS'))}, "
-                f"peak so far {mib(relay.memory_kib('VmHWM'))}"
+                f"peak so far {mib(relay.memory_kib('VmHWM'))}; PSS {mib(loaded_pss)}"
             )
             scraper.start()
             time.sleep(SCRAPE_INTERVAL * 11)  # ten scrapes of the loaded, idle relay
 
             # (c) new mail while the backlog waits.
             scraper.phase = "new mail"
-            loads = send_new_mail(args, messages, "backlog-new", relay.port)
+            loads, new_cpu = send_new_mail(args, messages, "backlog-new", relay, sink)
             load = loads[-1]
             accept = accepted_rate(load)
             flat_accept = accepted_rate(flat.load) if flat else None
@@ -1231,6 +1490,14 @@ def run_backlog(
                 + (f", {ratio(accept, flat_accept)} x flat out's {flat_accept:.1f}" if flat else "")
             )
             line(f"DATA->250   {spread_ms([s.t_reply - s.t_data for s in load.accepted()])}")
+            new_ms = cpu_per_message_ms(new_cpu, len(load.accepted()))
+            line(
+                cpu_line(
+                    new_cpu,
+                    len(load.accepted()),
+                    f" for new mail = {ratio(new_ms, empty_ms)} x the empty queue's",
+                )
+            )
 
             # (d) the upstream returns: the drain.
             expected = set(backlog_ids)
@@ -1245,6 +1512,7 @@ def run_backlog(
             drain_peak = relay.memory_kib("VmHWM")
         finally:
             scraper.stop()
+            pss.stop()
             end = relay.finish(EXPECTED_WHILE_DOWN)
         # The whole run's peak, each process's: its VmHWM was reset for the drain.
         end.peak_rss_kib = [max(a, b) for a, b in zip(start_peak, end.peak_rss_kib)]
@@ -1276,6 +1544,10 @@ def run_backlog(
         line(
             f"drain RSS   peak {mib(drain_peak)}"
             + ("" if peak_reset else "   (VmHWM could not be reset: the whole run's peak)")
+        )
+        line(
+            f"PSS         once loaded {mib(loaded_pss)}, peak {mib(pss.at_peak)}   (peak of "
+            f"{pss.samples} samples every {PSS_INTERVAL * 1000:g} ms, start to drained)"
         )
         refused, detail = refused_detail(loads)
         line(
@@ -1368,6 +1640,7 @@ class MemoryResult:
     noop: NoopProbe | None
     cpu: Cpu
     relay: RelayEnd
+    pss: PssSampler  # both processes' PSS, from the start of the load to its end
 
 
 def run_memory(
@@ -1395,12 +1668,14 @@ def run_memory(
         wait_until_settled(relay, SETTLE_LIMIT)
         hwm_reset = relay.reset_peak_rss()
         sampler = RssSampler(relay.process.pid, RSS_INTERVAL).start()
+        pss = relay.pss_sampler().start()
         before = Cpu.now(relay, sink)
         try:
             noop = NoopProbe(relay.port) if probe else None
             send_and_wait(load, relay.port, sink, args.wait)
         finally:
             sampler.stop()
+            pss.stop()
             if noop is not None:
                 noop.stop()
         cpu = Cpu.now(relay, sink) - before
@@ -1423,6 +1698,7 @@ def run_memory(
         noop,
         cpu,
         end,
+        pss,
     )
 
 
@@ -1459,12 +1735,11 @@ def memory_lines(result: MemoryResult) -> tuple[list[str], bool]:
     ok = len(load.sent) == load.n and all(s.code == result.expect for s in load.sent)
     accepted = load.accepted()
     if accepted:
-        ids = [load.message_id(s.seq) for s in accepted]
-        arrived = [(s, result.arrivals[i]) for s, i in zip(accepted, ids) if i in result.arrivals]
+        arrived = arrived_pairs(load, result.arrivals)
         lost = len(accepted) - len(arrived)
         duplicates = sum(len(times) - 1 for _, times in arrived)
         lines += [
-            f"forward     {spread_ms([times[0] - s.t_reply for s, times in arrived])}"
+            f"forward     {spread_ms(forward_seconds(load, result.arrivals))}"
             "   (client's 250 -> sink has it)",
             f"lost {lost}   duplicates {duplicates}",
         ]
@@ -1481,6 +1756,8 @@ def memory_lines(result: MemoryResult) -> tuple[list[str], bool]:
             if result.hwm_reset
             else "   (could not be reset: since start)"
         ),
+        f"PSS         idle {mib(result.pss.idle_split)}, peak {mib(result.pss.at_peak)}"
+        f"   (peak of {result.pss.samples} samples, every {PSS_INTERVAL * 1000:g} ms)",
     ]
     if result.noop is not None:
         lines.append(noop_line(result.noop, replied))
@@ -1525,13 +1802,17 @@ def report_memory(result: MemoryResult) -> bool:
     return ok and result.relay.exit_code == 0 and not problems
 
 
-def run_large(args: argparse.Namespace, directory: str, sink: Sink, small: Messages) -> bool:
-    """100 KiB flat out, then the memory and stall scenarios, each on a fresh relay."""
+def run_large(
+    args: argparse.Namespace, directory: str, sink: Sink, small: Messages, beside: Beside
+) -> bool:
+    """100 KiB flat out (Postfix too when beside), then the memory and stall scenarios,
+    each on a fresh relay (but with --postfix only)."""
     run_id = small.run_id
-    print()
     flat = Load(Messages(run_id, args.large_size), "large", args.large_n, args.clients)
     title = f"large flat out: {args.large_n} msgs x {args.large_size} B, {args.clients} clients"
-    ok = report(run_scenario(args, directory, sink, flat, title))
+    ok = run_pair(args, directory, sink, flat, title, beside)[0]
+    if beside.only:
+        return ok
 
     big = Messages(run_id, args.big_mib * 2**20)
     # Room for the relay's own count of a message of exactly --big-mib.
@@ -1620,6 +1901,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--only", choices=SCENARIOS, help="run one scenario only")
     p.add_argument(
+        "--postfix",
+        choices=("auto", "no", "only"),
+        default="auto",
+        help="auto: run a private Postfix instance beside the relay in flat out, paced and "
+        "large flat out when Postfix is installed and this runs as root; no; only: "
+        "Postfix's runs alone (auto)",
+    )
+    p.add_argument(
         "--wait",
         type=float,
         default=120.0,
@@ -1686,6 +1975,9 @@ def run_all(args: argparse.Namespace, directory: str) -> bool:
         "(write, fsync, rename, fsync dir; one loop)",
         flush=True,
     )
+    beside = plan_postfix(args, directory)
+    if beside.only and not beside.run:
+        return False
     ok = True
     flat = None
     chosen = scenarios(args, messages)
@@ -1693,20 +1985,19 @@ def run_all(args: argparse.Namespace, directory: str) -> bool:
         sink = Sink()
         try:
             for load, title in chosen:
-                print()
-                result = run_scenario(args, directory, sink, load, title)
-                ok &= report(result)
+                pair_ok, result = run_pair(args, directory, sink, load, title, beside)
+                ok &= pair_ok
                 if load.scenario == "flat":
                     flat = result
         finally:
             sink.stop()
-    if args.only in (None, "backlog"):
+    if args.only in (None, "backlog") and not beside.only:
         print()
         ok &= run_backlog(args, directory, messages, flat)
     if args.only in (None, "large"):
         sink = Sink()
         try:
-            ok &= run_large(args, directory, sink, messages)
+            ok &= run_large(args, directory, sink, messages, beside)
         finally:
             sink.stop()
     return ok

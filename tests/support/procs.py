@@ -113,14 +113,23 @@ def reset_peak_rss(pid: int) -> bool:
     return True
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a live process, from /proc (0.0 once it is gone)."""
+def cpu_seconds(pid: int, reaped: bool = False) -> float:
+    """User + system CPU time of a live process, from /proc (0.0 once it is gone); with
+    `reaped`, that of the children it has waited for too (cutime + cstime)."""
     try:
         fields = _stat_fields(pid)
     except OSError:
         return 0.0
-    # After the command name: utime is the 12th field, stime the 13th.
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    # After the command name: utime is the 12th field, stime the 13th, then cutime, cstime.
+    ticks = fields[11:15] if reaped else fields[11:13]
+    return sum(int(t) for t in ticks) / os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU time of `pid` and its live descendants, each with its reaped children: the
+    whole work of a process tree whose workers come and go (Postfix's smtpd, cleanup,
+    smtp...). A worker that exits between two reads may be missed or counted twice."""
+    return sum(cpu_seconds(p, reaped=True) for p in process_tree(pid))
 
 
 class RssSampler:
@@ -128,9 +137,10 @@ class RssSampler:
     `start()` to `stop()` (or while the `with` block runs): `baseline` (KiB per pid,
     taken at the start), `peak` (the largest total), `peaks` (per pid), and split into
     [the process itself, its descendants] (the relay and its delivery process):
-    `idle_split` at the start, `peak_split` the largest of each. The descendants are
-    looked up at each sample, so a delivery process started again is followed.
-    Figures in MiB through `growth_mib`/`summary`."""
+    `idle_split` at the start, `peak_split` the largest of each, `at_peak` the split of
+    the sample with the largest total. The descendants are looked up at each sample, so
+    a delivery process started again is followed. Figures in MiB through
+    `growth_mib`/`summary`."""
 
     def __init__(self, pid: int, every: float = 0.02) -> None:
         self.pid = pid
@@ -140,12 +150,18 @@ class RssSampler:
         self.peak = 0
         self.idle_split = [0, 0]
         self.peak_split = [0, 0]
+        self.at_peak = [0, 0]
         self.samples = 0  # taken after the baseline
         self._halt = threading.Event()
         self._thread = threading.Thread(target=self._run, name="rss-sampler")
 
+    @staticmethod
+    def read(pid: int) -> int:
+        """One process's memory in KiB (0 once it is gone)."""
+        return vm_rss_kib(pid)
+
     def sample(self) -> dict[int, int]:
-        return {p: vm_rss_kib(p) for p in process_tree(self.pid)}
+        return {p: self.read(p) for p in process_tree(self.pid)}
 
     def _split(self, rss: dict[int, int]) -> list[int]:
         return [rss.get(self.pid, 0), sum(kib for p, kib in rss.items() if p != self.pid)]
@@ -153,7 +169,9 @@ class RssSampler:
     def _record(self, rss: dict[int, int]) -> None:
         for p, kib in rss.items():
             self.peaks[p] = max(self.peaks.get(p, 0), kib)
-        self.peak = max(self.peak, sum(rss.values()))
+        total = sum(rss.values())
+        if total > self.peak:
+            self.peak, self.at_peak = total, self._split(rss)
         self.peak_split = [max(a, b) for a, b in zip(self.peak_split, self._split(rss))]
 
     def _run(self) -> None:
@@ -191,3 +209,14 @@ class RssSampler:
             for p, kib in sorted(self.peaks.items())
         ]
         return f"RSS +{self.growth_mib:.1f} MiB peak over idle (MiB per pid {', '.join(parts)})"
+
+
+class PssSampler(RssSampler):
+    """The same of the proportional set size (`pss_kib`: pages shared between the
+    processes, or with others, counted once). Reading smaps_rollup walks the process's
+    page tables under its memory-map lock (~0.3 ms of the reader's CPU for a 25 MiB
+    Python process), so sample every 0.1 s or more, not every 20 ms."""
+
+    @staticmethod
+    def read(pid: int) -> int:
+        return pss_kib(pid)
