@@ -249,6 +249,15 @@ class ReopenableFileHandler(logging.StreamHandler):
             old, self.stream = self.stream, new
             old.close()
 
+    def close(self) -> None:
+        # StreamHandler leaves its stream open (it may be stderr); this file is ours.
+        with self._reopen_lock:
+            try:
+                self.flush()
+            finally:
+                self.stream.close()
+                super().close()
+
 
 _handler: logging.Handler | None = None
 

@@ -183,6 +183,16 @@ def test_a_record_skips_what_no_line_shows(tmp_path: Path) -> None:
         log.event("delivered", queue_id="Q")
     finally:
         log.logger.removeHandler(handler)
+        log.setup("info")  # the file closes before tmp_path goes
     (record,) = records
     assert (record.thread, record.process, record.lineno) == (None, None, 0)
     assert json.loads((tmp_path / "relay.log").read_text())["queue_id"] == "Q"
+
+
+def test_a_new_setup_closes_the_log_file_it_replaces(tmp_path: Path) -> None:
+    """StreamHandler leaves its stream open; the relay's own file must not leak."""
+    log.setup("info", str(tmp_path / "relay.log"))
+    replaced = log._handler
+    assert isinstance(replaced, log.ReopenableFileHandler)
+    log.setup("info")
+    assert replaced.stream.closed
