@@ -12,10 +12,13 @@ Layout (every directory 0700, every file 0600, owned by the service user)::
 
 A message is committed with one file: its first envelope, then its content, written
 into tmp/ and made durable, renamed into msg/, and hard-linked into queue/ (the
-commit point); then those names are made durable. Messages committed together share
-that work (group commit): with syncfs(2), one call for each step and the whole batch;
-elsewhere an fsync of each file, then one of each directory. queue/ID and msg/ID are then
-two names of that one file, and readers of either skip the part that is not theirs.
+commit point); then those names are made durable. queue/ID and msg/ID are then two
+names of that one file, and readers of either skip the part that is not theirs.
+Messages committed together share that work (group commit): with syncfs(2), one call
+for each step and the whole batch; or an fsync of each file, then one of each
+directory. Where Linux has syncfs, each batch takes the way expected to cost less
+(SyncChoice, which times both): a syncfs also flushes every other program's writes on
+the file system, so beside a busy writer per-file fsyncs cost less.
 The first change of the envelope replaces queue/ID (or active/ID) with a file of its
 own, and msg/ID keeps the content. Every later state change is one rename of the
 envelope between state directories, so a message is never in two states at once.
@@ -30,6 +33,7 @@ import errno
 import fcntl
 import json
 import logging
+import math
 import os
 import re
 import secrets
@@ -89,8 +93,19 @@ EMBEDDED = b"\x00smarthost-envelope "
 # A file system that cannot hard-link (EPERM also covers a FUSE that refuses).
 _NO_LINKS = frozenset({errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK, errno.EXDEV})
 LOCK_WAIT = 3.0  # seconds a new relay waits for a killed one's delivery process
-SLOW_SYNCFS = 0.25  # seconds: a syncfs this slow flushed someone else's writes too
-SYNCFS_REST = 60.0  # seconds of per-file fsyncs after a slow syncfs
+# How a batch is made durable (SyncChoice): one syncfs a step, or per-file fsyncs.
+# A batch's timing's share of a running cost: one batch moves it much (a busy writer
+# that starts shows at once), a few make it (one stray timing does not decide).
+COST_WEIGHT = 0.3
+# Seconds a cost is averaged with new timings; an older one is replaced by the next
+# (the way was left aside meanwhile: what it cost then says little about now).
+COST_KEPT = 1.0
+# Share of the time that trying the way not in use may cost. It is tried once the time
+# since it was last timed, times this, outweighs how much dearer it is expected to be:
+# a syncfs 0.6 s dearer (a busy writer's dirty pages) once a minute, as the 60 s rest
+# after a slow syncfs used to; one a spike made 3 ms dearer after 0.3 s.
+TRIAL_SHARE = 0.01
+SYNCFS, FSYNC = "syncfs", "fsync"
 IN_MEMORY = 256 * 1024  # bytes of a new message held in memory before going to tmp/
 _ENVELOPE_READ = 65536  # an envelope is read in blocks this big (most mail is one)
 LOCK_NAME = ".lock"  # in the root: held by the running relay, holds its pid
@@ -226,6 +241,66 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+class SyncChoice:
+    """For each batch, the cheaper of two ways of making it durable; both are durable.
+
+    A syncfs(2) flushes the whole file system, each step's in one call (two a batch): on
+    a quiet disk one journal commit for any number of files, but beside a busy writer
+    it waits for that writer's dirty pages too. An fsync(2) per file and directory
+    (files + 2 a batch) waits for that file's data only. So the choice keeps a running
+    cost of one call of each way, learnt from the calls timed where they are made (a
+    call that fails is not counted), and takes the way whose batch is expected to cost
+    less, less TRIAL_SHARE of the time since that way was last timed: the way left
+    aside is tried again now and then, so neither cost goes stale. The clock can be
+    injected: the choice is arithmetic on the timings it is given. Threads may time
+    calls at once: a timing lost in a race only leaves the estimate a little older.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._costs: dict[str, tuple[float, float]] = {}  # way: (seconds a call, learnt at)
+        self._timed = {SYNCFS: [0.0, 0], FSYNC: [0.0, 0]}  # seconds, calls since then
+
+    def syncfs_cheaper(self, files: int) -> bool:
+        """Whether one syncfs a step is the way for a batch of `files`."""
+        now = self._clock()
+        self._learn(now)
+        # A syncfs for the data, one for the names; or an fsync of each file, then of
+        # msg/ and of queue/. Never timed, a way is tried: syncfs first, then fsyncs.
+        return self._worth(SYNCFS, 2, now) <= self._worth(FSYNC, files + 2, now)
+
+    @contextlib.contextmanager
+    def timing(self, way: str) -> Iterator[None]:
+        """Time the one call of `way` in the block, if it succeeds."""
+        started = self._clock()
+        yield
+        self.timed(way, self._clock() - started)
+
+    def timed(self, way: str, seconds: float) -> None:
+        """One call of `way` took `seconds`."""
+        timed = self._timed[way]
+        timed[0] += seconds
+        timed[1] += 1
+
+    def _learn(self, now: float) -> None:
+        # The calls of a batch make one timing, their mean: in a batch of fsyncs the
+        # directories' (journal commits) cost more than the files', and come last.
+        for way, (seconds, calls) in self._timed.items():
+            if calls:
+                timing = seconds / calls
+                cost, learnt_at = self._costs.get(way, (timing, now))
+                if now - learnt_at > COST_KEPT:
+                    cost = timing
+                self._costs[way] = (cost + COST_WEIGHT * (timing - cost), now)
+                self._timed[way] = [0.0, 0]
+
+    def _worth(self, way: str, calls: int, now: float) -> float:
+        if way not in self._costs:
+            return -math.inf
+        cost, learnt_at = self._costs[way]
+        return calls * cost - TRIAL_SHARE * (now - learnt_at)
+
+
 class SpoolObserver(Protocol):
     """What wants to know where each envelope goes (see `Spool.observer`)."""
 
@@ -239,7 +314,7 @@ class Spool:
         self.root = os.path.abspath(root)
         self._lock_fd: int | None = None
         self._syncfs = libc.syncfs_call()
-        self._syncfs_rest_until = 0.0
+        self.sync_choice = SyncChoice()
         # Told of every change of an envelope's state made through this Spool:
         # moved(queue_id, from, to), None for "new" and "gone" (metrics.QueueShape).
         self.observer: SpoolObserver | None = None
@@ -433,7 +508,8 @@ class Spool:
             if mtime is not None:
                 os.utime(fd, (mtime, mtime))
             if sync:
-                os.fsync(fd)
+                with self.sync_choice.timing(FSYNC):
+                    os.fsync(fd)
         except BaseException:
             os.close(fd)
             _unlink_quietly(path)
@@ -472,17 +548,18 @@ class Spool:
 
         Each message's file is written into tmp/; their data is made durable; each is
         renamed into msg/ and linked into queue/; then those names are made durable.
-        Where Linux has syncfs(2), each "made durable" is one syncfs for the whole
+        Where Linux has syncfs(2), each "made durable" may be one syncfs for the whole
         batch, one journal commit and one disk flush, instead of an fsync per file and
-        per directory. Returns, in order, None for each message now durable, or the
-        error that kept it out of the queue: one message's failure fails no other.
+        per directory: whichever `sync_choice` expects to cost less. Returns, in order,
+        None for each message now durable, or the error that kept it out of the queue:
+        one message's failure fails no other.
 
         Content is a list of chunks, or a Draft: one still in memory is written like
         chunks; one already written into tmp/ (large mail) keeps that file as its
         content, and its envelope gets a file of its own (the two-file layout).
         """
         results: list[SpoolError | None] = [None] * len(messages)
-        syncfs = self._syncfs_now()
+        syncfs = self._syncfs_for(len(messages))
         with self._queue_fd(syncfs) as queue_fd:
             written: dict[int, str] = {}
             for i, (env, content) in enumerate(messages):
@@ -516,8 +593,9 @@ class Spool:
                     if queue_fd is not None:
                         self._timed_syncfs(queue_fd)
                     else:
-                        fsync_dir(self.dir(MSG))
-                        fsync_dir(self.dir(QUEUE))
+                        for state in (MSG, QUEUE):
+                            with self.sync_choice.timing(FSYNC):
+                                fsync_dir(self.dir(state))
                 except OSError as exc:
                     for i in queued:
                         self._take_back(messages[i][0].id)
@@ -550,11 +628,11 @@ class Spool:
                 _unlink_quietly(name)
             raise
 
-    def _syncfs_now(self) -> Callable[[int], None] | None:
-        """syncfs, unless it is missing or was slow a moment ago (it flushes everything
-        on the file system: while another program writes much, per-file fsyncs wait
-        for less)."""
-        if self._syncfs is None or time.monotonic() < self._syncfs_rest_until:
+    def _syncfs_for(self, files: int) -> Callable[[int], None] | None:
+        """syncfs for a batch of `files`, unless it is missing or per-file fsyncs are
+        expected to cost less (it flushes everything on the file system: while another
+        program writes much, per-file fsyncs wait for less)."""
+        if self._syncfs is None or not self.sync_choice.syncfs_cheaper(files):
             return None
         return self._syncfs
 
@@ -577,10 +655,8 @@ class Spool:
 
     def _timed_syncfs(self, fd: int) -> None:
         assert self._syncfs is not None
-        started = time.monotonic()
-        self._syncfs(fd)
-        if time.monotonic() - started > SLOW_SYNCFS:
-            self._syncfs_rest_until = time.monotonic() + SYNCFS_REST
+        with self.sync_choice.timing(SYNCFS):
+            self._syncfs(fd)
 
     def _give_names(self, env: Envelope, path: str) -> None:
         """Rename a written message into msg/ and link it into queue/ (the commit point)."""
@@ -1019,7 +1095,8 @@ class Draft:
         fd, self._fd = self._fd, None
         try:
             if sync:
-                os.fsync(fd)
+                with self._spool.sync_choice.timing(FSYNC):
+                    os.fsync(fd)
         finally:
             os.close(fd)
         return self.path

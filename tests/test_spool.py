@@ -22,15 +22,19 @@ from smarthost.spool import (
     DROP,
     EMBEDDED,
     FAILED,
+    FSYNC,
     MSG,
     PENDING,
     QUEUE,
+    SYNCFS,
     TMP,
+    TRIAL_SHARE,
     CorruptEnvelope,
     Envelope,
     Recipient,
     Spool,
     SpoolError,
+    SyncChoice,
     is_queue_id,
     new_id,
 )
@@ -47,12 +51,22 @@ def claim(spool: Spool, queue_id: str) -> Envelope | None:
     return claimed[0] if claimed else None
 
 
+class AlwaysSyncfs(SyncChoice):
+    """The choice pinned: a test that counts syncfs calls must meet them, however slow
+    the shared disk makes them."""
+
+    def syncfs_cheaper(self, files: int) -> bool:
+        return True
+
+
 def make_spool(tmp_path: Path, sync: str) -> Spool:
     s = Spool(str(tmp_path / "spool"))
     if sync == "fsync":
         s._syncfs = None
     elif s._syncfs is None:
         pytest.skip("no syncfs(2) that reports errors here (Linux 5.8+)")
+    elif sync == "syncfs":
+        s.sync_choice = AlwaysSyncfs()
     s.create()
     return s
 
@@ -66,6 +80,15 @@ def spool(tmp_path: Path, request) -> Spool:
 @pytest.fixture
 def syncfs_spool(tmp_path: Path) -> Spool:
     return make_spool(tmp_path, "syncfs")
+
+
+@pytest.fixture
+def choosing_spool(tmp_path: Path) -> Spool:
+    """A spool with syncfs(2) that chooses per batch, on a clock of its own
+    (`spool.sync_choice._clock`, a FakeClock)."""
+    spool = make_spool(tmp_path, "choosing")
+    spool.sync_choice = SyncChoice(clock=FakeClock())
+    return spool
 
 
 @pytest.fixture
@@ -239,20 +262,209 @@ def test_a_group_commit_makes_its_data_then_its_names_durable_once(spool, monkey
         assert spool.read_envelope(QUEUE, env.id) == env
 
 
-def test_a_slow_syncfs_gives_way_to_fsyncs_for_a_while(syncfs_spool, monkeypatch):
-    spool = syncfs_spool
-    real = spool._syncfs
-    monkeypatch.setattr(smarthost.spool, "SLOW_SYNCFS", 0.0)  # every syncfs is slow now
+# -- syncfs or per-file fsyncs, chosen per batch ----------------------------------------
+
+
+class FakeClock:
+    """time.monotonic for a SyncChoice: moved by the test, and by the sync calls it
+    stands in for (`ticking`)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def simulate(choice: SyncChoice, files: int, syncfs: float, fsync: float, seconds: float):
+    """Batches of `files` messages, one every 0.1 s for `seconds` of the choice's
+    FakeClock, each made durable the way the choice takes, a call of that way taking
+    `syncfs` or `fsync` seconds. The ways taken, in order, and the seconds they cost
+    more than the cheaper way would have."""
+    clock = choice._clock
+    ways, lost = [], 0.0
+    batch = {SYNCFS: (2, syncfs), FSYNC: (files + 2, fsync)}
+    cheaper = min(calls * each for calls, each in batch.values())
+    end = clock.now + seconds
+    while clock.now < end:
+        way = SYNCFS if choice.syncfs_cheaper(files) else FSYNC
+        ways.append(way)
+        calls, each = batch[way]
+        for _ in range(calls):
+            with choice.timing(way):
+                clock.now += each
+        lost += calls * each - cheaper
+        clock.now += 0.1
+    return ways, lost
+
+
+@pytest.mark.parametrize("files", [1, 8, 32])
+def test_the_choice_leaves_syncfs_beside_a_busy_writer_and_comes_back_when_quiet(files):
+    choice = SyncChoice(clock=FakeClock())
+    # A quiet disk: a syncfs costs what an fsync does (each a journal commit), and the
+    # batch needs two of them, not files + 2. Trying fsyncs now and then costs little.
+    quiet, lost = simulate(choice, files, syncfs=0.0005, fsync=0.0005, seconds=60)
+    assert quiet[0] == SYNCFS and quiet.count(SYNCFS) > len(quiet) / 2
+    assert quiet.count(FSYNC) > 0 and lost < 2 * TRIAL_SHARE * 60
+    # A writer fills the page cache: a syncfs flushes it (300 ms), an fsync does not.
+    busy, lost = simulate(choice, files, syncfs=0.3, fsync=0.002, seconds=300)
+    assert busy[-3:] == [FSYNC] * 3 and busy.index(FSYNC) < 2  # learnt at once
+    trials = busy.count(SYNCFS)
+    assert 2 <= trials <= 15, trials  # about once a minute: neither stale nor costly
+    assert lost < 2 * TRIAL_SHARE * 300 + 0.6  # the first syncfs is how it learns
+    # The writer stops: syncfs is found cheap again at its next trial.
+    after, lost = simulate(choice, files, syncfs=0.0005, fsync=0.0005, seconds=300)
+    back = after.index(SYNCFS)
+    assert back < 700, back  # within 70 s
+    assert after[back:].count(SYNCFS) >= len(after[back:]) / 2
+
+
+def test_the_choice_is_made_per_batch():
+    """A syncfs costs a few fsyncs (a writer whose own fsyncs keep the disk busy):
+    fsyncs for a small batch, syncfs for a large one."""
+    choice = SyncChoice(clock=FakeClock())
+    for _ in range(20):
+        choice.timed(SYNCFS, 0.010)
+        choice.timed(FSYNC, 0.002)
+    assert [choice.syncfs_cheaper(files) for files in (1, 4, 8, 32)] == [False, False, True, True]
+
+
+def ticking(spool: Spool, monkeypatch, seconds: dict[str, float]) -> dict[str, int]:
+    """Make each syncfs and fsync take `seconds[way]` (the test may change them) of the
+    spool's FakeClock; they still run. Counts the calls."""
+    clock = spool.sync_choice._clock
+    calls = {SYNCFS: 0, FSYNC: 0}
+    real = {SYNCFS: spool._syncfs, FSYNC: os.fsync}
+
+    def call(way: str):
+        def sync(fd: int) -> None:
+            calls[way] += 1
+            clock.now += seconds[way]
+            real[way](fd)
+
+        return sync
+
+    monkeypatch.setattr(spool, "_syncfs", call(SYNCFS))
+    monkeypatch.setattr(smarthost.spool.os, "fsync", call(FSYNC))
+    return calls
+
+
+def test_a_slow_syncfs_gives_way_to_fsyncs_until_it_is_cheap_again(choosing_spool, monkeypatch):
+    spool = choosing_spool
+    clock = spool.sync_choice._clock
+    seconds = {SYNCFS: 0.25, FSYNC: 0.002}  # a busy writer on the same file system
+    calls = ticking(spool, monkeypatch, seconds)
     committed(spool)
-    counts = count_fsyncs(monkeypatch)
-    syncs = count_syncfs(spool, monkeypatch)
+    assert calls == {SYNCFS: 2, FSYNC: 0}  # syncfs first: nothing was timed yet
     committed(spool)
-    assert (counts["files"], len(syncs)) == (1, 0)
-    spool._syncfs_rest_until = 0.0  # the rest is over
-    spool._syncfs = real
-    syncs = count_syncfs(spool, monkeypatch)
+    assert calls == {SYNCFS: 2, FSYNC: 3}  # never timed, so tried: the file, msg/, queue/
     committed(spool)
-    assert len(syncs) == 2
+    assert calls == {SYNCFS: 2, FSYNC: 6}  # and kept: cheaper
+    seconds[SYNCFS] = 0.001  # the writer stopped
+    calls.update({SYNCFS: 0, FSYNC: 0})
+    batches = 0
+    while True:  # a batch every 0.2 s
+        assert batches < 400, "syncfs was never tried again"
+        committed(spool)
+        batches += 1
+        if calls[SYNCFS]:
+            break
+        clock.now += 0.2
+    # Tried once its 0.5 s more a batch is a small share (TRIAL_SHARE) of the time since.
+    assert 0.5 / TRIAL_SHARE / 2 < batches * 0.2 < 0.5 / TRIAL_SHARE * 2
+    calls[FSYNC] = 0
+    for _ in range(5):
+        committed(spool)
+    assert calls[FSYNC] == 0  # syncfs again: it was cheap
+    assert len(visible(spool)[QUEUE]) == batches + 8
+
+
+def test_the_batch_size_decides_between_syncfs_and_fsyncs(choosing_spool, monkeypatch):
+    spool = choosing_spool
+    for _ in range(20):
+        spool.sync_choice.timed(SYNCFS, 0.010)
+        spool.sync_choice.timed(FSYNC, 0.002)
+    calls = ticking(spool, monkeypatch, {SYNCFS: 0.010, FSYNC: 0.002})
+    assert spool.commit_many([(make_envelope(), CONTENT)]) == [None]
+    assert calls == {SYNCFS: 0, FSYNC: 3}
+    assert spool.commit_many([(make_envelope(), CONTENT) for _ in range(32)]) == [None] * 32
+    assert calls == {SYNCFS: 2, FSYNC: 3}
+    assert len(visible(spool)[QUEUE]) == 33
+
+
+def steer(spool: Spool, way: str) -> None:
+    """Have the spool's choice take `way` for the next batches (timings that say so)."""
+    for _ in range(20):
+        spool.sync_choice.timed(SYNCFS, 0.001 if way == SYNCFS else 1.0)
+        spool.sync_choice.timed(FSYNC, 1.0 if way == SYNCFS else 0.001)
+
+
+@pytest.mark.parametrize("way", [SYNCFS, FSYNC])
+def test_the_way_chosen_makes_data_then_names_durable(choosing_spool, monkeypatch, way):
+    """Whichever way the choice takes, each file's data is durable before its names
+    exist, and the names after they all do: syncfs on the spool's file system, or an
+    fsync of each file and of msg/ and queue/."""
+    spool = choosing_spool
+    steer(spool, way)
+    envs = [make_envelope() for _ in range(4)]
+    named = lambda: [os.path.exists(spool.path(QUEUE, env.id)) for env in envs]  # noqa: E731
+    synced = []
+    real_syncfs, real_fsync = spool._syncfs, os.fsync
+
+    def syncfs(fd: int) -> None:
+        synced.append((SYNCFS, os.fstat(fd).st_dev, named()))
+        real_syncfs(fd)
+
+    def fsync(fd: int) -> None:
+        synced.append((FSYNC, os.fstat(fd).st_ino, named()))
+        real_fsync(fd)
+
+    monkeypatch.setattr(spool, "_syncfs", syncfs)
+    monkeypatch.setattr(smarthost.spool.os, "fsync", fsync)
+    assert spool.commit_many([(env, CONTENT) for env in envs]) == [None] * 4
+    inode = lambda *path: os.stat(os.path.join(*path)).st_ino  # noqa: E731
+    none, every = [False] * 4, [True] * 4
+    if way == SYNCFS:
+        device = os.stat(spool.root).st_dev
+        assert synced == [(SYNCFS, device, none), (SYNCFS, device, every)]
+    else:  # each file (queue/ID is its other name) before any name, then both directories
+        assert synced == [
+            *[(FSYNC, inode(spool.path(QUEUE, env.id)), none) for env in envs],
+            (FSYNC, inode(spool.dir(MSG)), every),
+            (FSYNC, inode(spool.dir(QUEUE)), every),
+        ]
+    for env in envs:
+        assert spool.read_envelope(QUEUE, env.id) == env
+
+
+@pytest.mark.parametrize("way", [SYNCFS, FSYNC])
+@pytest.mark.parametrize("call", [1, 2], ids=["data", "names"])
+def test_a_failing_sync_of_the_way_chosen_is_an_error(choosing_spool, monkeypatch, way, call):
+    spool = choosing_spool
+    steer(spool, way)
+    calls: list[str] = []
+    real = {SYNCFS: spool._syncfs, FSYNC: os.fsync}
+    step = {SYNCFS: call, FSYNC: 2 if call == 1 else 4}[way]  # the 2nd file's, or msg/'s
+
+    def failing(kind: str):
+        def sync(fd: int) -> None:
+            calls.append(kind)
+            if len(calls) == step:
+                raise OSError(errno.EIO, os.strerror(errno.EIO))
+            real[kind](fd)
+
+        return sync
+
+    monkeypatch.setattr(spool, "_syncfs", failing(SYNCFS))
+    monkeypatch.setattr(smarthost.spool.os, "fsync", failing(FSYNC))
+    results = spool.commit_many([(make_envelope(), CONTENT) for _ in range(3)])
+    assert set(calls) == {way} and len(calls) >= step  # that way, and the fault was hit
+    if way == FSYNC and call == 1:  # the 2nd file's own fsync: the others go on
+        assert [type(r) for r in results] == [type(None), SpoolError, type(None)]
+        assert len(visible(spool)[QUEUE]) == 2
+    else:
+        assert all(isinstance(r, SpoolError) and r.errno == errno.EIO for r in results)
+        assert visible(spool) == {}
 
 
 def test_one_failed_message_of_a_group_commit_leaves_the_others(spool, monkeypatch):

@@ -39,6 +39,10 @@ the whole relay, as a crash of the machine or the service would: the delivery pr
 kills its parent then itself, the relay its delivery processes then itself (they would
 follow by PR_SET_PDEATHSIG anyway). A queue command kills only itself.
 
+Where the relay has syncfs(2) it commits every batch with it (the spool's choice of
+per-file fsyncs, when they seem cheaper, is taken away), so a rule naming syncfs
+meets one at every commit.
+
 Every fault that fires (and the installation itself) is appended as one JSON line to
 ``$SMARTHOST_FAULTS_LOG``, so a test can tell that the hook ran and where it struck.
 """
@@ -392,6 +396,15 @@ def _mkdir(path: Any, mode: int = 0o777, **kwargs: Any) -> None:
     return _guarded("mkdir", _real["mkdir"], path, path, mode, **kwargs)
 
 
+def _always_syncfs() -> None:
+    """A rule naming syncfs must meet one at every commit: the spool's choice of
+    per-file fsyncs for a batch (when syncfs seems dearer) is taken away. Imported
+    once os is wrapped (the spool finds os.* at each call anyway)."""
+    from smarthost.spool import SyncChoice
+
+    SyncChoice.syncfs_cheaper = lambda self, files: True  # type: ignore[method-assign]
+
+
 def install(source: str | None = None, log_path: str | None = None) -> bool:
     """Wrap the os functions when rules are given (argument or environment)."""
     global _faults
@@ -421,6 +434,8 @@ def install(source: str | None = None, log_path: str | None = None) -> bool:
     os.utime = _utime  # type: ignore[assignment]
     os.chmod = _chmod  # type: ignore[assignment]
     os.mkdir = _mkdir  # type: ignore[assignment]
+    if real_syncfs is not None:
+        _always_syncfs()
     _record_installed()
     os.register_at_fork(after_in_child=_forked)
     return True
