@@ -247,15 +247,25 @@ class ReopenableFileHandler(logging.StreamHandler):
         with self._reopen_lock:
             new = self._open()
             old, self.stream = self.stream, new
-            old.close()
+            if old is not None:
+                old.close()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.stream is None:  # a line that raced a reload's close: reopen, as FileHandler does
+            with self._reopen_lock:
+                if self.stream is None:
+                    self.stream = self._open()
+        super().emit(record)
 
     def close(self) -> None:
         # StreamHandler leaves its stream open (it may be stderr); this file is ours.
-        with self._reopen_lock:
+        with self.lock, self._reopen_lock:  # type: ignore[union-attr]
             try:
-                self.flush()
+                if self.stream is not None:
+                    self.flush()
+                    self.stream.close()
             finally:
-                self.stream.close()
+                self.stream = None
                 super().close()
 
 

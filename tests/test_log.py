@@ -194,5 +194,17 @@ def test_a_new_setup_closes_the_log_file_it_replaces(tmp_path: Path) -> None:
     log.setup("info", str(tmp_path / "relay.log"))
     replaced = log._handler
     assert isinstance(replaced, log.ReopenableFileHandler)
+    stream = replaced.stream
     log.setup("info")
-    assert replaced.stream.closed
+    assert stream.closed
+
+
+def test_a_line_that_races_a_reload_still_reaches_the_file(tmp_path: Path) -> None:
+    """A thread that took the handler before a reload closed it writes after: the
+    file is opened again for that line, as logging.FileHandler does."""
+    path = tmp_path / "relay.log"
+    handler = log.ReopenableFileHandler(str(path))
+    handler.close()
+    handler.handle(logging.makeLogRecord({"msg": "late line"}))
+    handler.close()
+    assert path.read_text() == "late line\n"
