@@ -348,7 +348,7 @@ class QueueControl:
         if queue_ids:
             return self._each(queue_ids, self._flush_one)
         ids = [entry.env.id for entry in self.entries() if entry.state == QUEUE]
-        return self._each(ids, self._flush_one)
+        return self._each(ids, self._flush_listed)
 
     def hold(self, queue_ids: builtins.list[str]) -> int:
         return self._each(queue_ids, self._hold_one)
@@ -367,10 +367,22 @@ class QueueControl:
         if state != QUEUE:
             hint = ": release it first" if state == HOLD else ""
             raise QueueError(f"is {_STATE_WORDS[state]}, not waiting{hint}")
-        if not self.spool.set_due(QUEUE, queue_id, time.time()):
+        if not self._make_due(queue_id):
             raise QueueError("is no longer waiting (taken by the relay)")
-        log.event("flushed", queue_id=queue_id)
         return "will be tried now"
+
+    def _flush_listed(self, queue_id: str) -> str:
+        """`flush` without IDs: a message that left queue/ since the listing was taken
+        by the relay meanwhile, which is what flush asks for, not a failure."""
+        if not self._make_due(queue_id):
+            return "no longer waiting (taken by the relay)"
+        return "will be tried now"
+
+    def _make_due(self, queue_id: str) -> bool:
+        if not self.spool.set_due(QUEUE, queue_id, time.time()):
+            return False
+        log.event("flushed", queue_id=queue_id)
+        return True
 
     def _hold_one(self, queue_id: str) -> str:
         self._entry(queue_id)

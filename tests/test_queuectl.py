@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 from smarthost.config import load_config
+from smarthost.queuectl import QueueControl
 from smarthost.scheduler import DEFAULT_INTERVALS, Intervals
 from smarthost.spool import Envelope, Recipient, Spool, new_id
 
@@ -253,6 +254,33 @@ def refused_and_marked_down(tmp_path: Path, relay_process) -> tuple[int, Path, A
     cfg.write_text(text.replace('fail_timeout = "1s"', 'fail_timeout = "10m"'))
     proc = relay_process(cfg).start()
     return port, cfg, proc, send(proc.port, "x@dest.test")
+
+
+def test_flush_of_everything_passes_by_a_message_the_relay_took_meanwhile(tmp_path: Path):
+    """`queue flush` without IDs lists queue/, then makes each due: one the relay
+    claimed (or delivered) in between is shown, and is no failure (exit 0); named
+    alone, the same message is one."""
+    cfg = write_config(tmp_path, free_port())
+    root = tmp_path / "spool"
+    Spool(str(root)).create()
+    waiting, taken = good_message(root), good_message(root)
+    out: list[str] = []
+    ctl = QueueControl(load_config(cfg), out=out.append, err=out.append)
+    listed = ctl.entries
+
+    def relay_claims_one_after_the_listing():
+        entries = list(listed())
+        assert ctl.spool.move(taken, "queue", "active")  # what a claim does
+        return iter(entries)
+
+    ctl.entries = relay_claims_one_after_the_listing  # type: ignore[method-assign]
+    assert ctl.flush([]) == 0
+    assert sorted(out) == sorted(
+        [f"{waiting}: will be tried now", f"{taken}: no longer waiting (taken by the relay)"]
+    )
+    out.clear()
+    assert ctl.flush([taken]) == 1
+    assert out == [f"{taken}: is being delivered, not waiting"]
 
 
 def test_flush_probes_a_down_backend_first_and_sends(tmp_path: Path, relay_process):
