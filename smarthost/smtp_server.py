@@ -650,8 +650,12 @@ class RelaySMTP(SMTP):
             return simple.group(1), simple.group(3)
         if arg and arg.lstrip().startswith("<") and ">" not in arg:
             return None, None
+        if arg and UNSAFE.search(arg):
+            # NUL, CR, ESC or bytes that are not UTF-8, anywhere: the RFC 5322 parser
+            # would drop them with a comment and take the rest (`<a(\x80x@b>` is `a`).
+            return None, None
         strict = RFC5321_PATH.match(arg or "")
-        if strict and not UNSAFE.search(strict.group(1)):
+        if strict:
             address = strict.group(1)
             local = address.rpartition("@")[0]
             if self.local_part_limit and len(local) > self.local_part_limit:
@@ -663,8 +667,6 @@ class RelaySMTP(SMTP):
             return None, None
         if address and any(c.isspace() for c in address):
             return None, None  # "<bad address>": the parser keeps the space
-        if address and UNSAFE.search(address):
-            return None, None  # NUL, CR, ESC or bytes that are not UTF-8
         return address, rest
 
     # RFC 3461: aiosmtpd upper-cases parameters and refuses unknown ones (555), so the

@@ -382,6 +382,18 @@ def test_fuzzed_hostile_envelope_is_refused_at_the_command(
             ],
         )
     )
+    @example(  # inside a comment: the RFC 5322 parser dropped it and took `a`
+        case=(
+            "MAIL",
+            [
+                b"EHLO x",
+                b"MAIL FROM:<a(\x80x@client.test>",
+                b"RCPT TO:<b@d.test>",
+                b"DATA",
+                b"Subject: x\r\n\r\n.",
+            ],
+        )
+    )
     @example(
         case=(
             "RCPT",
