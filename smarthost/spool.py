@@ -564,7 +564,7 @@ class Spool:
             written: dict[int, str] = {}
             for i, (env, content) in enumerate(messages):
                 try:
-                    written[i] = self._write_commit_file(env, content, sync=not syncfs)
+                    written[i] = self._write_commit_file(env, content, sync=queue_fd is None)
                 except OSError as exc:
                     results[i] = _commit_error(env, exc)
                     if isinstance(content, Draft):
@@ -610,7 +610,7 @@ class Spool:
             if content.error is not None:
                 raise content.error
             if content.path is not None:
-                return content.finish(sync)
+                return content.finish()
             content = content.chunks
         first = [EMBEDDED, env.to_bytes(), b"\n", *content]
         return self._write_tmp(env.id, "msg", first, mtime, sync=sync)
@@ -1047,8 +1047,9 @@ class Spool:
 class Draft:
     """A new message's content as it arrives: held in memory while small, then written
     into tmp/ as it comes (large mail never sits whole in memory); committed by
-    `Spool.commit_many`, or discarded. Its writes are not synced here: the commit
-    makes them durable together with the rest of its batch."""
+    `Spool.commit_many`, or discarded. Its file is fsynced when finished, whatever
+    the batch does: a syncfs reports only the write errors seen since its descriptor
+    was opened, at the commit, and this file was written before."""
 
     def __init__(self, spool: Spool, queue_id: str, in_memory: int = IN_MEMORY) -> None:
         self._spool = spool
@@ -1089,14 +1090,13 @@ class Draft:
         self.discard()
         self.error = exc
 
-    def finish(self, sync: bool) -> str:
-        """Close the written file (fsynced unless the commit syncs the batch); its path."""
+    def finish(self) -> str:
+        """Fsync and close the written file; its path. (Not timed for the batch's
+        choice: it is no choice, and a large file would skew the per-file estimate.)"""
         assert self._fd is not None and self.path is not None
         fd, self._fd = self._fd, None
         try:
-            if sync:
-                with self._spool.sync_choice.timing(FSYNC):
-                    os.fsync(fd)
+            os.fsync(fd)  # its descriptor has seen every write-back error since the first write
         finally:
             os.close(fd)
         return self.path

@@ -437,6 +437,56 @@ def test_the_way_chosen_makes_data_then_names_durable(choosing_spool, monkeypatc
         assert spool.read_envelope(QUEUE, env.id) == env
 
 
+def test_syncfs_chosen_but_queue_dir_not_opened_fsyncs_each_file(choosing_spool, monkeypatch):
+    """syncfs needs queue/ open; when that open fails (EMFILE in a flood) the batch
+    falls back to per-file fsyncs, and its files must have been written with them."""
+    spool = choosing_spool
+    steer(spool, SYNCFS)
+    real_open, fsynced, refused = os.open, [], []
+
+    def open_(path, flags, *args, **kwargs):
+        if flags & os.O_DIRECTORY and os.fspath(path) == spool.dir(QUEUE) and not refused:
+            refused.append(path)  # the batch's own open only
+            raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+        return real_open(path, flags, *args, **kwargs)
+
+    def fsync(fd: int) -> None:
+        fsynced.append(os.fstat(fd).st_ino)
+
+    monkeypatch.setattr(smarthost.spool.os, "open", open_)
+    monkeypatch.setattr(smarthost.spool.os, "fsync", fsync)
+    envs = [make_envelope() for _ in range(2)]
+    assert spool.commit_many([(env, CONTENT) for env in envs]) == [None, None]
+    assert refused
+    for env in envs:
+        assert os.stat(spool.path(QUEUE, env.id)).st_ino in fsynced
+    assert fsynced[-2:] == [os.stat(spool.dir(MSG)).st_ino, os.stat(spool.dir(QUEUE)).st_ino]
+
+
+def test_a_large_messages_file_is_fsynced_even_when_the_batch_syncfs(choosing_spool, monkeypatch):
+    """A Draft's file was written during DATA, before the batch opened the descriptor
+    its syncfs reports errors through: it is fsynced on its own descriptor."""
+    spool = choosing_spool
+    steer(spool, SYNCFS)
+    env = make_envelope()
+    draft = spool.draft(env.id)
+    draft._in_memory = 16
+    for chunk in CONTENT:
+        draft.write(chunk)
+    assert draft.path is not None  # on disk, not in memory
+    fsynced = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        fsynced.append(os.fstat(fd).st_ino)
+        real_fsync(fd)
+
+    monkeypatch.setattr(smarthost.spool.os, "fsync", fsync)
+    assert spool.commit_many([(env, draft)]) == [None]
+    assert os.stat(spool.message_path(env.id)).st_ino in fsynced
+    assert spool.read_envelope(QUEUE, env.id) == env
+
+
 @pytest.mark.parametrize("way", [SYNCFS, FSYNC])
 @pytest.mark.parametrize("call", [1, 2], ids=["data", "names"])
 def test_a_failing_sync_of_the_way_chosen_is_an_error(choosing_spool, monkeypatch, way, call):
