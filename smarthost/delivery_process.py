@@ -110,7 +110,7 @@ class DeliveryProcess:
         ready_read, ready_write = os.pipe()
         child_fds = (read_end, ready_write, lock_fd)
         try:
-            if threading.active_count() == 1:
+            if _may_fork():
                 self.proc = _fork_child(child_fds, parent_ends=(write_end, ready_read))
             else:
                 self.proc = subprocess.Popen(
@@ -259,28 +259,38 @@ class Child(Protocol):
 
 class ForkedChild:
     """A child this process forked, with the part of Popen's interface `Child` names
-    (Popen only runs programs). Its pid cannot be reused before it is reaped here."""
+    (Popen only runs programs). It is reaped under a lock, as Popen does, and signalled
+    under the same lock: its pid cannot be reused while a signal is on its way."""
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
         self.returncode: int | None = None
+        self._waitpid_lock = threading.Lock()
 
     def poll(self) -> int | None:
-        if self.returncode is None:
-            self._reap(os.WNOHANG)
+        if self.returncode is None and self._waitpid_lock.acquire(blocking=False):
+            try:  # else another thread is reaping it: still running, as far as we know
+                self._reap(os.WNOHANG)
+            finally:
+                self._waitpid_lock.release()
         return self.returncode
 
     def wait(self, timeout: float | None = None) -> int:
-        if self.returncode is None:
-            if timeout is not None and not self._exits_within(timeout):
-                raise subprocess.TimeoutExpired(PROCESS_NAME, timeout)
-            self._reap(0)
+        if timeout is None:
+            with self._waitpid_lock:
+                if self.returncode is None:
+                    self._reap(0)
+        else:
+            self._poll_until(time.monotonic() + timeout, timeout)
         assert self.returncode is not None
         return self.returncode
 
     def send_signal(self, sig: int) -> None:
-        if self.poll() is None:
-            os.kill(self.pid, sig)
+        with self._waitpid_lock:
+            if self.returncode is None:
+                self._reap(os.WNOHANG)
+            if self.returncode is None:
+                os.kill(self.pid, sig)
 
     def kill(self) -> None:
         self.send_signal(signal.SIGKILL)
@@ -294,21 +304,27 @@ class ForkedChild:
         if pid:
             self.returncode = os.waitstatus_to_exitcode(status)
 
-    def _exits_within(self, timeout: float) -> bool:
-        with contextlib.suppress(OSError):  # no pidfd (Linux before 5.3): just wait
-            fd = os.pidfd_open(self.pid)
-            try:
-                return bool(select.select([fd], [], [], timeout)[0])
-            finally:
-                os.close(fd)
-        return True
+    def _poll_until(self, deadline: float, timeout: float) -> None:
+        delay = 0.0005  # as Popen.wait(timeout): short sleeps, growing to 50 ms
+        while self.poll() is None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise subprocess.TimeoutExpired(PROCESS_NAME, timeout)
+            delay = min(delay * 2, remaining, 0.05)
+            time.sleep(delay)
+
+
+def _may_fork() -> bool:
+    """Fork only a process that runs no other thread (a fork copies no thread, and
+    whatever lock one held stays locked); what both halves import comes first."""
+    from . import delivery  # noqa: F401  # before the fork: its pages are shared
+
+    return threading.active_count() == 1
 
 
 def _fork_child(child_fds: tuple[int, int, int], parent_ends: tuple[int, int]) -> ForkedChild:
     """Fork the delivery process from this single-threaded relay (see the module
     docstring): what both halves import, and every object made so far, are shared."""
-    from . import delivery  # noqa: F401  # before the fork: its pages are shared
-
     gc.collect()
     libc.release_free_memory()
     gc.freeze()  # the collector then never writes to the shared objects' pages
@@ -317,20 +333,31 @@ def _fork_child(child_fds: tuple[int, int, int], parent_ends: tuple[int, int]) -
         return ForkedChild(pid)
     code = 1
     try:
-        for fd in parent_ends:
-            os.close(fd)
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the relay's handler, not ours
-        run_child(*child_fds)
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    except BaseException:
-        traceback.print_exc()
-    finally:
-        # Never back into the relay's own code: this process ends here.
+        try:
+            _start_afresh(parent_ends)
+            run_child(*child_fds)
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        except BaseException:
+            traceback.print_exc()
         with contextlib.suppress(Exception):
             logging.shutdown()
             sys.stderr.flush()
-        os._exit(code)
+    finally:
+        os._exit(code)  # never back into the relay's own code: this process ends here
+
+
+def _start_afresh(parent_ends: tuple[int, int]) -> None:
+    """What a spawned delivery process starts with: the relay's signal handlers and
+    its stdin are not the child's; its own handlers come once it is set up."""
+    for fd in parent_ends:
+        os.close(fd)
+    for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGCHLD):
+        signal.signal(signum, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
 
 
 # -- the child's end ---------------------------------------------------------------

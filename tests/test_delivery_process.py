@@ -10,9 +10,11 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from smarthost import delivery_process
 from smarthost.config import load_config
-from smarthost.delivery_process import CONFIG, DeliveryProcess, read_frame
+from smarthost.delivery_process import CONFIG, DeliveryProcess, ForkedChild, read_frame
 from smarthost.spool import Envelope, Recipient, Spool, new_id
 
 from support.configs import write_config
@@ -113,3 +115,32 @@ def test_a_drain_request_that_is_no_file_is_no_timeout(tmp_path):
     proc = relay_end(tmp_path)
     (Path(proc.spool.root) / ".drain").mkdir()
     assert proc.spool.take_drain_request() is None
+
+
+def test_a_forked_child_is_waited_for_in_time_and_reaped_once():
+    """ForkedChild as Popen: wait(timeout) gives up in time; threads waiting at once
+    all get its real exit status (one reaps it, none takes another's loss for a
+    kill); once reaped it is never signalled again (its pid may be another's)."""
+    told, tell = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        os.close(tell)
+        os.read(told, 1)
+        os._exit(3)
+    os.close(told)
+    child = ForkedChild(pid)
+    assert child.poll() is None
+    started = time.monotonic()
+    with pytest.raises(subprocess.TimeoutExpired):
+        child.wait(0.2)
+    assert 0.2 <= time.monotonic() - started < 2
+    seen: list[int] = []
+    waiters = [threading.Thread(target=lambda: seen.append(child.wait(10))) for _ in range(4)]
+    for waiter in waiters:
+        waiter.start()
+    os.close(tell)  # the child exits 3
+    for waiter in waiters:
+        waiter.join(10)
+    assert seen == [3] * 4
+    assert child.wait(1) == child.poll() == 3
+    child.kill()  # reaped: nothing is sent (no ProcessLookupError, no stranger killed)

@@ -270,6 +270,7 @@ def test_the_delivery_process_is_forked_and_shares_the_relays_pages(tmp_path, si
     child = delivery_pid(proc)
     assert Path(f"/proc/{child}/comm").read_text().strip() == PROCESS_NAME
     assert b"delivery_main" not in Path(f"/proc/{child}/cmdline").read_bytes()
+    assert os.readlink(f"/proc/{child}/fd/0") == os.devnull  # as a spawned one: not the relay's
     # A spawned interpreter shares no anonymous pages with its parent (a few KiB at most).
     shared = smaps_rollup_kib(child, "Shared_Dirty")
     assert shared > 4096, f"only {shared} KiB shared with the relay"
