@@ -52,8 +52,9 @@ class GroupCommitter:
         `committed` is told how long the commit took, from here (the end of DATA)."""
         with self._wake:
             if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="commit", daemon=True)
-                self._thread.start()
+                thread = threading.Thread(target=self._run, name="commit", daemon=True)
+                thread.start()  # may raise (no thread to be had): the next submit tries again
+                self._thread = thread
             self._waiting.append((env, content, loop, done, time.monotonic()))
             self._wake.notify()
 

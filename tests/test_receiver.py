@@ -522,7 +522,7 @@ def commit_through(committer, envs) -> list[BaseException | None]:
             done = loop.create_future()
             committer.submit(env, [b"Subject: x\r\n\r\nbody\r\n"], loop, done)
             futures.append(done)
-        return await asyncio.gather(*futures, return_exceptions=True)
+        return await asyncio.wait_for(asyncio.gather(*futures, return_exceptions=True), 10)
 
     return asyncio.run(submit_all())
 
@@ -572,6 +572,29 @@ def test_a_bug_in_a_commit_gives_4xx_and_the_thread_goes_on(tmp_path, events):
     assert events.events("internal_error")
     assert commit_through(committer, [make_env()]) == [None]
     committer.stop(10)
+
+
+def test_a_commit_thread_that_could_not_start_is_started_by_the_next_submit(tmp_path, monkeypatch):
+    """The thread starts with the first message; if the system has no thread to give
+    (RuntimeError), that submit fails and the next one starts it: no later message
+    waits for a thread that never ran, and stop() still ends cleanly."""
+    from smarthost.commit import GroupCommitter
+
+    spool = smarthost.spool.Spool(str(tmp_path / "spool"))
+    spool.create()
+    committer = GroupCommitter(spool, lambda env, error, seconds: None)
+    start = threading.Thread.start
+
+    def no_thread(self):
+        monkeypatch.setattr(threading.Thread, "start", start)  # once
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(threading.Thread, "start", no_thread)
+    with pytest.raises(RuntimeError):
+        commit_through(committer, [make_env()])
+    assert commit_through(committer, [make_env()]) == [None]
+    committer.stop(10)
+    assert committer._thread is not None and not committer._thread.is_alive()
 
 
 def make_env() -> smarthost.spool.Envelope:
