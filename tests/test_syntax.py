@@ -110,6 +110,19 @@ def test_a_source_route_and_a_bare_address_still_work(relay, sink):
     assert data.startswith(b"354 ")
 
 
+def test_a_tab_around_a_quoted_path_is_white_space(relay, sink):
+    """TAB separates the path from its parameters as a space does; only where it is
+    inside the address is it refused."""
+    mail, rcpt, bad = dialogue(
+        relay.port,
+        'MAIL FROM:<"a b"@client.test>\tSIZE=100',
+        'RCPT TO:\t<"c d"@dest.test>',
+        'RCPT TO:<"c\td"@dest.test>',
+    )
+    assert mail.startswith(b"250 ") and rcpt.startswith(b"250 "), (mail, rcpt)
+    assert bad[:3] in (b"501", b"553"), bad
+
+
 def test_unicode_addresses_are_checked_too(relay, sink):
     with RawSMTP(relay.port, timeout=10) as client:
         client.command("EHLO client.test")
