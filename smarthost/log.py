@@ -303,6 +303,8 @@ def setup(
     logger.setLevel(level.upper())
     # aiosmtpd logs every session at INFO.
     logging.getLogger("mail.log").setLevel(logging.WARNING)
+    # watchdog 7 logs an ERROR for a race in its own shutdown (emitter read after stop).
+    logging.getLogger("watchdog").setLevel(logging.CRITICAL)
     _skip_what_no_line_shows()
 
 
@@ -313,8 +315,6 @@ def _skip_what_no_line_shows() -> None:
     logging.logProcesses = False
     logging.logMultiprocessing = False
     logging._srcfile = None  # no findCaller() per record
-    # watchdog 7 logs an ERROR for a race in its own shutdown (emitter read after stop).
-    logging.getLogger("watchdog").setLevel(logging.CRITICAL)
 
 
 def reopen() -> None:

@@ -262,23 +262,25 @@ def _kill_the_relay() -> None:
         if parent != 1 and b"smarthost" in _cmdline(parent):
             _real["kill"](parent, signal.SIGKILL)
     else:  # the relay: its delivery processes (they would follow by PDEATHSIG anyway)
-        for child in _delivery_children(me):
+        for child in delivery_children(me):
             _real["kill"](child, signal.SIGKILL)
     _real["kill"](me, signal.SIGKILL)
     time.sleep(60)  # never reached: SIGKILL is not delivered later than this
 
 
-def _delivery_children(pid: int) -> list[int]:
+def delivery_children(pid: int) -> list[int]:
+    """The live delivery processes (not zombies) whose parent is `pid`."""
     found = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/stat", "rb") as f:  # builtin open: not os.open
+                state, ppid = f.read().rsplit(b")", 1)[1].split()[:2]
+            parent = int(ppid)
         except (OSError, IndexError, ValueError):
             continue
-        if ppid == pid and is_delivery_process(entry):
+        if state != b"Z" and parent == pid and is_delivery_process(entry):
             found.append(int(entry))
     return found
 

@@ -28,7 +28,7 @@ import pytest
 
 from smarthost.spool import ENVELOPE_STATES, Envelope
 
-from . import is_delivery_process
+from . import delivery_children
 from support import ROOT
 from support.messages import RCPT, SENDER, header, header_message_id
 from support.relay import RelayProcess
@@ -124,18 +124,6 @@ def running(pid: int) -> bool:
     """The process exists and is not a zombie."""
     fields = _stat_fields(str(pid))
     return fields is not None and fields[0] != "Z"
-
-
-def delivery_children(relay_pid: int) -> list[int]:
-    """The live delivery processes whose parent is `relay_pid`."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            fields = _stat_fields(entry)
-            alive = fields and fields[0] != "Z" and int(fields[1]) == relay_pid
-            if alive and is_delivery_process(entry):
-                found.append(int(entry))
-    return found
 
 
 @contextlib.contextmanager
