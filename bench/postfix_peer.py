@@ -44,7 +44,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 
-from support.procs import parent_pid, process_tree
+from support.procs import process_tree, running
 from support.smtp import free_port
 
 COMMAND_TIMEOUT = 60.0  # seconds for `postfix check`, `start`, `stop`, `abort`
@@ -170,11 +170,6 @@ def adopting_orphans() -> Iterator[None]:
         yield
     finally:
         prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
-
-
-def running(pid: int) -> bool:
-    """The process exists and is not a zombie."""
-    return parent_pid(pid) != 0
 
 
 def reap(pids: list[int], timeout: float) -> bool:

@@ -15,11 +15,11 @@ import pytest
 
 from support import ROOT
 from support.messages import RCPT, SENDER, arrived, message
-from support.procs import process_tree
+from support.procs import process_tree, running
 from support.sink import Sink
 
 sys.path.insert(0, str(ROOT / "bench"))
-from postfix_peer import PostfixInstance, running, why_not
+from postfix_peer import PostfixInstance, why_not
 
 import bench
 

@@ -45,13 +45,13 @@ from faults.harness import (
     queue_command,
     read_fault_log,
     resolve,
-    running,
     try_send,
 )
 from support.configs import write_config
 from support.load import LoadClient, clients_running
 from support.logs import events_named
 from support.messages import RCPT, SENDER
+from support.procs import running
 from support.sink import Sink
 from support.spool import spool_drained, spool_files
 from support.waiting import wait_until

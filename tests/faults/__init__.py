@@ -60,6 +60,8 @@ import threading
 import time
 from typing import Any
 
+from support.procs import parent_pid  # builtin open only: nothing it does is wrapped
+
 ENV_RULES = "SMARTHOST_FAULTS"
 ENV_LOG = "SMARTHOST_FAULTS_LOG"
 
@@ -270,19 +272,11 @@ def _kill_the_relay() -> None:
 
 def delivery_children(pid: int) -> list[int]:
     """The live delivery processes (not zombies) whose parent is `pid`."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:  # builtin open: not os.open
-                state, ppid = f.read().rsplit(b")", 1)[1].split()[:2]
-            parent = int(ppid)
-        except (OSError, IndexError, ValueError):
-            continue
-        if state != b"Z" and parent == pid and is_delivery_process(entry):
-            found.append(int(entry))
-    return found
+    return [
+        int(entry)
+        for entry in os.listdir("/proc")
+        if entry.isdigit() and parent_pid(int(entry)) == pid and is_delivery_process(entry)
+    ]
 
 
 _faults: _Faults | None = None

@@ -120,12 +120,6 @@ def _stat_fields(pid: str) -> list[str] | None:
         return None
 
 
-def running(pid: int) -> bool:
-    """The process exists and is not a zombie."""
-    fields = _stat_fields(str(pid))
-    return fields is not None and fields[0] != "Z"
-
-
 @contextlib.contextmanager
 def subreaper() -> Iterator[None]:
     """Make this process the reaper of the relay's orphans while the block runs.

@@ -23,6 +23,11 @@ def parent_pid(pid: int) -> int:
     return 0 if state == "Z" else int(ppid)
 
 
+def running(pid: int) -> bool:
+    """The process exists and is not a zombie."""
+    return parent_pid(pid) != 0
+
+
 def child_pids(pid: int) -> list[int]:
     """The live children of `pid`: /proc/PID/task/*/children where the kernel has it
     (CONFIG_PROC_CHILDREN), else a scan of /proc for processes whose parent it is."""
