@@ -114,7 +114,12 @@ Figures (times are time.time() of this machine, which the processes share):
                then) and after the load. Backlog: once loaded (settled), and the peak
                from the start to the end of the drain (no "at rest": the relay is never
                empty). Large, but flat out: idle (when the load began, after the
-               warm-up) and peak, beside the finer RSS figures below. Reading
+               warm-up) and peak, beside the finer RSS figures below. At rest also
+               its anonymous part (Pss_Anon: heap and stacks, no file behind them),
+               which does not depend on what else runs: the pages of the Python
+               binary and its libraries are split with every other process that
+               maps them (Postfix's libcrypto, the sink's libpython), so the whole
+               PSS of the same relay reads several MiB lower beside them. Reading
                smaps_rollup walks the process's page tables under its memory-map lock
                (~0.3 ms of this process's CPU per read), which can delay the relay's
                own mmap/munmap by as much: hence 200 ms, not the 20 ms of RSS
@@ -541,9 +546,11 @@ RELAY_PARTS = ("receiver", "delivery")  # smarthost's two processes, as figures 
 
 @dataclass
 class Rest:
-    """The relay at rest: PSS of each part, wake-ups a second of all its processes."""
+    """The relay at rest: PSS of each part and the anonymous share of their total,
+    wake-ups a second of all its processes."""
 
     pss_kib: list[int]
+    anon_kib: int
     wakeups: float
     processes: int
 
@@ -602,7 +609,8 @@ class UnderTest:
         before = sum(context_switches(pid) for pid in pids)
         time.sleep(REST_WINDOW)
         after = sum(context_switches(pid) for pid in pids)
-        return Rest(self.pss_kib(), (after - before) / REST_WINDOW, len(pids))
+        anon = sum(pss_kib(pid, "Pss_Anon") for pid in pids)
+        return Rest(self.pss_kib(), anon, (after - before) / REST_WINDOW, len(pids))
 
 
 class Relay(RelayProcess, UnderTest):
@@ -1134,7 +1142,8 @@ def relay_lines(result: Result) -> list[str]:
     names = result.cpu.names
     return [
         cpu_line(result.cpu, len(result.load.accepted())),
-        f"PSS         at rest {mib(result.rest.pss_kib, names)}, peak "
+        f"PSS         at rest {mib(result.rest.pss_kib, names)} of which "
+        f"{result.rest.anon_kib / 1024:.1f} anonymous, peak "
         f"{mib(result.peak_pss_kib, names)}, after the load {mib(result.loaded_pss_kib, names)}"
         f"   (peak of {result.pss_samples} samples, every {PSS_INTERVAL * 1000:g} ms)",
         f"at rest     {result.rest.wakeups:.1f} wake-ups/s   "
@@ -1150,14 +1159,15 @@ def versus_lines(ours: Result, theirs: Result) -> list[str]:
     cpu = [cpu_per_message_ms(r.cpu, len(r.load.accepted())) for r in both]
     p99 = [percentile(sorted(forward_seconds(r.load, r.arrivals)), 99) * 1000 for r in both]
     rest = [sum(r.rest.pss_kib) / 1024 for r in both]
+    anon = [r.rest.anon_kib / 1024 for r in both]
     peak = [sum(r.peak_pss_kib) / 1024 for r in both]
     return [
         "smarthost / Postfix (the same load, sink and clients, one run each)",
         f"end-to-end  {ratio(*e2e)} x   ({e2e[0]:.1f} vs {e2e[1]:.1f} msgs/s)",
         f"CPU         {ratio(*cpu)} x per message   ({cpu[0]:.2f} vs {cpu[1]:.2f} ms)",
         f"forward     p99 {p99[0]:.1f} vs {p99[1]:.1f} ms",
-        f"PSS         at rest {rest[0]:.1f} vs {rest[1]:.1f} MiB, "
-        f"peak {peak[0]:.1f} vs {peak[1]:.1f} MiB",
+        f"PSS         at rest {rest[0]:.1f} vs {rest[1]:.1f} MiB "
+        f"(anonymous {anon[0]:.1f} vs {anon[1]:.1f}), peak {peak[0]:.1f} vs {peak[1]:.1f} MiB",
     ]
 
 

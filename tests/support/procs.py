@@ -71,13 +71,16 @@ def proc_status_kib(pid: int, key: str) -> int:
     return 0
 
 
-def pss_kib(pid: int) -> int:
+def pss_kib(pid: int, kind: str = "Pss") -> int:
     """The proportional set size of one process in KiB (its share of the pages it
-    shares); 0 once it is gone or where smaps_rollup is missing (Linux < 4.14)."""
+    shares); 0 once it is gone or where smaps_rollup is missing (Linux < 4.14).
+    `kind="Pss_Anon"`: only its anonymous pages (heap, stacks), which no file backs,
+    so that no process outside its own process tree can share them, unlike the pages
+    of the interpreter and its libraries."""
     try:
         with open(f"/proc/{pid}/smaps_rollup", encoding="ascii") as f:
             for line in f:
-                if line.startswith("Pss:"):
+                if line.startswith(kind + ":"):
                     return int(line.split()[1])
     except OSError:
         pass
