@@ -59,10 +59,11 @@ def process_tree(pid: int) -> list[int]:
     return found
 
 
-def proc_status_kib(pid: int, key: str) -> int:
-    """A size line of /proc/PID/status (`VmRSS`, `VmHWM`) in KiB; 0 once the process is gone."""
+def _kib_line(path: str, key: str) -> int:
+    """The `key:   N kB` line of a /proc file, in KiB; 0 once the process is gone or
+    where the file or the line is missing."""
     try:
-        with open(f"/proc/{pid}/status", encoding="ascii") as f:
+        with open(path, encoding="ascii") as f:
             for line in f:
                 if line.startswith(key + ":"):
                     return int(line.split()[1])
@@ -71,20 +72,18 @@ def proc_status_kib(pid: int, key: str) -> int:
     return 0
 
 
+def proc_status_kib(pid: int, key: str) -> int:
+    """A size line of /proc/PID/status (`VmRSS`, `VmHWM`) in KiB; 0 once the process is gone."""
+    return _kib_line(f"/proc/{pid}/status", key)
+
+
 def pss_kib(pid: int, kind: str = "Pss") -> int:
     """The proportional set size of one process in KiB (its share of the pages it
     shares); 0 once it is gone or where smaps_rollup is missing (Linux < 4.14).
     `kind="Pss_Anon"`: only its anonymous pages (heap, stacks), which no file backs,
     so that no process outside its own process tree can share them, unlike the pages
     of the interpreter and its libraries."""
-    try:
-        with open(f"/proc/{pid}/smaps_rollup", encoding="ascii") as f:
-            for line in f:
-                if line.startswith(kind + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
+    return _kib_line(f"/proc/{pid}/smaps_rollup", kind)
 
 
 def context_switches(pid: int) -> int:
