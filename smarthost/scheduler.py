@@ -174,7 +174,10 @@ class Scheduler:
         self.prober.start_due(self.upstreams, now)
         with self._cond:
             self._dispatch_due(now)
-            self._cond.wait(self._sleep_time(now, next_scan))
+            # Looked at under the lock `stop` notifies with: a stop that came while this
+            # thread scanned must not leave it asleep until the next scan.
+            if not self._stopping.is_set():
+                self._cond.wait(self._sleep_time(now, next_scan))
         return next_scan
 
     def _reclaim_stray_active(self, now: float) -> None:

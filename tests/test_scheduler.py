@@ -121,6 +121,28 @@ def test_never_more_claimed_than_workers(dispatch, sink):
     wait_until(lambda: not any(d.spool.locate(q) for q in ids), 5.0, "all done")
 
 
+def test_a_stop_during_a_scan_ends_the_dispatch_loop(dispatch, monkeypatch):
+    """`stop` sets the flag, then notifies: if that came while the loop scanned, before
+    it went to sleep, the loop must not sleep on until its next scan."""
+    d = dispatch()  # rescans an hour apart
+    scanned = threading.Event()
+
+    def scan_that_a_stop_interrupts() -> None:
+        wait_until(lambda: d.scheduler._rebuilder is not None, 5.0, "the index rebuilder")
+        d.scheduler._rebuilder.join(5.0)  # its last notify must not be what wakes the loop
+        d.scheduler._stopping.set()  # what stop() does first ...
+        with d.scheduler._cond:
+            d.scheduler._cond.notify_all()  # ... and then, while nobody waits yet
+        scanned.set()
+
+    monkeypatch.setattr(d.scheduler, "_scan", scan_that_a_stop_interrupts)
+    d.scheduler.start()
+    assert scanned.wait(5)
+    assert d.scheduler._thread is not None
+    d.scheduler._thread.join(3.0)
+    assert not d.scheduler._thread.is_alive(), "the loop slept through the stop"
+
+
 def test_what_it_remembers_of_a_deleted_message_goes_at_the_rescan(dispatch, sink):
     d = dispatch(Intervals(rescan=0.2))
     later = d.commit(time.time() + 3600)
