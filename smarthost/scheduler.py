@@ -40,6 +40,14 @@ class Intervals:
 
     rescan: float = 10.0  # a full read of queue/: hints lost or never given
     stray_active: float = 120.0  # longer than a queue command waits for an attempt
+    # Due mail waits this long for busy workers before the dispatcher looks whether
+    # one more would help (`Scheduler._may_wake_another`), and again after as long.
+    more_workers: float = 0.01
+
+
+# One more worker helps when the busy ones spent at least this share of their time
+# waiting on their upstreams: the rest of the time they run, and take turns on the GIL.
+_WAITING_SHARE = 0.5
 
 
 DEFAULT_INTERVALS = Intervals()
@@ -73,6 +81,10 @@ class Scheduler:
         self._work: queue.Queue[str | None] = queue.Queue()
         self._workers: list[threading.Thread] = []
         self._idle = 0
+        # Workers busy at once before due mail waits for them; and since when (on the
+        # monotonic clock) due mail has waited, with the workers' upstream waits then.
+        self._wanted = 1
+        self._backlog: tuple[float, float] | None = None
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -105,8 +117,11 @@ class Scheduler:
             if due <= now and self._idle > 0 and not self._stopping.is_set():
                 # Due, and a worker is free: hand it over from here, not through a
                 # wake-up of the scheduler thread (one thread hop less per message).
+                # Mail that waits for busy workers is the scheduler thread's to time,
+                # from when it began to wait.
+                waited_before = self._backlog is not None
                 self._dispatch_due(now)
-                if not self._times_probes():
+                if (waited_before or self._backlog is None) and not self._times_probes():
                     return
             self._cond.notify()
 
@@ -197,12 +212,40 @@ class Scheduler:
                     self.hint(queue_id)
 
     def _dispatch_due(self, now: float) -> None:
-        while self._idle > 0:
+        while self._idle > 0 and self._may_wake_another(now):
             queue_id = self._pop_due(now)
             if queue_id is None:
                 return
             self._idle -= 1
             self._work.put(queue_id)
+
+    def _may_wake_another(self, now: float) -> bool:
+        """Whether due mail may go to an idle worker now (with `_cond` held).
+
+        At once while fewer than `_wanted` workers are busy. Beyond that the mail waits
+        for the busy ones, each of which takes the next due message itself when its
+        attempt ends. With a fast upstream that is sooner than an idle thread wakes,
+        and more threads would only take turns on the GIL, and take the CPU from the
+        receiving half. Each time mail has waited `Intervals.more_workers`, one more
+        worker is wanted if the busy ones mostly waited on their upstreams meanwhile;
+        each time a worker finds nothing due, one fewer (`_next_work`). So a slow
+        upstream soon has every worker, and a fast one as few as keep up.
+        """
+        busy = len(self._workers) - self._idle
+        if busy < self._wanted or not self._heap or self._heap[0][0] > now:
+            return True  # (nothing due: _pop_due says so)
+        clock, waited = self.sender.waits.total()
+        if self._backlog is None:
+            self._backlog = (clock, waited)
+            return False
+        since, waited_before = self._backlog
+        if clock - since < self.intervals.more_workers:
+            return False
+        self._backlog = (clock, waited)  # the next look covers the time from now
+        if waited - waited_before < _WAITING_SHARE * busy * (clock - since):
+            return False
+        self._wanted = min(len(self._workers), busy + 1)
+        return True
 
     def _pop_due(self, now: float) -> str | None:
         """Take the earliest message due by `now` off the heap (with `_cond` held)."""
@@ -211,12 +254,18 @@ class Scheduler:
             if self._index.get(queue_id) != due:
                 continue  # superseded by a later hint
             del self._index[queue_id]
+            if not self._heap or self._heap[0][0] > now:
+                self._backlog = None  # it was the last due: no mail waits now
             return queue_id
+        self._backlog = None
         return None
 
     def _sleep_time(self, now: float, next_scan: float) -> float:
         wait = next_scan - now
-        if self._idle > 0 and self._heap:
+        if self._idle > 0 and self._backlog is not None:
+            since = self._backlog[0]
+            wait = min(wait, since + self.intervals.more_workers - time.monotonic())
+        elif self._idle > 0 and self._heap:
             wait = min(wait, self._heap[0][0] - now)
         probe = self.upstreams.next_probe()
         if probe is not None:
@@ -270,12 +319,16 @@ class Scheduler:
                 queue_id = self._next_work()
 
     def _next_work(self) -> str | None:
-        """After an attempt: a message already due is this worker's at once; else it
-        waits for the scheduler (woken only if it has something to time)."""
+        """After an attempt: a message already due is this worker's at once, unless more
+        workers are busy than wanted; else it waits for the scheduler (woken only if
+        it has something to time)."""
         with self._cond:
-            queue_id = None if self._stopping.is_set() else self._pop_due(time.time())
-            if queue_id is not None:
-                return queue_id
+            busy = len(self._workers) - self._idle
+            if not self._stopping.is_set() and busy <= self._wanted:
+                queue_id = self._pop_due(time.time())
+                if queue_id is not None:
+                    return queue_id
+                self._wanted = max(1, self._wanted - 1)
             self._idle += 1
             if self._heap or self._times_probes():
                 self._cond.notify()

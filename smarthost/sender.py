@@ -137,6 +137,41 @@ class Attempt:
         return bool(self.delivered or self.deferred or self.failed)
 
 
+class UpstreamWaits:
+    """How long the sender threads have waited on their upstreams (connecting, reading
+    a reply, sending what a slow reader holds up), summed over the threads.
+
+    The dispatcher reads it to learn whether one more thread would help: a thread
+    that waits on its upstream leaves the GIL and the CPU to another, while threads
+    that mostly run Python only take turns. `with waits:` around each wait.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._waiting = 0  # threads waiting now
+        self._total = 0.0  # thread-seconds waited up to `_at`
+        self._at = time.monotonic()
+
+    def __enter__(self) -> None:
+        self._count(1)
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._count(-1)
+
+    def _count(self, change: int) -> None:
+        with self._lock:
+            now = time.monotonic()
+            self._total += self._waiting * (now - self._at)
+            self._at = now
+            self._waiting += change
+
+    def total(self) -> tuple[float, float]:
+        """(now on the monotonic clock, thread-seconds waited until now)."""
+        with self._lock:
+            now = time.monotonic()
+            return now, self._total + self._waiting * (now - self._at)
+
+
 class Sender:
     """Delivers one envelope through the upstreams, updating its recipients' state."""
 
@@ -145,6 +180,7 @@ class Sender:
         self.spool = spool
         self.upstreams = upstreams
         self.stopping = threading.Event()
+        self.waits = UpstreamWaits()
 
     def reload(self, config: Config, upstreams: Upstreams) -> None:
         """A reloaded config: attempts from now on use these upstreams."""
@@ -318,7 +354,8 @@ class Sender:
         """MAIL, RCPT and DATA (pipelined when offered), then the content (`crlf`: its
         lines are known to end with CRLF)."""
         smtp = session.smtp
-        exchange = Exchange(smtp, [mail, *(command for _, command in sendable), b"DATA\r\n"])
+        commands = [mail, *(command for _, command in sendable), b"DATA\r\n"]
+        exchange = Exchange(smtp, commands, self.waits)
         code, msg = exchange.reply()
         session.used_now = True
         outcome = classify("mail", code)
@@ -349,7 +386,7 @@ class Sender:
                 # 2xx here must not count as a delivery.
                 raise BackendFailure(f"DATA answered {format_reply(code, msg)}, not 354")
         else:
-            code, msg = send_content(smtp, content, crlf)
+            code, msg = send_content(smtp, content, crlf, self.waits)
         outcome = classify("data", code)
         if outcome is Verdict.BACKEND_FAILURE:
             raise BackendFailure(format_reply(code, msg))
@@ -488,29 +525,31 @@ class Sender:
         # its constructor sets; connecting here instead keeps the greeting for the trace.
         smtp._host = backend.host  # type: ignore[attr-defined]
         try:
-            code, msg = smtp.connect(backend.host, backend.port)
-            note("connect", f"{_peer(smtp)}, greeting {format_reply(code, msg)}")
-            if code != 220:
-                raise BackendFailure(format_reply(code, msg))
-            if smtp.sock is not None:
-                smtp.sock.settimeout(delivery.timeout)
-            if backend.tls == "implicit":
-                note("tls", describe_tls(smtp, backend))
-            _expect_ok("ehlo", *smtp.ehlo())
-            if backend.tls == "starttls":
-                if not smtp.has_extn("starttls"):
-                    raise BackendFailure(
-                        f"{backend.name} does not offer STARTTLS, which is required"
-                    )
-                _expect_ok("starttls", *smtp.starttls(context=upstream.tls_context))
-                note("tls", describe_tls(smtp, backend))
+            with self.waits:  # a connection is waiting on the upstream, mostly
+                code, msg = smtp.connect(backend.host, backend.port)
+                note("connect", f"{_peer(smtp)}, greeting {format_reply(code, msg)}")
+                if code != 220:
+                    raise BackendFailure(format_reply(code, msg))
+                if smtp.sock is not None:
+                    smtp.sock.settimeout(delivery.timeout)
+                if backend.tls == "implicit":
+                    note("tls", describe_tls(smtp, backend))
                 _expect_ok("ehlo", *smtp.ehlo())
-            note(
-                "ehlo", " ".join(f"{k.upper()} {v}".strip() for k, v in smtp.esmtp_features.items())
-            )
-            if backend.username:
-                mechanism = self._login(smtp, backend, note)
-                note("auth", f"{mechanism} as {backend.username}: accepted")
+                if backend.tls == "starttls":
+                    if not smtp.has_extn("starttls"):
+                        raise BackendFailure(
+                            f"{backend.name} does not offer STARTTLS, which is required"
+                        )
+                    _expect_ok("starttls", *smtp.starttls(context=upstream.tls_context))
+                    note("tls", describe_tls(smtp, backend))
+                    _expect_ok("ehlo", *smtp.ehlo())
+                note(
+                    "ehlo",
+                    " ".join(f"{k.upper()} {v}".strip() for k, v in smtp.esmtp_features.items()),
+                )
+                if backend.username:
+                    mechanism = self._login(smtp, backend, note)
+                    note("auth", f"{mechanism} as {backend.username}: accepted")
         except UnicodeEncodeError:
             close_session(smtp)
             # Never the text: it would show part of the secret.
@@ -764,9 +803,10 @@ class Exchange:
     command is sent when its reply is asked for, in lock step.
     """
 
-    def __init__(self, smtp: smtplib.SMTP, commands: list[bytes]) -> None:
+    def __init__(self, smtp: smtplib.SMTP, commands: list[bytes], waits: UpstreamWaits) -> None:
         self.smtp = smtp
         self.commands = commands
+        self.waits = waits
         self.pipelined = smtp.has_extn("pipelining")
         self.answered = 0
         if self.pipelined:
@@ -782,7 +822,8 @@ class Exchange:
             # ACK at once while replies are owed (the flag lasts until the next read).
             self.smtp.sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
         self.answered += 1
-        return self.smtp.getreply()
+        with self.waits:
+            return self.smtp.getreply()
 
     def finish(self) -> None:
         """Read the replies still owed for what was sent; a DATA the server took with
@@ -794,7 +835,8 @@ class Exchange:
             code, _ = self.reply()
         if code == 354:
             self.smtp.send(b".\r\n")
-            self.smtp.getreply()
+            with self.waits:
+                self.smtp.getreply()
 
 
 def _command(text: str, utf8: bool) -> bytes:
@@ -831,7 +873,9 @@ def rcpt_command(
     return _command(f"rcpt TO:{_path(recipient)}{optionlist}", utf8)
 
 
-def send_content(smtp: smtplib.SMTP, content: Content, crlf: bool = False) -> tuple[int, bytes]:
+def send_content(
+    smtp: smtplib.SMTP, content: Content, crlf: bool, waits: UpstreamWaits
+) -> tuple[int, bytes]:
     """After 354: the content, dot-stuffed and with CRLF line endings only, then the
     final dot, as `smtp.data` sends a message whose line endings it fixed.
 
@@ -843,23 +887,31 @@ def send_content(smtp: smtplib.SMTP, content: Content, crlf: bool = False) -> tu
     """
     data = DataStream(crlf)
     if isinstance(content, bytes):
-        smtp.send(data.feed(content) + data.end())
+        wire = data.feed(content) + data.end()
+        with waits:
+            smtp.send(wire)
     else:
-        _send_blocks(smtp, content, data)
-    return smtp.getreply()
+        _send_blocks(smtp, content, data, waits)
+    with waits:
+        return smtp.getreply()
 
 
-def _send_blocks(smtp: smtplib.SMTP, file: BinaryIO, data: DataStream) -> None:
+def _send_blocks(
+    smtp: smtplib.SMTP, file: BinaryIO, data: DataStream, waits: UpstreamWaits
+) -> None:
     block = _read_block(file)
     while True:
         # One block ahead, to know which is the last: the dot goes with it.
         following = _read_block(file) if block else b""
         if not following:
-            smtp.send(data.feed(block) + data.end())
+            wire = data.feed(block) + data.end()
+            with waits:
+                smtp.send(wire)
             return
         wire = data.feed(block)
         if wire:
-            smtp.send(wire)
+            with waits:
+                smtp.send(wire)
         block = following
 
 

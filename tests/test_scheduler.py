@@ -1,6 +1,7 @@
 """scheduler.py: the dispatcher alone (a Scheduler, its Sender and a real aiosmtpd
 upstream, no watcher, no listener): hints, due times, rescans, stray claims, the pool's
-bound, and what it remembers of messages that left the queue."""
+bound, how many workers it keeps busy, and what it remembers of messages that left the
+queue."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import pytest
 
 from smarthost.config import load_config
 from smarthost.scheduler import Intervals, Scheduler
-from smarthost.sender import Sender
+from smarthost.sender import Sender, UpstreamWaits
 from smarthost.spool import ACTIVE, HOLD, QUEUE, Envelope, Recipient, Spool, new_id
 from smarthost.upstream import Upstreams
 
@@ -119,6 +120,74 @@ def test_never_more_claimed_than_workers(dispatch, sink):
     release.set()
     sink.wait_for(6, 10.0)
     wait_until(lambda: not any(d.spool.locate(q) for q in ids), 5.0, "all done")
+
+
+def test_a_slow_upstream_soon_has_every_worker(dispatch, sink):
+    """Mail waits first for the busy worker; while the busy ones wait on their
+    upstream, one more worker is woken after each `Intervals.more_workers`."""
+    release = threading.Event()
+    original = sink.handler.handle_DATA
+
+    async def slow_data(server, session, envelope):
+        while not release.is_set():
+            await asyncio.sleep(0.01)
+        return await original(server, session, envelope)
+
+    sink.handler.handle_DATA = slow_data
+    d = dispatch(workers=4)
+    ids = [d.commit() for _ in range(6)]
+    d.scheduler.start()
+    try:
+        wait_until(lambda: len(set(d.spool.each_name(ACTIVE))) == 4, 5.0, "four claims")
+        assert d.scheduler.sender.waits.total()[1] > 0
+    finally:
+        release.set()
+    sink.wait_for(6, 10.0)
+    wait_until(lambda: not any(d.spool.locate(q) for q in ids), 5.0, "all done")
+
+
+def test_mail_waits_for_a_busy_worker_that_does_not_wait_on_its_upstream(
+    dispatch, sink, monkeypatch
+):
+    """A worker busy with anything but its upstream (its Python, in the relay) would
+    only share the GIL with another: the next message waits for it, and it takes it
+    when its attempt ends."""
+    d = dispatch(workers=4)
+    in_attempt, release = threading.Event(), threading.Event()
+    attempt = d.scheduler.sender.attempt
+
+    def busy_attempt(env, content=None):
+        if not in_attempt.is_set():
+            in_attempt.set()
+            release.wait(10)
+        return attempt(env, content)
+
+    monkeypatch.setattr(d.scheduler.sender, "attempt", busy_attempt)
+    d.scheduler.start()
+    first = d.commit()
+    d.scheduler.committed(first)
+    try:
+        assert in_attempt.wait(5)
+        second = d.commit()
+        d.scheduler.committed(second)
+        time.sleep(0.3)  # a bounded look (30 of its intervals) for a wake-up that must not come
+        assert d.spool.locate(second) == QUEUE, "a second worker took it"
+    finally:
+        release.set()
+    assert len(sink.wait_for(2, 5.0)) == 2
+    wait_until(lambda: d.spool.locate(second) is None, 5.0, "the second to be done")
+
+
+def test_upstream_waits_are_thread_seconds_waited():
+    waits = UpstreamWaits()
+    start = waits.total()
+    with waits, waits:  # two threads' waits, as it counts them
+        time.sleep(0.05)
+        during = waits.total()
+    after = waits.total()
+    assert during[1] - start[1] >= 2 * 0.05
+    time.sleep(0.02)
+    assert waits.total()[1] == after[1], "it counts on while nobody waits"
 
 
 def test_a_stop_during_a_scan_ends_the_dispatch_loop(dispatch, monkeypatch):

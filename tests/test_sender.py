@@ -148,12 +148,12 @@ PIECES = st.lists(st.sampled_from([b".", b"\r\n", b"\n", b"\r", b"a", b"..", b"\
 def test_send_content_puts_smtplibs_bytes_on_the_wire(parts):
     """What smtplib sends for the content with its line endings fixed (as it fixes a
     str message's): every bare CR and bare LF is CRLF on the wire."""
-    from smarthost.sender import send_content
+    from smarthost.sender import UpstreamWaits, send_content
 
     content = b"".join(parts)
     ours, theirs = _Recorder(), _Recorder()
     ours.replies.pop(0)  # DATA and its 354 are the Exchange's
-    assert send_content(ours, content) == (250, b"ok")
+    assert send_content(ours, content, False, UpstreamWaits()) == (250, b"ok")
     fixed = smtplib._fix_eols(content.decode("latin-1")).encode("latin-1")
     assert smtplib.SMTP.data(theirs, fixed) == (250, b"ok")
     assert b"data\r\n" + ours.sent == theirs.sent
