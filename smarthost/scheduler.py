@@ -81,10 +81,12 @@ class Scheduler:
         self._work: queue.Queue[str | None] = queue.Queue()
         self._workers: list[threading.Thread] = []
         self._idle = 0
-        # Workers busy at once before due mail waits for them; and since when (on the
-        # monotonic clock) due mail has waited, with the workers' upstream waits then.
+        # Workers busy at once before due mail waits for them; attempts ended so far;
+        # and since when (on the monotonic clock) due mail has waited, with the
+        # workers' upstream waits and the attempts ended then.
         self._wanted = 1
-        self._backlog: tuple[float, float] | None = None
+        self._ended = 0
+        self._backlog: tuple[float, float, int] | None = None
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -188,6 +190,7 @@ class Scheduler:
             next_scan = now + self.intervals.rescan
         self.prober.start_due(self.upstreams, now)
         with self._cond:
+            now = time.time()  # the scan may have taken a while
             self._dispatch_due(now)
             # Looked at under the lock `stop` notifies with: a stop that came while this
             # thread scanned must not leave it asleep until the next scan.
@@ -227,25 +230,35 @@ class Scheduler:
         attempt ends. With a fast upstream that is sooner than an idle thread wakes,
         and more threads would only take turns on the GIL, and take the CPU from the
         receiving half. Each time mail has waited `Intervals.more_workers`, one more
-        worker is wanted if the busy ones mostly waited on their upstreams meanwhile;
-        each time a worker finds nothing due, one fewer (`_next_work`). So a slow
-        upstream soon has every worker, and a fast one as few as keep up.
+        worker is wanted if the busy ones mostly waited on their upstreams meanwhile,
+        or if none of their attempts ended (stuck on whatever it may be: a backend's
+        connection slots, a slow disk); each time a worker finds nothing due, one
+        fewer (`_next_work`). So a slow upstream soon has every worker, and a fast
+        one as few as keep up.
         """
+        self._drop_superseded()
         busy = len(self._workers) - self._idle
         if busy < self._wanted or not self._heap or self._heap[0][0] > now:
             return True  # (nothing due: _pop_due says so)
         clock, waited = self.sender.waits.total()
         if self._backlog is None:
-            self._backlog = (clock, waited)
+            self._backlog = (clock, waited, self._ended)
             return False
-        since, waited_before = self._backlog
+        since, waited_before, ended_before = self._backlog
         if clock - since < self.intervals.more_workers:
             return False
-        self._backlog = (clock, waited)  # the next look covers the time from now
-        if waited - waited_before < _WAITING_SHARE * busy * (clock - since):
+        self._backlog = (clock, waited, self._ended)  # the next look covers from now
+        mostly_waiting = waited - waited_before >= _WAITING_SHARE * busy * (clock - since)
+        if not mostly_waiting and self._ended != ended_before:
             return False
         self._wanted = min(len(self._workers), busy + 1)
         return True
+
+    def _drop_superseded(self) -> None:
+        """Take heap entries a later hint superseded off its top (with `_cond` held), so
+        that they do not count as mail waiting."""
+        while self._heap and self._index.get(self._heap[0][1]) != self._heap[0][0]:
+            heapq.heappop(self._heap)
 
     def _pop_due(self, now: float) -> str | None:
         """Take the earliest message due by `now` off the heap (with `_cond` held)."""
@@ -319,12 +332,12 @@ class Scheduler:
                 queue_id = self._next_work()
 
     def _next_work(self) -> str | None:
-        """After an attempt: a message already due is this worker's at once, unless more
-        workers are busy than wanted; else it waits for the scheduler (woken only if
-        it has something to time)."""
+        """After an attempt: a message already due is this worker's at once; else it
+        waits for the scheduler (woken only if it has something to time), and one
+        fewer worker is wanted busy."""
         with self._cond:
-            busy = len(self._workers) - self._idle
-            if not self._stopping.is_set() and busy <= self._wanted:
+            self._ended += 1
+            if not self._stopping.is_set():
                 queue_id = self._pop_due(time.time())
                 if queue_id is not None:
                     return queue_id

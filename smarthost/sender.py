@@ -304,7 +304,8 @@ class Sender:
         smtp = session.smtp
         session.used_now = False
         if not session.clean:
-            _expect_ok("rset", *smtp.rset())
+            with self.waits:
+                _expect_ok("rset", *smtp.rset())
         # SMTPUTF8 only for what needs it (RFC 6531 §3.4), decided afresh for each
         # transaction: nothing of the last one on this session carries over.
         utf8, refused = self._smtputf8(smtp, env, rcpts, content, result)
@@ -496,7 +497,8 @@ class Sender:
         """Open a session to `backend` and say NOOP: None if it answered, else what
         went wrong (for `Prober`)."""
         try:
-            with backend.session(self.connect) as session:
+            # Its own count: a probe's waits are no sender thread's (see UpstreamWaits).
+            with backend.session(lambda b: self.connect(b, waits=UpstreamWaits())) as session:
                 code, msg = session.smtp.noop()
                 if code != 250:
                     raise BackendFailure(format_reply(code, msg))
@@ -504,10 +506,13 @@ class Sender:
             return describe_failure(exc)
         return None
 
-    def connect(self, upstream: Backend, trace: Trace | None = None) -> smtplib.SMTP:
+    def connect(
+        self, upstream: Backend, trace: Trace | None = None, waits: UpstreamWaits | None = None
+    ) -> smtplib.SMTP:
         """Connect, greet, encrypt and authenticate as the backend's config asks.
 
-        `trace(stage, detail)` hears each step, for `smarthost check --connect`.
+        `trace(stage, detail)` hears each step, for `smarthost check --connect`; the
+        time it takes counts in `waits` (the sender threads' by default).
         """
         note = trace or _no_trace
         delivery, backend = self.config.delivery, upstream.config
@@ -525,7 +530,7 @@ class Sender:
         # its constructor sets; connecting here instead keeps the greeting for the trace.
         smtp._host = backend.host  # type: ignore[attr-defined]
         try:
-            with self.waits:  # a connection is waiting on the upstream, mostly
+            with self.waits if waits is None else waits:  # waiting on the upstream, mostly
                 code, msg = smtp.connect(backend.host, backend.port)
                 note("connect", f"{_peer(smtp)}, greeting {format_reply(code, msg)}")
                 if code != 220:

@@ -146,36 +146,63 @@ def test_a_slow_upstream_soon_has_every_worker(dispatch, sink):
     wait_until(lambda: not any(d.spool.locate(q) for q in ids), 5.0, "all done")
 
 
-def test_mail_waits_for_a_busy_worker_that_does_not_wait_on_its_upstream(
+def test_a_fast_upstream_keeps_one_worker_busy(dispatch, sink, monkeypatch):
+    """Attempts that end quickly and hardly wait on their upstream: one worker takes
+    message after message, and no second one is woken to take turns on the GIL."""
+    d = dispatch(Intervals(rescan=3600.0, more_workers=2.0), workers=4)
+    busy, most = [0], [0]
+    lock = threading.Lock()
+    attempt = d.scheduler.sender.attempt
+
+    def counted_attempt(env, content=None):
+        with lock:
+            busy[0] += 1
+            most[0] = max(most[0], busy[0])
+        try:
+            return attempt(env, content)
+        finally:
+            with lock:
+                busy[0] -= 1
+
+    monkeypatch.setattr(d.scheduler.sender, "attempt", counted_attempt)
+    ids = [d.commit() for _ in range(20)]
+    d.scheduler.start()  # its first scan finds all 20 due at once
+    assert len(sink.wait_for(20, 10.0)) == 20
+    wait_until(lambda: not any(d.spool.locate(q) for q in ids), 5.0, "all done")
+    assert most[0] == 1, f"{most[0]} attempts at once"
+
+
+def test_an_attempt_that_does_not_end_leaves_the_next_message_to_another_worker(
     dispatch, sink, monkeypatch
 ):
-    """A worker busy with anything but its upstream (its Python, in the relay) would
-    only share the GIL with another: the next message waits for it, and it takes it
-    when its attempt ends."""
-    d = dispatch(workers=4)
+    """A busy worker stuck on something that is not its upstream (a backend's
+    connection slots, a slow disk) ends no attempt: after `more_workers` another
+    worker takes the next message."""
+    d = dispatch(Intervals(rescan=3600.0, more_workers=0.3), workers=4)
     in_attempt, release = threading.Event(), threading.Event()
     attempt = d.scheduler.sender.attempt
 
-    def busy_attempt(env, content=None):
+    def stuck_attempt(env, content=None):
         if not in_attempt.is_set():
             in_attempt.set()
             release.wait(10)
         return attempt(env, content)
 
-    monkeypatch.setattr(d.scheduler.sender, "attempt", busy_attempt)
+    monkeypatch.setattr(d.scheduler.sender, "attempt", stuck_attempt)
     d.scheduler.start()
     first = d.commit()
     d.scheduler.committed(first)
     try:
         assert in_attempt.wait(5)
         second = d.commit()
+        committed = time.monotonic()
         d.scheduler.committed(second)
-        time.sleep(0.3)  # a bounded look (30 of its intervals) for a wake-up that must not come
-        assert d.spool.locate(second) == QUEUE, "a second worker took it"
+        assert len(sink.wait_for(1, 5.0)) == 1  # the second, while the first is stuck
+        assert time.monotonic() - committed >= 0.3, "a second worker was woken at once"
     finally:
         release.set()
     assert len(sink.wait_for(2, 5.0)) == 2
-    wait_until(lambda: d.spool.locate(second) is None, 5.0, "the second to be done")
+    wait_until(lambda: d.spool.locate(first) is None, 5.0, "the first to be done")
 
 
 def test_upstream_waits_are_thread_seconds_waited():
