@@ -5,7 +5,6 @@ queue."""
 
 from __future__ import annotations
 
-import asyncio
 import threading
 import time
 from collections.abc import Iterator
@@ -20,7 +19,7 @@ from smarthost.spool import ACTIVE, HOLD, QUEUE, Envelope, Recipient, Spool, new
 from smarthost.upstream import Upstreams
 
 from support.configs import write_config
-from support.sink import Sink
+from support.sink import Sink, held_data
 from support.waiting import wait_until
 
 NO_RESCANS = Intervals(rescan=3600.0)  # only hints and the start-up scan
@@ -102,15 +101,7 @@ def test_an_unclaimed_message_in_active_goes_back_and_out(dispatch, sink):
 
 
 def test_never_more_claimed_than_workers(dispatch, sink):
-    release = threading.Event()
-    original = sink.handler.handle_DATA
-
-    async def slow_data(server, session, envelope):
-        while not release.is_set():  # hold every session until the count is taken
-            await asyncio.sleep(0.01)
-        return await original(server, session, envelope)
-
-    sink.handler.handle_DATA = slow_data
+    release = held_data(sink)  # every session held until the count is taken
     d = dispatch(workers=2)
     ids = [d.commit() for _ in range(6)]
     d.scheduler.start()
@@ -125,15 +116,7 @@ def test_never_more_claimed_than_workers(dispatch, sink):
 def test_a_slow_upstream_soon_has_every_worker(dispatch, sink):
     """Mail waits first for the busy worker; while the busy ones wait on their
     upstream, one more worker is woken after each `Intervals.more_workers`."""
-    release = threading.Event()
-    original = sink.handler.handle_DATA
-
-    async def slow_data(server, session, envelope):
-        while not release.is_set():
-            await asyncio.sleep(0.01)
-        return await original(server, session, envelope)
-
-    sink.handler.handle_DATA = slow_data
+    release = held_data(sink)
     d = dispatch(workers=4)
     ids = [d.commit() for _ in range(6)]
     d.scheduler.start()

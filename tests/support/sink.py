@@ -279,3 +279,18 @@ def slow_data(sink: Sink, seconds: float) -> None:
         return await original(server, session, envelope)
 
     sink.handler.handle_DATA = handle_DATA  # type: ignore[method-assign]
+
+
+def held_data(sink: Sink) -> threading.Event:
+    """The upstream holds each DATA reply until the event returned is set: attempts
+    stay in flight, waiting on it."""
+    release = threading.Event()
+    original = sink.handler.handle_DATA
+
+    async def handle_DATA(server, session, envelope):
+        while not release.is_set():
+            await asyncio.sleep(0.01)
+        return await original(server, session, envelope)
+
+    sink.handler.handle_DATA = handle_DATA  # type: ignore[method-assign]
+    return release
