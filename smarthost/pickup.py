@@ -76,8 +76,12 @@ class Pickup:
             self._thread.join(10)
 
     def _run(self) -> None:
-        while not self._stopping.is_set():
+        while True:
             self._wake.clear()
+            # After the clear: a stop that set the flag and the wake just before it
+            # must not leave this thread asleep until the next rescan.
+            if self._stopping.is_set():
+                return
             try:
                 self.scan()
             except OSError as exc:

@@ -356,3 +356,29 @@ def test_watches_are_armed_before_the_first_scans(tmp_path: Path, sink: Sink, mo
     finally:
         delivery.stop(5.0)
     assert first_scans == {"drop/": True, "queue/": True}
+
+
+def test_a_stop_just_before_the_loop_clears_its_wake_ends_the_thread(tmp_path):
+    """`stop` sets the flag and then the wake: if both came between the loop's look at
+    the flag and its clearing of the wake, the thread must not sleep until the next
+    rescan (an hour here), keeping the delivery process past its grace."""
+    config = load_config(write_config(tmp_path, 9))
+    spool = Spool(config.spool.dir)
+    spool.create()
+    pickup = Pickup(config, spool, lambda env: None, rescan=3600.0)
+    clear = pickup._wake.clear
+    cleared = threading.Event()
+
+    def stopped_just_before_the_clear() -> None:
+        if not cleared.is_set():
+            pickup._stopping.set()  # what stop() does ...
+            pickup._wake.set()
+            cleared.set()
+        clear()
+
+    pickup._wake.clear = stopped_just_before_the_clear  # type: ignore[method-assign]
+    pickup.start()
+    assert cleared.wait(5)
+    assert pickup._thread is not None
+    pickup._thread.join(3.0)
+    assert not pickup._thread.is_alive(), "the pickup slept through the stop"
