@@ -236,9 +236,8 @@ class Scheduler:
         fewer (`_next_work`). So a slow upstream soon has every worker, and a fast
         one as few as keep up.
         """
-        self._drop_superseded()
         busy = len(self._workers) - self._idle
-        if busy < self._wanted or not self._heap or self._heap[0][0] > now:
+        if busy < self._wanted or self._nothing_due(now):
             return True  # (nothing due: _pop_due says so)
         clock, waited = self.sender.waits.total()
         if self._backlog is None:
@@ -254,24 +253,23 @@ class Scheduler:
         self._wanted = min(len(self._workers), busy + 1)
         return True
 
-    def _drop_superseded(self) -> None:
-        """Take heap entries a later hint superseded off its top (with `_cond` held), so
-        that they do not count as mail waiting."""
+    def _nothing_due(self, now: float) -> bool:
+        """Whether no message is due by `now` (with `_cond` held). Entries a later hint
+        superseded are taken off the heap's top first: they are no mail waiting."""
         while self._heap and self._index.get(self._heap[0][1]) != self._heap[0][0]:
             heapq.heappop(self._heap)
+        return not self._heap or self._heap[0][0] > now
 
     def _pop_due(self, now: float) -> str | None:
         """Take the earliest message due by `now` off the heap (with `_cond` held)."""
-        while self._heap and self._heap[0][0] <= now:
-            due, queue_id = heapq.heappop(self._heap)
-            if self._index.get(queue_id) != due:
-                continue  # superseded by a later hint
-            del self._index[queue_id]
-            if not self._heap or self._heap[0][0] > now:
-                self._backlog = None  # it was the last due: no mail waits now
-            return queue_id
-        self._backlog = None
-        return None
+        if self._nothing_due(now):
+            self._backlog = None
+            return None
+        _, queue_id = heapq.heappop(self._heap)
+        del self._index[queue_id]
+        if self._nothing_due(now):
+            self._backlog = None  # it was the last due: no mail waits now
+        return queue_id
 
     def _sleep_time(self, now: float, next_scan: float) -> float:
         wait = next_scan - now
