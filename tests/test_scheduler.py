@@ -39,6 +39,23 @@ class Dispatch:
         sender = Sender(self.config, self.spool, self.upstreams)
         self.scheduler = Scheduler(self.config, self.spool, sender, intervals)
 
+    def hold_first_attempt(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> tuple[threading.Event, threading.Event]:
+        """The first attempt waits (not on its upstream) until the second event is set;
+        the first event says it has begun."""
+        in_attempt, release = threading.Event(), threading.Event()
+        attempt = self.scheduler.sender.attempt
+
+        def held_attempt(env, content=None):
+            if not in_attempt.is_set():
+                in_attempt.set()
+                release.wait(10)
+            return attempt(env, content)
+
+        monkeypatch.setattr(self.scheduler.sender, "attempt", held_attempt)
+        return in_attempt, release
+
     def commit(self, due: float = 0.0, rcpt: str = "x@dest.test") -> str:
         env = Envelope(new_id(), "a@client.test", [Recipient(rcpt)], time.time(), len(CONTENT))
         env.next_attempt = due
@@ -162,16 +179,7 @@ def test_an_attempt_that_does_not_end_leaves_the_next_message_to_another_worker(
     connection slots, a slow disk) ends no attempt: after `more_workers` another
     worker takes the next message."""
     d = dispatch(Intervals(rescan=3600.0, more_workers=0.3), workers=4)
-    in_attempt, release = threading.Event(), threading.Event()
-    attempt = d.scheduler.sender.attempt
-
-    def stuck_attempt(env, content=None):
-        if not in_attempt.is_set():
-            in_attempt.set()
-            release.wait(10)
-        return attempt(env, content)
-
-    monkeypatch.setattr(d.scheduler.sender, "attempt", stuck_attempt)
+    in_attempt, release = d.hold_first_attempt(monkeypatch)
     d.scheduler.start()
     first = d.commit()
     d.scheduler.committed(first)
@@ -244,15 +252,7 @@ def test_a_failed_second_claim_leaves_the_first_claim_alone(dispatch, sink, monk
     stray-claim check moves a message in flight back to queue/."""
     d = dispatch(Intervals(rescan=3600.0, stray_active=0.0))  # any stray claim is stale
     queue_id = d.commit()
-    in_attempt, release = threading.Event(), threading.Event()
-    attempt = d.scheduler.sender.attempt
-
-    def slow_attempt(env, content=None):
-        in_attempt.set()
-        release.wait(10)
-        return attempt(env, content)
-
-    monkeypatch.setattr(d.scheduler.sender, "attempt", slow_attempt)
+    in_attempt, release = d.hold_first_attempt(monkeypatch)
     first = threading.Thread(target=d.scheduler._process, args=(queue_id,))
     first.start()
     try:
